@@ -1,0 +1,7 @@
+"""`python -m ness`."""
+
+import sys
+
+from ness.cli import main
+
+sys.exit(main())

@@ -1,0 +1,166 @@
+"""`ness demo | run | report`: the command-line entry points."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ness.methods import METHODS
+from ness.presets import PRESET_NAMES, PROTOCOLS
+from ness.results import format_matrix, load_results, report_markdown, write_json_atomic
+
+log = logging.getLogger("ness")
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """`key=value` with the value read as a Python literal when it is one (`eps1=1e-3`, `exclude=['fc']`)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key.strip(), value
+
+
+def side_by_side(left: dict[str, Any], right: dict[str, Any]) -> str:
+    """Two runs' accuracy matrices next to each other, with ACC and BWT under each."""
+    lm, rm = format_matrix(left["acc_matrix"]), format_matrix(right["acc_matrix"])
+    width = max(len(line) for line in lm) + 4
+    lines = [
+        f"{left['method'].upper():<{width}}{right['method'].upper()}",
+        f"{'R[i][j]: test acc. (%) on task j after task i':<{width}}",
+    ]
+    lines += [f"{a:<{width}}{b}" for a, b in zip(lm, rm, strict=True)]
+    lines.append(
+        f"{'ACC ' + format(left['acc'], '.2f') + '   BWT ' + format(left['bwt'], '.2f'):<{width}}"
+        f"ACC {right['acc']:.2f}   BWT {right['bwt']:.2f}"
+    )
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ness.experiment import run_experiment
+
+    runs = {
+        m: run_experiment("split_digits", m, args.seed, "quick", out=args.out, progress=not args.quiet)
+        for m in ("finetune", "ness")
+    }
+    ness, ft = runs["ness"], runs["finetune"]
+    print(
+        "\nSplit Digits (scikit-learn's 1,797 real 8×8 digits), 5 tasks × 2 classes, "
+        f"MLP 64-100-100, seed {args.seed}\n"
+    )
+    print(side_by_side(ft, ness))
+    print(
+        f"\nNESS forgets {ness['bwt'] - ft['bwt']:+.2f} points less (BWT) and reaches "
+        f"{ness['acc'] - ft['acc']:+.2f} points of ACC over fine-tuning."
+    )
+    print(f"Results: {Path(args.out) / 'split_digits'}/<method>/seed_{args.seed}/results.json")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ness.experiment import run_experiment
+
+    overrides = dict(args.set or [])
+    failures = []
+    for method in args.method:
+        for seed in args.seeds:
+            try:
+                r = run_experiment(
+                    args.benchmark,
+                    method,
+                    seed,
+                    args.preset,
+                    data_root=args.data_root,
+                    out=args.out,
+                    overrides=overrides,
+                    progress=not args.quiet,
+                )
+                print(
+                    f"{args.benchmark} {method} seed {seed}: ACC {r['acc']:.2f}  BWT {r['bwt']:.2f}  "
+                    f"({r['timings']['total_seconds']:.1f} s)"
+                )
+            except (ValueError, TypeError, OSError) as err:
+                if len(args.seeds) * len(args.method) == 1:
+                    raise
+                failures.append((method, seed))
+                print(
+                    f"{args.benchmark} {method} seed {seed} FAILED:\n{traceback.format_exc()}",
+                    file=sys.stderr,
+                )
+                del err
+    if failures:
+        print(f"{len(failures)} run(s) failed: {failures}; they are not in the results", file=sys.stderr)
+        return 1
+    print(report_markdown(load_results(Path(args.out) / args.benchmark)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    runs = load_results(args.dir)
+    if not runs:
+        print(f"no results.json under '{args.dir}'", file=sys.stderr)
+        return 1
+    table = report_markdown(runs)
+    print(table)
+    if args.save:
+        write_json_atomic(Path(args.dir) / "report.json", {"table_markdown": table})
+        (Path(args.dir) / "report.md").write_text(table + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ness", description="Continual learning in the null space (NESS).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="NESS vs fine-tuning on Split Digits (offline, about a minute on a CPU)")
+    demo.add_argument("--out", default="runs/demo", help="where results.json files go (default: runs/demo)")
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=cmd_demo)
+
+    benchmarks = sorted({b for b, _ in PROTOCOLS})
+    run = sub.add_parser("run", help="run methods on a benchmark over seeds; one results.json per run")
+    run.add_argument("--benchmark", required=True, choices=benchmarks)
+    run.add_argument("--method", nargs="+", required=True, choices=sorted(METHODS))
+    run.add_argument("--seeds", nargs="+", type=int, default=[1])
+    run.add_argument("--preset", default="quick", choices=PRESET_NAMES)
+    run.add_argument("--data-root", default=None, help="folder with the dataset files (default: $NESS_DATA_ROOT)")
+    run.add_argument("--out", default="runs", help="results folder (default: runs)")
+    run.add_argument(
+        "--set",
+        action="append",
+        type=parse_option,
+        metavar="KEY=VALUE",
+        help="override a method, training or data option, e.g. --set eps1=1e-2 --set epochs=3",
+    )
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    report = sub.add_parser("report", help="markdown table of ACC ± std and BWT ± std from a results folder")
+    report.add_argument("dir")
+    report.add_argument("--save", action="store_true", help="also write report.md in DIR")
+    report.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"ness {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Task and benchmark containers, the pixel transform, batching and the GPM-style validation split."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.utils import shuffle as sklearn_shuffle
+
+
+class DataError(ValueError):
+    """A data file or data setting is unusable; the message names the path, the problem and the fix."""
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """Raw inputs (e.g. uint8 images) and int64 task-local labels of one train, validation or test split."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
+            raise ValueError(
+                f"Split labels must be a 1-D int64 tensor, got {self.labels.dtype} with shape "
+                f"{tuple(self.labels.shape)}; convert them with labels.long().flatten()"
+            )
+        if self.inputs.shape[0] != self.labels.shape[0]:
+            raise ValueError(
+                f"Split has {self.inputs.shape[0]} inputs but {self.labels.shape[0]} labels; "
+                "inputs and labels must be indexed by the same examples"
+            )
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def subset(inputs: np.ndarray, labels: np.ndarray, idx: np.ndarray, label_offset: int = 0) -> Split:
+    """The examples at `idx` as a Split: inputs keep their dtype, labels become int64 minus label_offset."""
+    return Split(torch.from_numpy(inputs[idx]), torch.from_numpy(labels[idx].astype(np.int64) - label_offset))
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """One task: its splits, its number of classes and the transform from raw inputs to model inputs."""
+
+    name: str
+    num_classes: int
+    train: Split
+    val: Split
+    test: Split
+    transform: Callable[[torch.Tensor], torch.Tensor]
+
+    def __post_init__(self) -> None:
+        for split_name in ("train", "val", "test"):
+            labels = getattr(self, split_name).labels
+            if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+                raise ValueError(
+                    f"task {self.name!r}: {split_name} labels span {int(labels.min())}..{int(labels.max())} "
+                    f"but num_classes is {self.num_classes}; labels must be task-local 0..num_classes-1"
+                )
+
+
+@dataclass(frozen=True, eq=False)
+class Benchmark:
+    """A sequence of tasks plus what a model needs to know (input size, shared or per-task head)."""
+
+    name: str
+    tasks: tuple[Task, ...]
+    input_dim: int
+    shared_head: bool
+    details: dict
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError(f"benchmark {self.name!r} has no tasks")
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+
+@dataclass(frozen=True, eq=False)
+class PixelTransform:
+    """Raw pixel batch -> float32 (B, features): x/scale, flatten, (x-mean)/std, then optionally permute."""
+
+    scale: float
+    mean: float = 0.0
+    std: float = 1.0
+    permutation: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.to(torch.float32).reshape(x.shape[0], -1) / self.scale
+        out = (out - self.mean) / self.std
+        if self.permutation is None:
+            return out
+        if self.permutation.numel() != out.shape[1]:
+            raise ValueError(
+                f"permutation has {self.permutation.numel()} entries but each input has {out.shape[1]} "
+                "features; the transform was built for inputs of another size"
+            )
+        return out[:, self.permutation.to(out.device)]
+
+
+def iterate_batches(
+    split: Split,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (transformed inputs, labels) on `device` batch by batch, so no float copy of the split exists.
+
+    The raw batch moves to `device` before the transform; the last partial batch is kept.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        yield transform(split.inputs[idx].to(device)), split.labels[idx].to(device)
+
+
+def validation_split(n: int, pc_valid: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, val_idx) of range(n) as the GPM-family loaders make them: the first int(pc_valid*n)
+    entries of sklearn.utils.shuffle(arange(n), random_state=seed) are validation, the rest train."""
+    if not 0 <= pc_valid < 1:
+        raise ValueError(f"pc_valid must be in [0, 1), got {pc_valid}")
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}")
+    perm = sklearn_shuffle(np.arange(n), random_state=seed)
+    n_val = int(pc_valid * n)
+    return perm[n_val:], perm[:n_val]

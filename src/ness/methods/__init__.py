@@ -1,0 +1,37 @@
+"""Continual-learning methods. Adding one: write one file with a ContinualMethod subclass, add one line below."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ness.methods.base import ContinualMethod, TaskOrderError, adaptable_layers
+from ness.methods.finetune import FineTune, FineTuneConfig
+from ness.methods.ness import NESS, NESSConfig
+
+METHODS: dict[str, type[ContinualMethod]] = {
+    "ness": NESS,
+    "finetune": FineTune,
+}
+
+
+def build_method(name: str, model: nn.Module, options: dict[str, Any] | None = None) -> ContinualMethod:
+    """The method called `name` on `model`, its config built from `options` (field → value)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    cls = METHODS[name]
+    return cls(model, cls.config_class(**(options or {})))
+
+
+__all__ = [
+    "METHODS",
+    "NESS",
+    "ContinualMethod",
+    "FineTune",
+    "FineTuneConfig",
+    "NESSConfig",
+    "TaskOrderError",
+    "adaptable_layers",
+    "build_method",
+]

@@ -1,0 +1,148 @@
+"""The hooks every continual-learning method offers; the trainer calls only these.
+
+Per task t: `begin_task(t)`, `trainable_parameters(t)`, then for every optimiser step `after_backward(t)`,
+and finally `end_task(t, batches)` with the task's training data. A method never sees the trainer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ness.models import call_model, head_parameters, task_heads
+
+Forward = Callable[[nn.Module, Tensor, int], Tensor]
+
+
+class TaskOrderError(RuntimeError):
+    """begin_task/end_task called out of sequence."""
+
+
+def adaptable_layers(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, nn.Module]:
+    """Every nn.Linear and nn.Conv2d of `model` in registration order, minus declared task heads and
+    any module whose name matches a glob in `exclude` or whose class name equals an entry of it."""
+    heads = task_heads(model)
+    head_ids = {id(m) for m in heads.modules()} if heads is not None else set()
+    chosen: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or id(module) in head_ids:
+            continue
+        if any(fnmatch.fnmatchcase(name, pattern) or type(module).__name__ == pattern for pattern in exclude):
+            continue
+        chosen[name] = module
+    return chosen
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule called `name` is."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def task_inputs(batches: Iterable[Any], where: str) -> Iterator[Tensor]:
+    """The model inputs of an iterable of `x` or `(x, y, ...)` batches, checked finite and non-empty."""
+    seen = False
+    for batch in batches:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{where}: a batch must be a tensor or a (inputs, labels) pair, got {type(x).__name__}")
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise ValueError(f"{where}: a batch of inputs holds NaN or Inf; clean the data before training")
+        seen = True
+        yield x
+    if not seen:
+        raise ValueError(f"{where}: the task's loader yielded no batches; pass the task's training data")
+
+
+class ContinualMethod:
+    """Base class: task bookkeeping and the default 'train everything' behaviour (fine-tuning)."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def __init__(self, model: nn.Module, config: Any = None, forward: Forward = call_model) -> None:
+        self.model = model
+        self.config = self.config_class() if config is None else config
+        if not isinstance(self.config, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
+        self.forward = forward
+        self.tasks_done = 0
+        self.active_task: int | None = None
+
+    # -- the public hooks, with their order checked -------------------------------------------------
+    def begin_task(self, t: int) -> None:
+        """Prepare the model for task t (t = number of tasks finished so far)."""
+        if self.active_task is not None:
+            raise TaskOrderError(
+                f"begin_task({t}) while task {self.active_task} is open: call end_task({self.active_task}, ...) first"
+            )
+        if t != self.tasks_done:
+            raise TaskOrderError(
+                f"begin_task({t}) out of order: {self.tasks_done} task(s) finished, "
+                f"so the next is task {self.tasks_done}"
+            )
+        self.active_task = t
+        self.on_begin_task(t)
+
+    def trainable_parameters(self, t: int) -> list[nn.Parameter]:
+        """What the optimiser updates in task t; everything else gets requires_grad=False."""
+        self._check_active(t, "trainable_parameters")
+        params = self.task_parameters(t)
+        ids = {id(p) for p in params}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in ids)
+        return params
+
+    def after_backward(self, t: int) -> None:
+        """Called between loss.backward() and optimizer.step(); gradient-projection methods act here."""
+
+    def end_task(self, t: int, batches: Iterable[Any]) -> None:
+        """Close task t; `batches` is the task's training data (x or (x, y) batches)."""
+        self._check_active(t, "end_task")
+        self.on_end_task(t, batches)
+        self.active_task = None
+        self.tasks_done += 1
+
+    def diagnostics(self) -> list[dict[str, Any]]:
+        """Per-layer, per-task records for results files; empty for methods with nothing to report."""
+        return []
+
+    # -- what subclasses override ----------------------------------------------------------------------
+    def on_begin_task(self, t: int) -> None:
+        """Method-specific work at the start of task t."""
+
+    def on_end_task(self, t: int, batches: Iterable[Any]) -> None:
+        """Method-specific work at the end of task t."""
+
+    def task_parameters(self, t: int) -> list[nn.Parameter]:
+        """Default: every parameter except the heads of other tasks (they would get no gradient anyway)."""
+        _, other_heads = head_parameters(self.model, t)
+        other = {id(p) for p in other_heads}
+        return [p for p in self.model.parameters() if id(p) not in other]
+
+    # -- saving ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue: the model's tensors and the method's bookkeeping."""
+        return {
+            "method": self.name,
+            "tasks_done": self.tasks_done,
+            "active_task": self.active_task,
+            "model": self.model.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("method") != self.name:
+            raise ValueError(f"state was saved by method {state.get('method')!r}, not {self.name!r}")
+        self.tasks_done = int(state["tasks_done"])
+        self.active_task = state["active_task"]
+        self.model.load_state_dict(state["model"])
+
+    def _check_active(self, t: int, hook: str) -> None:
+        if self.active_task != t:
+            now = "no task is open" if self.active_task is None else f"task {self.active_task} is open"
+            raise TaskOrderError(f"{hook}({t}) called but {now}: call begin_task({t}) first")

@@ -1,0 +1,19 @@
+"""Fine-tuning: train every parameter on each task in turn, with no protection (the forgetting lower bound)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ness.methods.base import ContinualMethod
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Fine-tuning has no settings of its own; the optimiser and schedule come from the training config."""
+
+
+class FineTune(ContinualMethod):
+    """Plain sequential training: the base class's defaults, nothing more."""
+
+    name = "finetune"
+    config_class = FineTuneConfig

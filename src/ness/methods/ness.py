@@ -1,0 +1,264 @@
+"""NESS: Null-space Estimated from Small Singular values (Pham, Vepakomma, Horváth, CPAL 2026).
+
+Task 0 trains the whole network. Before each later task, every adapted layer gets ΔW = U·V, where U holds
+the eigenvectors of the earlier tasks' layer-input covariance whose singular values are ≤ τ (Eq. 5) and only
+V trains, so each earlier input x sees ‖xᵀΔW‖ ≤ σ_max(U)·‖V‖₂ (Eq. 8). At the end of the task ΔW merges into W.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ness.adapters import NullSpaceAdapter
+from ness.methods.base import ContinualMethod, Forward, adaptable_layers, replace_module, task_inputs
+from ness.models import call_model, head_parameters
+from ness.subspace import (
+    THRESHOLD_RULES,
+    ThresholdRule,
+    check_supported,
+    input_covariance,
+    layer_input_rows,
+    null_basis,
+)
+
+Memory = Literal["covariance", "replay"]
+MEMORIES: tuple[str, ...] = ("covariance", "replay")
+
+
+@dataclass(frozen=True)
+class NESSConfig:
+    """NESS settings; defaults are the paper's CIFAR-100 / 5-datasets values (METHODS_SPEC §2.5)."""
+
+    eps1: float = 1e-3
+    """ε₁ of Eq. 5: keep directions with σᵢ ≤ ε₁·‖I_t‖_F (frobenius) or ε₁·Σσᵢ (nuclear)."""
+    threshold: ThresholdRule = "frobenius"
+    """'frobenius' is the paper's Eq. 5; 'nuclear' is what the official code computes (a larger τ)."""
+    memory: Memory = "covariance"
+    """'covariance' keeps only running d×d sums Σxxᵀ (the paper's Eq. 7, no data kept); 'replay' keeps earlier
+    tasks' raw inputs and recomputes every covariance through the current model, as the official code does."""
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+    """Module-name globs (e.g. 'features.0', 'encoder.*') or class names (e.g. 'Conv2d') left unadapted."""
+    probe_samples: int = 256
+    """Layer-input rows kept per layer and task to measure the real max ‖xᵀΔW‖ (0: report bounds only)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eps1, bool) or not isinstance(self.eps1, (int, float)) or not math.isfinite(self.eps1):
+            raise ValueError(f"NESSConfig.eps1 must be a finite number in (0, 1), got {self.eps1!r}")
+        if not 0 < self.eps1 < 1:
+            raise ValueError(
+                f"NESSConfig.eps1 must be in (0, 1), got {self.eps1}: ε₁ ≤ 0 keeps no direction and ε₁ ≥ 1 "
+                "keeps every direction (no protection). The paper uses 1e-3 (CIFAR-100) and 5e-4 (miniImageNet)."
+            )
+        if self.threshold not in THRESHOLD_RULES:
+            raise ValueError(f"NESSConfig.threshold must be one of {THRESHOLD_RULES}, got {self.threshold!r}")
+        if self.memory not in MEMORIES:
+            raise ValueError(f"NESSConfig.memory must be one of {MEMORIES}, got {self.memory!r}")
+        if isinstance(self.exclude, str):
+            raise TypeError("NESSConfig.exclude must be a list of patterns, not a single string")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if not isinstance(self.probe_samples, int) or self.probe_samples < 0:
+            raise ValueError(f"NESSConfig.probe_samples must be an integer ≥ 0, got {self.probe_samples!r}")
+
+
+@dataclass
+class LayerStatistics:
+    """One layer's inputs over a task: Σxxᵀ (float64) and a uniform sample of rows for measurements."""
+
+    covariance: Tensor
+    probe: Tensor
+    probe_keys: Tensor
+
+
+@dataclass
+class ActiveLayer:
+    """A layer adapted in the current task: its adapter and what is needed to report on it at the end."""
+
+    adapter: NullSpaceAdapter
+    kept_singular_values: Tensor  # σᵢ of U's directions
+    probe: Tensor  # earlier tasks' layer-input rows, for the measured shift
+    record: dict[str, Any]
+
+
+class NESS(ContinualMethod):
+    """NESS on any model made of nn.Linear / nn.Conv2d layers (declared task heads are never adapted)."""
+
+    name = "ness"
+    config_class = NESSConfig
+
+    def __init__(self, model: nn.Module, config: NESSConfig | None = None, forward: Forward = call_model) -> None:
+        super().__init__(model, config, forward)
+        layers = adaptable_layers(model, self.config.exclude)
+        for name, module in layers.items():
+            check_supported(name, module)
+        if not layers:
+            raise ValueError("NESS found no nn.Linear or nn.Conv2d layer to adapt (after heads and `exclude`)")
+        self.layer_names = list(layers)
+        self.covariances: dict[str, Tensor] = {}  # memory='covariance': running Σxxᵀ over finished tasks
+        self.probes: dict[str, list[Tensor]] = {name: [] for name in self.layer_names}  # per finished task
+        self.replay: list[Tensor] = []  # memory='replay': raw model inputs of each finished task
+        self.active: dict[str, ActiveLayer] = {}
+        self.records: list[dict[str, Any]] = []
+        self._probe_generator = torch.Generator().manual_seed(0)
+
+    # -- hooks -----------------------------------------------------------------------------------------
+    def on_begin_task(self, t: int) -> None:
+        if t == 0:
+            return
+        if self.config.memory == "replay":
+            stats = self._collect(((x, j) for j, x in enumerate(self.replay)), where=f"begin_task({t})")
+            covariances = {name: s.covariance for name, s in stats.items()}
+            probes = {name: s.probe for name, s in stats.items()}
+        else:
+            covariances = self.covariances
+            probes = {name: torch.cat(rows) for name, rows in self.probes.items()}
+        for name in self.layer_names:
+            basis = null_basis(covariances[name], self.config.eps1, self.config.threshold, name=name)
+            base = self.model.get_submodule(name)
+            record: dict[str, Any] = {
+                "task": t,
+                "layer": name,
+                "d": basis.singular_values.numel(),
+                "out": base.weight.shape[0],
+                "rank": basis.rank,
+                "frozen": basis.rank == 0,
+                "threshold": basis.threshold,
+                "sigma_max_U": float(basis.kept_singular_values.max()) if basis.rank else 0.0,
+                "sigma_max_all": float(basis.singular_values.max()),
+                "eigh_fallback": basis.fallback,
+            }
+            self.records.append(record)
+            if basis.rank == 0:  # no direction is quiet enough: the layer does not change in this task
+                continue
+            adapter = NullSpaceAdapter(base, basis.basis, name)
+            replace_module(self.model, name, adapter)
+            self.active[name] = ActiveLayer(adapter, basis.kept_singular_values, probes[name], record)
+
+    def task_parameters(self, t: int) -> list[nn.Parameter]:
+        if t == 0:
+            return super().task_parameters(t)
+        own_head, _ = head_parameters(self.model, t)
+        return [layer.adapter.V for layer in self.active.values()] + own_head
+
+    def on_end_task(self, t: int, batches: Iterable[Any]) -> None:
+        for name, layer in self.active.items():
+            layer.record.update(self._measure(layer))
+            replace_module(self.model, name, layer.adapter.merged())
+        self.active = {}
+        where = f"end_task({t})"
+        if self.config.memory == "replay":
+            self.replay.append(torch.cat([x.detach().cpu() for x in task_inputs(batches, where)]))
+            return
+        stats = self._collect(((x, t) for x in task_inputs(batches, where)), where=where)
+        for name, s in stats.items():
+            self.covariances[name] = self.covariances.get(name, 0) + s.covariance
+            self.probes[name].append(s.probe)
+
+    def diagnostics(self) -> list[dict[str, Any]]:
+        """Per layer and task t ≥ 1: d, rank, τ, σ_max(U), ‖V‖₂, the Eq. 8 bound σ_max(U)·‖V‖₂, the tighter
+        data-free bound ‖Σ_U V‖₂ = max over the covariance's inputs, and the measured max ‖xᵀΔW‖ on kept rows."""
+        return [dict(r) for r in self.records]
+
+    # -- statistics ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _collect(self, inputs: Iterable[tuple[Tensor, int]], where: str) -> dict[str, LayerStatistics]:
+        """One forward pass with hooks over `inputs` (eval mode): every layer's Σxxᵀ and a row sample."""
+        stats: dict[str, LayerStatistics] = {}
+        k = self.config.probe_samples
+
+        def hook_for(name: str):
+            def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+                rows = layer_input_rows(module, args[0])
+                keys = torch.rand(rows.shape[0], generator=self._probe_generator).to(rows.device)
+                s = stats.get(name)
+                if s is None:
+                    stats[name] = s = LayerStatistics(0, rows[:0].float().cpu(), keys[:0].cpu())
+                s.covariance = s.covariance + input_covariance(rows)
+                # Uniform sample without replacement across batches: keep the k rows with the largest keys.
+                pool_keys = torch.cat([s.probe_keys, keys.cpu()])
+                top = pool_keys.topk(min(k, pool_keys.numel())).indices
+                s.probe = torch.cat([s.probe, rows.detach().float().cpu()])[top]
+                s.probe_keys = pool_keys[top]
+
+            return hook
+
+        handles = [self.model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in self.layer_names]
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        try:
+            for x, task in inputs:
+                self.forward(self.model, x.to(device), task)
+        finally:
+            for h in handles:
+                h.remove()
+            self.model.train(was_training)
+        if not stats:
+            raise ValueError(f"{where}: no layer saw any input; the task's loader was empty")
+        return stats
+
+    @torch.no_grad()
+    def _measure(self, layer: ActiveLayer) -> dict[str, float]:
+        """‖V‖₂, Eq. 8's bound, the covariance bound ‖diag(σ_U)·V‖₂ and the max ‖xᵀΔW‖ over kept rows."""
+        v = layer.adapter.V.detach().double()
+        v_norm = float(torch.linalg.matrix_norm(v, ord=2))
+        sigma_u = layer.kept_singular_values.to(v.device)
+        # For x a column of I_t = ŨΣṼᵀ: xᵀUV = eᵢᵀ Ṽ_U Σ_U V with orthonormal Ṽ, so ‖xᵀUV‖ ≤ ‖Σ_U V‖₂ ≤ σ_max(U)‖V‖₂.
+        covariance_bound = float(torch.linalg.matrix_norm(sigma_u[:, None] * v, ord=2))
+        delta = layer.adapter.U.double() @ v  # (d, o) in the paper's layout
+        probe = layer.probe.to(delta.device, torch.float64)
+        measured = float((probe @ delta).norm(dim=1).max()) if probe.numel() else float("nan")
+        return {
+            "v_spectral_norm": v_norm,
+            "eq8_bound": float(sigma_u.max()) * v_norm,
+            "covariance_bound": covariance_bound,
+            "measured_max_shift": measured,
+            "probe_rows": probe.shape[0],
+        }
+
+    # -- saving ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            config=asdict(self.config),
+            covariances={n: c.cpu() for n, c in self.covariances.items()},
+            probes={n: [p.cpu() for p in rows] for n, rows in self.probes.items()},
+            replay=list(self.replay),
+            records=[dict(r) for r in self.records],
+            active={
+                n: {
+                    "rank": a.adapter.rank,
+                    "kept_singular_values": a.kept_singular_values.cpu(),
+                    "probe": a.probe.cpu(),
+                }
+                for n, a in self.active.items()
+            },
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore into a method built on a fresh model of the same architecture (adapters are re-created)."""
+        if self.active or self.tasks_done or self.active_task is not None:
+            raise RuntimeError("load_state_dict needs a freshly constructed NESS (no task begun)")
+        if state.get("config") != asdict(self.config):
+            raise ValueError(f"saved NESSConfig {state.get('config')} differs from this one {asdict(self.config)}")
+        records = {(r["task"], r["layer"]): r for r in state["records"]}
+        for name, saved in state["active"].items():
+            base = self.model.get_submodule(name)
+            # U's values come with the model's state below; only its shape is needed to build the adapter.
+            adapter = NullSpaceAdapter(base, torch.ones(base.weight[0].numel(), saved["rank"]), name)
+            replace_module(self.model, name, adapter)
+            self.active[name] = ActiveLayer(
+                adapter, saved["kept_singular_values"], saved["probe"], records[(state["active_task"], name)]
+            )
+        super().load_state_dict(state)
+        device = next(self.model.parameters()).device
+        self.covariances = {n: c.to(device) for n, c in state["covariances"].items()}
+        self.probes = {n: list(rows) for n, rows in state["probes"].items()}
+        self.replay = list(state["replay"])
+        self.records = list(records.values())

@@ -1,0 +1,51 @@
+"""Task-incremental heads: a model declares its per-task heads as an nn.ModuleList named `task_heads`.
+
+Methods never adapt or project declared heads, and the trainer calls such a model as `model(x, task)`.
+A model without `task_heads` (one output shared by every task, as in Permuted MNIST) is called as `model(x)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+
+class MultiHeadNet(nn.Module):
+    """A backbone producing features, and one linear head per task (`task_heads[t]`)."""
+
+    def __init__(
+        self, backbone: nn.Module, feature_dim: int, classes_per_task: Sequence[int], head_bias: bool = False
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.task_heads = nn.ModuleList(nn.Linear(feature_dim, n, bias=head_bias) for n in classes_per_task)
+
+    def forward(self, x: Tensor, task: int) -> Tensor:
+        return self.task_heads[task](self.backbone(x))
+
+
+def task_heads(model: nn.Module) -> nn.ModuleList | None:
+    """The model's declared per-task heads, or None for a single shared output."""
+    heads = getattr(model, "task_heads", None)
+    return heads if isinstance(heads, nn.ModuleList) else None
+
+
+def call_model(model: nn.Module, x: Tensor, task: int) -> Tensor:
+    """Logits of task `task`: through its own head when the model declares heads."""
+    heads = task_heads(model)
+    if heads is None:
+        return model(x)
+    if not 0 <= task < len(heads):
+        raise IndexError(f"task {task} has no head: the model declares {len(heads)} task heads")
+    return model(x, task)
+
+
+def head_parameters(model: nn.Module, task: int) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(parameters of head `task`, parameters of every other head); both empty without declared heads."""
+    heads = task_heads(model)
+    if heads is None:
+        return [], []
+    own = list(heads[task].parameters())
+    own_ids = {id(p) for p in own}
+    return own, [p for p in heads.parameters() if id(p) not in own_ids]

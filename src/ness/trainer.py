@@ -1,0 +1,225 @@
+"""Task-incremental training: the protocol of METHODS_SPEC §1.4, calling only the method's hooks."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ness.data import Benchmark, Split, Task, iterate_batches
+from ness.methods import ContinualMethod
+from ness.metrics import average_accuracy, backward_transfer
+from ness.models import call_model
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser and schedule per task; defaults are the GPM-family protocol (METHODS_SPEC §1.4)."""
+
+    epochs: int = 200
+    """Maximum epochs per task."""
+    lr: float = 0.01
+    """Initial SGD learning rate of every task (a fresh optimiser per task)."""
+    batch_size: int = 64
+    test_batch_size: int = 64
+    momentum: float = 0.0
+    """0 in the GPM family; 0.9 for NESS-SGDm."""
+    weight_decay: float = 0.0
+    lr_schedule: bool = True
+    """True: divide lr by lr_factor after lr_patience epochs without a better validation loss, stop when
+    lr < lr_min, and restore the best-validation weights. False: a fixed lr for `epochs` (GPM Permuted MNIST)."""
+    lr_min: float = 1e-5
+    lr_patience: int = 6
+    lr_factor: float = 2.0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1,
+            "lr": self.lr > 0 and math.isfinite(self.lr),
+            "batch_size": self.batch_size >= 1,
+            "test_batch_size": self.test_batch_size >= 1,
+            "momentum": 0 <= self.momentum < 1,
+            "weight_decay": self.weight_decay >= 0,
+            "lr_min": self.lr_min >= 0,
+            "lr_patience": self.lr_patience >= 1,
+            "lr_factor": self.lr_factor > 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
+            raise ValueError(
+                f"TrainConfig: invalid {values} (epochs/batch sizes ≥ 1, lr > 0, momentum in "
+                "[0, 1), weight_decay ≥ 0, lr_patience ≥ 1, lr_factor > 1)"
+            )
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a torch generator for data order."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def check_labels(model: nn.Module, t: int, task: Task, device: str) -> None:
+    """Labels must lie in 0..num_classes−1 and fit the outputs the model gives for task t."""
+    x, _ = next(iterate_batches(task.train, task.transform, 2, device=device))
+    with torch.no_grad():
+        outputs = call_model(model, x, t).shape[-1]
+    for split_name in ("train", "val", "test"):
+        labels = getattr(task, split_name).labels
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= min(outputs, task.num_classes)):
+            raise ValueError(
+                f"task {t} ('{task.name}'), {split_name} split: labels span {int(labels.min())}..{int(labels.max())} "
+                f"but the task has {task.num_classes} classes and the model gives {outputs} outputs for it; "
+                "labels must be task-local, 0..num_classes−1"
+            )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, t: int, split: Split, task: Task, batch_size: int, device: str) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy in %) of task t's head on `split`, in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for x, y in iterate_batches(split, task.transform, batch_size, device=device):
+        logits = call_model(model, x, t)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == y).sum())
+        n += y.numel()
+    model.train(was_training)
+    if n == 0:
+        raise ValueError(f"task {t} ('{task.name}'): cannot evaluate on an empty split")
+    return loss_sum / n, 100.0 * correct / n
+
+
+def train_task(
+    model: nn.Module,
+    method: ContinualMethod,
+    t: int,
+    task: Task,
+    config: TrainConfig,
+    generator: torch.Generator,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train task t with the method's trainable parameters; returns what happened (epochs, lr, losses)."""
+    if len(task.train) == 0:
+        raise ValueError(f"task {t} ('{task.name}') has no training data")
+    if config.lr_schedule and len(task.val) == 0:
+        raise ValueError(
+            f"task {t} ('{task.name}') has no validation data, which lr_schedule=True needs; "
+            "set a validation fraction > 0 or turn the schedule off"
+        )
+    check_labels(model, t, task, config.device)
+    params = method.trainable_parameters(t)
+    lr = config.lr
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    best_loss, best_state, patience = math.inf, None, config.lr_patience
+    epochs_run, train_loss = 0, math.nan
+    bar = tqdm(range(config.epochs), desc=f"task {t}", leave=False, disable=not progress, unit="ep")
+    model.train()
+    for epoch in bar:
+        total, count = 0.0, 0
+        for step, (x, y) in enumerate(
+            iterate_batches(
+                task.train,
+                task.transform,
+                config.batch_size,
+                shuffle=True,
+                generator=generator,
+                device=config.device,
+            )
+        ):
+            loss = F.cross_entropy(call_model(model, x, t), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"task {t}, epoch {epoch}, step {step}: the loss is {float(loss)}; "
+                    f"lower the learning rate (now {lr:g}) or check the inputs"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            method.after_backward(t)
+            optimizer.step()
+            total, count = total + loss.item() * y.numel(), count + y.numel()
+        epochs_run, train_loss = epoch + 1, total / count
+        postfix = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.2g}"}
+        if config.lr_schedule:
+            val_loss, _ = evaluate(model, t, task.val, task, config.test_batch_size, config.device)
+            postfix["val"] = f"{val_loss:.3f}"
+            if val_loss < best_loss:
+                best_loss, patience = val_loss, config.lr_patience
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                patience -= 1
+                if patience <= 0:
+                    lr /= config.lr_factor
+                    if lr < config.lr_min:
+                        break
+                    patience = config.lr_patience
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+        bar.set_postfix(postfix)
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return {
+        "epochs": epochs_run,
+        "final_lr": lr,
+        "train_loss": train_loss,
+        "best_val_loss": best_loss if best_state is not None else None,
+    }
+
+
+def run_continual(
+    model: nn.Module,
+    method: ContinualMethod,
+    benchmark: Benchmark,
+    config: TrainConfig,
+    seed: int,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Learn the benchmark's tasks in order; R[i][j] = test accuracy on task j after task i (%)."""
+    generator = seed_everything(seed)
+    model.to(config.device)
+    n = len(benchmark)
+    acc_matrix = [[0.0] * n for _ in range(n)]
+    tasks_log = []
+    for t, task in enumerate(benchmark.tasks):
+        start = time.perf_counter()
+        method.begin_task(t)
+        begun = time.perf_counter()
+        log = train_task(model, method, t, task, config, generator, progress)
+        trained = time.perf_counter()
+        method.end_task(t, iterate_batches(task.train, task.transform, config.batch_size, device=config.device))
+        ended = time.perf_counter()
+        for j in range(t + 1):
+            prev = benchmark.tasks[j]
+            _, acc_matrix[t][j] = evaluate(model, j, prev.test, prev, config.test_batch_size, config.device)
+        log.update(
+            task=t,
+            name=task.name,
+            train_seconds=trained - begun,
+            boundary_seconds=(begun - start) + (ended - trained),
+            eval_seconds=time.perf_counter() - ended,
+        )
+        tasks_log.append(log)
+        if progress:
+            row = " ".join(f"{a:5.1f}" for a in acc_matrix[t][: t + 1])
+            tqdm.write(f"  [{method.name}] after task {t}: {row}")
+    return {
+        "acc_matrix": acc_matrix,
+        "acc": average_accuracy(acc_matrix),
+        "bwt": backward_transfer(acc_matrix),
+        "tasks": tasks_log,
+        "diagnostics": method.diagnostics(),
+    }
