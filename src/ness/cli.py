@@ -88,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     f"{args.benchmark} {method} seed {seed}: ACC {r['acc']:.2f}  BWT {r['bwt']:.2f}  "
                     f"({r['timings']['total_seconds']:.1f} s)"
                 )
-            except (ValueError, TypeError, OSError) as err:
+            except (ValueError, TypeError, OSError, FloatingPointError):
                 if len(args.seeds) * len(args.method) == 1:
                     raise
                 failures.append((method, seed))
@@ -96,7 +96,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                     f"{args.benchmark} {method} seed {seed} FAILED:\n{traceback.format_exc()}",
                     file=sys.stderr,
                 )
-                del err
     if failures:
         print(f"{len(failures)} run(s) failed: {failures}; they are not in the results", file=sys.stderr)
         return 1
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:
         print(f"ness {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -11,7 +11,7 @@ Matrix = Sequence[Sequence[float]]
 
 def _last_row(acc_matrix: Matrix) -> Sequence[float]:
     n = len(acc_matrix)
-    if n == 0 or any(len(row) < n for row in acc_matrix):
+    if n == 0 or any(len(row) != n for row in acc_matrix):
         raise ValueError(f"accuracy matrix must be T×T with T ≥ 1, got rows of lengths {[len(r) for r in acc_matrix]}")
     return acc_matrix[-1]
 

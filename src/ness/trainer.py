@@ -143,7 +143,7 @@ def train_task(
             loss = F.cross_entropy(call_model(model, x, t), y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"task {t}, epoch {epoch}, step {step}: the loss is {float(loss)}; "
+                    f"task {t}, epoch {epoch}, step {step}: the loss is {loss.item()}; "
                     f"lower the learning rate (now {lr:g}) or check the inputs"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -200,7 +200,8 @@ def run_continual(
         begun = time.perf_counter()
         log = train_task(model, method, t, task, config, generator, progress)
         trained = time.perf_counter()
-        method.end_task(t, iterate_batches(task.train, task.transform, config.batch_size, device=config.device))
+        # The statistics pass runs at the evaluation batch size, as the official code does (64).
+        method.end_task(t, iterate_batches(task.train, task.transform, config.test_batch_size, device=config.device))
         ended = time.perf_counter()
         for j in range(t + 1):
             prev = benchmark.tasks[j]

@@ -230,6 +230,7 @@ class NESS(ContinualMethod):
             probes={n: [p.cpu() for p in rows] for n, rows in self.probes.items()},
             replay=list(self.replay),
             records=[dict(r) for r in self.records],
+            probe_generator=self._probe_generator.get_state(),
             active={
                 n: {
                     "rank": a.adapter.rank,
@@ -261,4 +262,5 @@ class NESS(ContinualMethod):
         self.covariances = {n: c.to(device) for n, c in state["covariances"].items()}
         self.probes = {n: list(rows) for n, rows in state["probes"].items()}
         self.replay = list(state["replay"])
+        self._probe_generator.set_state(state["probe_generator"])
         self.records = list(records.values())

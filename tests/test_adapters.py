@@ -1,0 +1,241 @@
+"""Tests of NullSpaceAdapter: ΔW's layout, both forward paths and merging, against explicit weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ness.adapters import NullSpaceAdapter, output_rows
+from ness.subspace import UnsupportedLayerError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """The tensors here are tiny: one intra-op thread avoids OpenMP spin-waits when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def orthonormal(d, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))
+    return q
+
+
+def make_adapter(base, r, seed):
+    """An adapter with a random orthonormal U and a random nonzero V."""
+    d = base.weight[0].numel()
+    adapter = NullSpaceAdapter(base, orthonormal(d, r, seed), name="layer")
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        adapter.V.copy_(torch.randn(adapter.V.shape, generator=g, dtype=torch.float64))
+    return adapter
+
+
+def explicit_delta(u, v, weight_shape):
+    """ΔW in PyTorch's weight layout by explicit sums: ΔW[o, (c, p, q)] = Σ_r U[(c, p, q), r] V[r, o],
+    with the flattened index c·k_h·k_w + p·k_w + q (the order of a weight's .view(o, -1))."""
+    u_list, v_list = u.tolist(), v.tolist()
+    o = weight_shape[0]
+    inner = weight_shape[1:]
+    d = len(u_list)
+    flat = [[sum(u_list[i][r] * v_list[r][j] for r in range(len(v_list))) for i in range(d)] for j in range(o)]
+    delta = torch.zeros(weight_shape, dtype=u.dtype)
+    for j in range(o):
+        for i in range(d):
+            if len(inner) == 1:
+                delta[j, i] = flat[j][i]
+            else:
+                _, kh, kw = inner
+                c, rem = divmod(i, kh * kw)
+                p, q = divmod(rem, kw)
+                delta[j, c, p, q] = flat[j][i]
+    return delta
+
+
+def force_path(monkeypatch, merged):
+    monkeypatch.setattr(NullSpaceAdapter, "_merged_path_is_cheaper", lambda self, x: merged)
+
+
+def test_adapter_starts_as_the_base_layer():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 4)
+    adapter = NullSpaceAdapter(base, orthonormal(6, 2, seed=1))
+    assert adapter.rank == 2
+    assert isinstance(adapter.V, nn.Parameter) and adapter.V.shape == (2, 4)
+    assert torch.count_nonzero(adapter.V) == 0
+    assert "U" in dict(adapter.named_buffers()) and "U" not in dict(adapter.named_parameters())
+    assert adapter.U.dtype == base.weight.dtype == torch.float32
+    torch.testing.assert_close(adapter.U, orthonormal(6, 2, seed=1).float())
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(adapter(x), base(x))
+
+
+@pytest.mark.parametrize(
+    "base",
+    [nn.Linear(7, 5), nn.Conv2d(3, 4, (2, 3)), nn.Conv2d(2, 6, 3, stride=2, padding=1, bias=False)],
+    ids=["linear", "conv2x3", "conv3x3"],
+)
+def test_delta_weight_is_UV_transposed_in_weight_layout(base):
+    adapter = make_adapter(base.double(), r=3, seed=2)
+    expected = explicit_delta(adapter.U, adapter.V.detach(), tuple(base.weight.shape))
+    torch.testing.assert_close(adapter.delta_weight().detach(), expected)
+
+
+LINEAR_CASES = [
+    (True, (5, 7)),
+    (False, (5, 7)),
+    (True, (3, 4, 7)),  # (B, T, d) sequence input
+    (False, (7,)),  # a single unbatched row
+]
+
+
+@pytest.mark.parametrize("merged_path", [True, False], ids=["merged", "low-rank"])
+@pytest.mark.parametrize(("bias", "shape"), LINEAR_CASES)
+def test_linear_paths_and_merge_match_explicit_weight(monkeypatch, merged_path, bias, shape):
+    torch.manual_seed(3)
+    base = nn.Linear(7, 5, bias=bias).double()
+    w0 = base.weight.detach().clone()
+    b0 = base.bias.detach().clone() if bias else None
+    adapter = make_adapter(base, r=3, seed=4)
+    x = torch.randn(shape, dtype=torch.float64)
+
+    # Explicit x @ (W + (U V)ᵀ)ᵀ (+ b), with U V formed by hand.
+    u, v = adapter.U.tolist(), adapter.V.detach().tolist()
+    uv = torch.tensor([[sum(u[i][r] * v[r][j] for r in range(3)) for j in range(5)] for i in range(7)]).double()
+    expected = x @ (w0 + uv.T).T
+    if bias:
+        expected = expected + b0
+
+    force_path(monkeypatch, merged_path)
+    with torch.no_grad():
+        out = adapter(x)
+    torch.testing.assert_close(out, expected)
+
+    merged = adapter.merged()
+    assert merged is base and type(merged) is nn.Linear
+    torch.testing.assert_close(merged.weight.detach(), w0 + uv.T)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), out)
+
+
+CONV_CASES = [
+    # kernel, stride, padding, dilation, padding_mode, bias
+    (3, 1, 0, 1, "zeros", True),
+    (3, 2, 1, 1, "zeros", False),
+    ((2, 3), 1, "same", 1, "zeros", True),
+    (3, 1, 2, 2, "zeros", False),
+    (3, 2, 1, 1, "reflect", True),
+    ((2, 3), (1, 2), 1, 1, "circular", False),
+    (3, 1, "same", 1, "reflect", True),
+    (3, 1, "valid", (1, 2), "zeros", False),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("merged_path", [True, False], ids=["merged", "low-rank"])
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation", "mode", "bias"), CONV_CASES)
+def test_conv_paths_and_merge_match_explicit_weight(
+    monkeypatch, merged_path, kernel, stride, padding, dilation, mode, bias
+):
+    torch.manual_seed(5)
+    base = nn.Conv2d(
+        3, 4, kernel, stride=stride, padding=padding, dilation=dilation, padding_mode=mode, bias=bias
+    ).double()
+    reference = copy.deepcopy(base)  # PyTorch's own conv (its padding logic), given the explicit weight below
+    d = base.weight[0].numel()
+    adapter = make_adapter(base, r=min(4, d - 1), seed=6)
+    with torch.no_grad():
+        reference.weight.add_(explicit_delta(adapter.U, adapter.V.detach(), tuple(base.weight.shape)))
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64)
+
+    force_path(monkeypatch, merged_path)
+    with torch.no_grad():
+        expected = reference(x)
+        out = adapter(x)
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(adapter(x[0]), expected[0])  # unbatched (C, H, W) input
+
+    merged = adapter.merged()
+    assert merged is base and type(merged) is nn.Conv2d
+    torch.testing.assert_close(merged.weight.detach(), reference.weight.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), out)
+
+
+def test_float32_adapter_paths_agree(monkeypatch):
+    torch.manual_seed(7)
+    base = nn.Conv2d(2, 5, 3, stride=2, padding=1)
+    adapter = make_adapter(base, r=4, seed=8)
+    x = torch.randn(3, 2, 9, 9)
+    with torch.no_grad():
+        force_path(monkeypatch, True)
+        merged_out = adapter(x)
+        force_path(monkeypatch, False)
+        low_rank_out = adapter(x)
+        expected = F.conv2d(x, base.weight + adapter.delta_weight(), base.bias, stride=2, padding=1)
+    torch.testing.assert_close(merged_out, expected)
+    torch.testing.assert_close(low_rank_out, expected)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_both_paths_give_the_same_gradient_of_V(monkeypatch, kind):
+    torch.manual_seed(9)
+    if kind == "linear":
+        base, x = nn.Linear(6, 4).double(), torch.randn(8, 6, dtype=torch.float64)
+    else:
+        base, x = nn.Conv2d(2, 3, 3, stride=2, padding=1).double(), torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    base.requires_grad_(False)
+    adapter = make_adapter(base, r=2, seed=10)
+    g = torch.randn_like(adapter(x))
+
+    grads = []
+    for merged_path in (True, False):
+        force_path(monkeypatch, merged_path)
+        adapter.V.grad = None
+        (adapter(x) * g).sum().backward()
+        grads.append(adapter.V.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+    if kind == "linear":  # d/dV Σ g ⊙ (x W'ᵀ) with W' = W + (U V)ᵀ is (x U)ᵀ g
+        torch.testing.assert_close(grads[0], (x @ adapter.U).T @ g)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation", "mode", "bias"), CONV_CASES)
+def test_output_rows_counts_the_conv_output_pixels(kernel, stride, padding, dilation, mode, bias):
+    conv = nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation, padding_mode=mode, bias=bias)
+    x = torch.randn(2, 3, 7, 8)
+    out = conv(x)
+    assert output_rows(conv, x) == out.shape[0] * out.shape[2] * out.shape[3]
+    assert output_rows(conv, x[0]) == out.shape[2] * out.shape[3]
+
+
+def test_output_rows_of_linear_counts_leading_dims():
+    assert output_rows(nn.Linear(5, 3), torch.zeros(4, 6, 5)) == 24
+    assert output_rows(nn.Linear(5, 3), torch.zeros(5)) == 1
+
+
+def test_merge_refuses_non_finite_delta():
+    base = nn.Linear(4, 3)
+    w0 = base.weight.detach().clone()
+    adapter = NullSpaceAdapter(base, orthonormal(4, 2, seed=11))
+    with torch.no_grad():
+        adapter.V[0, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="ΔW holds NaN or Inf"):
+        adapter.merged()
+    torch.testing.assert_close(base.weight.detach(), w0)
+
+
+def test_adapter_rejects_bad_bases_and_layers():
+    with pytest.raises(ValueError, match=r"fc: null basis must be \(d=4, r>0\), got \(5, 2\)"):
+        NullSpaceAdapter(nn.Linear(4, 3), torch.zeros(5, 2), name="fc")
+    with pytest.raises(ValueError, match=r"null basis must be \(d=18, r>0\), got \(18, 0\)"):
+        NullSpaceAdapter(nn.Conv2d(2, 3, 3), torch.zeros(18, 0))
+    with pytest.raises(UnsupportedLayerError, match="layer 'g' is a Conv2d with groups=2"):
+        NullSpaceAdapter(nn.Conv2d(4, 4, 3, groups=2), torch.zeros(18, 1), name="g")
