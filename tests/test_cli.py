@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import stat
 import statistics
 import subprocess
 import sys
@@ -330,3 +331,12 @@ def test_mnist_through_cli(benchmark, extra, tmp_path, capsys):
     assert r["acc"] > 50.0
     assert len(r["acc_matrix"]) == (5 if benchmark == "split_mnist" else 10)
     assert f"{benchmark} ness seed 1: ACC {r['acc']:.2f}" in capsys.readouterr().out
+
+
+def test_write_json_atomic_gives_an_ordinary_file_mode(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = write_json_atomic(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

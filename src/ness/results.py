@@ -18,6 +18,9 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; results are ordinary files
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, allow_nan=True)
             f.write("\n")
