@@ -13,15 +13,6 @@ from ness.adapters import NullSpaceAdapter, output_rows
 from ness.subspace import UnsupportedLayerError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tensors here are tiny: one intra-op thread avoids OpenMP spin-waits when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def orthonormal(d, r, seed):
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from ness.cli import main
 from ness.results import load_results, report_markdown, summarize, write_json_atomic
@@ -27,15 +26,6 @@ OFFICIAL_MNIST_MD5 = {
     "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: two OpenMP threads spin-waiting on a shared 2-core machine slow small MLPs ~30×."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def acc_bwt_by_loop(r: list[list[float]]) -> tuple[float, float]:

@@ -18,16 +18,6 @@ from ness.models import MultiHeadNet, call_model, multi_head_mlp
 from ness.subspace import UnsupportedLayerError
 from ness.trainer import check_labels
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tensors here are tiny: one intra-op thread avoids OpenMP spin-waits when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # models, data and training
 # ---------------------------------------------------------------------------------------------------------

@@ -19,16 +19,6 @@ from ness.subspace import (
     null_threshold,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tensors here are tiny: one intra-op thread avoids OpenMP spin-waits when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # (b) im2col rows and their covariance against an explicit patch loop
 # ---------------------------------------------------------------------------------------------------------
