@@ -174,16 +174,19 @@ class NESS(ContinualMethod):
         def hook_for(name: str):
             def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
                 rows = layer_input_rows(module, args[0])
-                keys = torch.rand(rows.shape[0], generator=self._probe_generator).to(rows.device)
                 s = stats.get(name)
                 if s is None:
-                    stats[name] = s = LayerStatistics(0, rows[:0].float().cpu(), keys[:0].cpu())
+                    empty = rows[:0].detach().float().cpu()
+                    stats[name] = s = LayerStatistics(input_covariance(rows[:0]), empty, torch.empty(0))
                 s.covariance = s.covariance + input_covariance(rows)
-                # Uniform sample without replacement across batches: keep the k rows with the largest keys.
-                pool_keys = torch.cat([s.probe_keys, keys.cpu()])
+                # Uniform sample without replacement across batches: the k rows with the largest random keys.
+                # The overall top k lies within each batch's own top k, so only those rows leave the device.
+                keys = torch.rand(rows.shape[0], generator=self._probe_generator)
+                batch_top = keys.topk(min(k, keys.numel())).indices
+                pool_keys = torch.cat([s.probe_keys, keys[batch_top]])
+                pool_rows = torch.cat([s.probe, rows[batch_top.to(rows.device)].detach().float().cpu()])
                 top = pool_keys.topk(min(k, pool_keys.numel())).indices
-                s.probe = torch.cat([s.probe, rows.detach().float().cpu()])[top]
-                s.probe_keys = pool_keys[top]
+                s.probe, s.probe_keys = pool_rows[top], pool_keys[top]
 
             return hook
 
