@@ -25,7 +25,7 @@ def main(benchmark: str, preset: str, seed: int, eps1_values: list[float], finet
         seed_everything(seed)
         bench = build_benchmark(benchmark, seed=seed, **protocol.data)
         model = protocol.network(bench)
-        runner = build_method(method, model, {**protocol.methods.get(method, {}), **options})
+        runner = build_method(method, model, {**protocol.variant(method).options, **options})
         start = time.perf_counter()
         result = run_continual(model, runner, bench, protocol.train, seed, progress=False)
         val = [evaluate(model, j, task.val, task, 256, protocol.train.device)[1] for j, task in enumerate(bench.tasks)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import io
 import json
@@ -209,11 +210,41 @@ def test_run_two_seeds_then_report(tmp_path, capsys):
     std_acc = statistics.stdev(r["acc"] for r in runs)
     mean_bwt = statistics.mean(r["bwt"] for r in runs)
     std_bwt = statistics.stdev(r["bwt"] for r in runs)
-    row = f"| split_digits | ness | quick | 1,2 | {mean_acc:.2f} ± {std_acc:.2f} | {mean_bwt:.2f} ± {std_bwt:.2f} |"
+    row = f"| ness | quick* | 1,2 | {mean_acc:.2f} ± {std_acc:.2f} | – | – | {mean_bwt:.2f} ± {std_bwt:.2f} | – |"
     assert any(line.startswith(row) for line in report.splitlines()), report
+    assert "NOT the paper's protocol" in report  # a quick run is never presented as the paper's
 
     assert main(["report", str(tmp_path), "--save"]) == 0
     assert row in (tmp_path / "report.md").read_text()
+    with open(tmp_path / "report.csv", newline="") as f:
+        (csv_row,) = list(csv.DictReader(f))
+    assert csv_row["variant"] == "ness" and csv_row["preset"] == "quick"
+    assert float(csv_row["acc"]) == pytest.approx(mean_acc) and float(csv_row["bwt_std"]) == pytest.approx(std_bwt)
+    # NESS runs also write the singular spectra the figures need, one per (task ≥ 1, layer), outside results.json.
+    spectra = json.loads((paths[0].parent / "spectra.json").read_text())["spectra"]
+    assert {(s["task"], s["layer"]) for s in spectra} == {(d["task"], d["layer"]) for d in runs[0]["diagnostics"]}
+    assert all("singular_values" not in d for d in runs[0]["diagnostics"])
+    for s in spectra:
+        values = s["singular_values"]
+        assert values == sorted(values, reverse=True)
+        rank = next(d["rank"] for d in runs[0]["diagnostics"] if (d["task"], d["layer"]) == (s["task"], s["layer"]))
+        assert rank == sum(v <= s["threshold"] for v in values)
+
+
+def test_run_faithful_applies_the_official_code_settings(tmp_path):
+    args = ["run", "--benchmark", "split_digits", "--method", "ness", "--seeds", "1", "--faithful"]
+    assert main([*args, "--out", str(tmp_path), "--set", "epochs=1", "--quiet"]) == 0
+    (path,) = tmp_path.rglob("results.json")
+    assert path.relative_to(tmp_path).as_posix() == "split_digits/ness_faithful/seed_1/results.json"
+    r = json.loads(path.read_text())
+    assert r["faithful"] is True
+    assert r["config"]["method"]["threshold"] == "nuclear" and r["config"]["method"]["memory"] == "replay"
+    assert r["config"]["train"]["sam_tasks"] == "first"
+    # The nuclear threshold is ε₁·Σσ: check it against the recorded spectrum.
+    spectra = json.loads((path.parent / "spectra.json").read_text())["spectra"]
+    eps1 = r["config"]["method"]["eps1"]
+    for s in spectra:
+        assert s["threshold"] == pytest.approx(eps1 * sum(s["singular_values"]), rel=1e-9)
 
 
 def test_run_unknown_option_exits_2_naming_it(tmp_path, capsys):
@@ -246,7 +277,18 @@ def test_set_without_equals_is_an_argparse_error(tmp_path, capsys):
 
 
 def test_run_diverging_lr_is_a_clean_error(tmp_path, capsys):
-    args = ["run", "--benchmark", "split_digits", "--method", "finetune", "--out", str(tmp_path), "--quiet"]
+    args = [
+        "run",
+        "--benchmark",
+        "split_digits",
+        "--method",
+        "finetune",
+        "--seeds",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
     assert main([*args, "--set", "lr=1e30", "--set", "epochs=1"]) == 2
     assert "lower the learning rate" in capsys.readouterr().err
 

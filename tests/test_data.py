@@ -405,8 +405,15 @@ def test_iterate_batches_on_cuda(mnist_root: Path) -> None:
 
 
 def test_build_benchmark(mnist_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert set(BENCHMARKS) == {"split_digits", "split_mnist", "permuted_mnist"}
-    with pytest.raises(ValueError, match="split_digits, split_mnist, permuted_mnist"):
+    assert set(BENCHMARKS) == {
+        "split_digits",
+        "split_mnist",
+        "permuted_mnist",
+        "split_cifar100",
+        "five_datasets",
+        "split_miniimagenet",
+    }
+    with pytest.raises(ValueError, match="split_digits, split_mnist, permuted_mnist, split_cifar100"):
         build_benchmark("cifar", seed=0)
     assert build_benchmark("split_digits", seed=0, data_root="/nonexistent").name == "split_digits"
     monkeypatch.setenv("NESS_DATA_ROOT", str(mnist_root))

@@ -543,6 +543,30 @@ def test_covariance_memory_sums_the_tasks_covariances():
         torch.testing.assert_close(method.covariances[n], expected, rtol=1e-10, atol=1e-8)
 
 
+@pytest.mark.parametrize("memory", ["covariance", "replay"])
+def test_memory_tasks_first_keeps_only_task0_inputs(memory):
+    """The official 5-datasets scripts store task 0's data only: task 2's basis must come from task 0 alone."""
+    model, method, (x0, _) = run_task0("mlp", NESSConfig(eps1=0.05, memory=memory, memory_tasks="first"))
+    names = method.layer_names
+
+    def task0_rows():
+        return {n: layer_rows(model.get_submodule(n), v) for n, v in record_layer_inputs(model, names, x0, 0).items()}
+
+    rows_after_task0 = task0_rows()
+    method.begin_task(1)
+    x1, y1 = task_data("mlp", 1, seed=101)
+    train(method, model, 1, x1, y1, steps=5, lr=1.0)
+    method.end_task(1, batches(x1, y1))
+    # covariance memory keeps task 0's Gram from the end of task 0; replay re-forwards task 0 through today's model.
+    rows = task0_rows() if memory == "replay" else rows_after_task0
+    method.begin_task(2)
+    records = {r["layer"]: r for r in method.diagnostics() if r["task"] == 2}
+    for n in names:
+        kept, _, tau, _ = hand_null_space(rows[n], 0.05, "frobenius")
+        assert records[n]["rank"] == kept.shape[1]
+        assert math.isclose(records[n]["threshold"], tau, rel_tol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # (h) bad inputs raise clear errors
 # ---------------------------------------------------------------------------------------------------------
@@ -602,6 +626,8 @@ def test_config_rejects_unknown_threshold_memory_and_bad_fields():
         NESSConfig(threshold="spectral")
     with pytest.raises(ValueError, match=r"NESSConfig.memory must be one of .*'covariance'.*'disk'"):
         NESSConfig(memory="disk")
+    with pytest.raises(ValueError, match=r"NESSConfig.memory_tasks must be one of .*'all'.*'last'"):
+        NESSConfig(memory_tasks="last")
     with pytest.raises(TypeError, match="exclude must be a list of patterns"):
         NESSConfig(exclude="backbone.0")
     with pytest.raises(ValueError, match="probe_samples must be an integer"):

@@ -56,7 +56,7 @@ def blob_benchmark(
         )
         for t in range(num_tasks)
     )
-    return Benchmark("blobs", tasks, input_dim=DIM, shared_head=False, details={})
+    return Benchmark("blobs", tasks, input_shape=(DIM,), shared_head=False, details={})
 
 
 def small_config(**kw) -> TrainConfig:
@@ -405,7 +405,7 @@ def test_labels_beyond_head_outputs_name_the_task(bench):
     labels = train.labels.clone()
     labels[0] = 2
     bad = Task("three-way", 3, Split(train.inputs, labels), train, train, to_float)
-    bench2 = Benchmark("bad", (bench.tasks[0], bad), input_dim=DIM, shared_head=False, details={})
+    bench2 = Benchmark("bad", (bench.tasks[0], bad), input_shape=(DIM,), shared_head=False, details={})
     model = multi_head_mlp(DIM, HIDDEN, [2, 2])
     with pytest.raises(ValueError, match=r"task 1 \('three-way'\)"):
         run_continual(model, FineTune(model), bench2, small_config(epochs=2), seed=0, progress=False)
@@ -416,7 +416,7 @@ def test_infinite_input_raises_floating_point_error_naming_task_and_epoch(bench)
     inputs = task1.train.inputs.clone()
     inputs[5, 0] = math.inf
     bad = Task(task1.name, 2, Split(inputs, task1.train.labels), task1.val, task1.test, to_float)
-    bench2 = Benchmark("inf", (bench.tasks[0], bad), input_dim=DIM, shared_head=False, details={})
+    bench2 = Benchmark("inf", (bench.tasks[0], bad), input_shape=(DIM,), shared_head=False, details={})
     model = new_model(bench2)
     # batch_size 100 > 80: one batch per epoch, so the inf is in the very first step of task 1.
     with pytest.raises(FloatingPointError, match=r"task 1, epoch 0, step 0"):
@@ -432,7 +432,69 @@ def test_schedule_with_empty_validation_split_raises(bench):
     task = bench.tasks[0]
     empty = Split(torch.zeros(0, DIM), torch.zeros(0, dtype=torch.int64))
     task = Task(task.name, 2, task.train, empty, task.test, task.transform)
-    bench2 = Benchmark("noval", (task,), input_dim=DIM, shared_head=False, details={})
+    bench2 = Benchmark("noval", (task,), input_shape=(DIM,), shared_head=False, details={})
     model = multi_head_mlp(DIM, HIDDEN, [2])
     with pytest.raises(ValueError, match=r"task 0 .*validation"):
         run_continual(model, FineTune(model), bench2, small_config(lr_schedule=True), seed=0, progress=False)
+
+
+# -- evaluation order and passes (batch-statistics BatchNorm makes accuracy depend on the batches) ----------------
+
+
+class BatchStatNet(torch.nn.Module):
+    """Logits depend on which examples share a batch: BatchNorm with batch statistics, as in the paper's nets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(DIM, 8, bias=False)
+        self.bn = torch.nn.BatchNorm1d(8, track_running_stats=False)
+        self.task_heads = torch.nn.ModuleList([torch.nn.Linear(8, 2, bias=False)])
+
+    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        return self.task_heads[task](torch.relu(self.bn(self.fc(x))))
+
+
+def accuracy_with_order(model, task: Task, batch_size: int, order: torch.Tensor) -> tuple[int, int]:
+    """Correct predictions and count when the test split is read in `order`, batch by batch (explicit loop)."""
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            logits = model(task.transform(task.test.inputs[idx]), 0)
+            correct += sum(
+                int(p == y) for p, y in zip(logits.argmax(1).tolist(), task.test.labels[idx].tolist(), strict=True)
+            )
+    return correct, len(order)
+
+
+def test_evaluate_passes_average_seeded_test_orders(bench):
+    model = BatchStatNet().eval()
+    task = bench.tasks[0]
+    seed, passes, batch = 5, 3, 7
+    correct = total = 0
+    for p in range(passes):  # the documented order: torch.randperm seeded by seed·1_000_003 + p
+        order = torch.randperm(len(task.test), generator=torch.Generator().manual_seed(seed * 1_000_003 + p))
+        c, n = accuracy_with_order(model, task, batch, order)
+        correct, total = correct + c, total + n
+    _, acc = trainer.evaluate(model, 0, task.test, task, batch, "cpu", passes=passes, order_seed=seed)
+    assert acc == pytest.approx(100.0 * correct / total)
+    # Without a seed the split is read in order.
+    c, n = accuracy_with_order(model, task, batch, torch.arange(len(task.test)))
+    assert trainer.evaluate(model, 0, task.test, task, batch, "cpu")[1] == pytest.approx(100.0 * c / n)
+    # Batch composition matters for this network, so the seeded orders are really used (not the file order).
+    accs = {trainer.evaluate(model, 0, task.test, task, batch, "cpu", 1, s)[1] for s in range(6)}
+    assert len(accs) > 1
+
+
+def test_run_continual_with_sam_trains_and_differs_from_sgd(bench):
+    results = {}
+    for rho in (0.0, 0.05):
+        model = new_model(bench)
+        method = new_method("ness", model)
+        results[rho] = run_continual(model, method, bench, small_config(epochs=3, sam_rho=rho), seed=1, progress=False)
+    for i in range(len(bench)):
+        assert results[0.05]["acc_matrix"][i][i] > 70.0
+    # Same seed and data order: only the SAM update differs, so the training losses must differ.
+    losses = {rho: [log["train_loss"] for log in r["tasks"]] for rho, r in results.items()}
+    assert all(a != b for a, b in zip(losses[0.0], losses[0.05], strict=True))

@@ -10,9 +10,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ness.methods import METHODS
-from ness.presets import PRESET_NAMES, PROTOCOLS
-from ness.results import format_matrix, load_results, report_markdown, write_json_atomic
+from ness.presets import PRESET_NAMES, PROTOCOLS, get_protocol
+from ness.results import (
+    format_matrix,
+    load_results,
+    paper_table,
+    paper_table_csv,
+    paper_table_markdown,
+    write_text_atomic,
+)
 
 log = logging.getLogger("ness")
 
@@ -67,12 +73,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ness.experiment import run_experiment
+    from ness.experiment import resolve_settings, run_experiment
 
     overrides = dict(args.set or [])
+    protocol = get_protocol(args.benchmark, args.preset)
+    for method in args.method:  # fail before any training if a name or a setting is wrong
+        resolve_settings(args.benchmark, method, args.preset, overrides, args.faithful, args.download)
+    seeds = args.seeds or list(protocol.seeds)
     failures = []
     for method in args.method:
-        for seed in args.seeds:
+        for seed in seeds:
             try:
                 r = run_experiment(
                     args.benchmark,
@@ -82,6 +92,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     data_root=args.data_root,
                     out=args.out,
                     overrides=overrides,
+                    faithful=args.faithful,
+                    download=args.download,
                     progress=not args.quiet,
                 )
                 print(
@@ -89,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     f"({r['timings']['total_seconds']:.1f} s)"
                 )
             except (ValueError, TypeError, OSError, FloatingPointError):
-                if len(args.seeds) * len(args.method) == 1:
+                if len(seeds) * len(args.method) == 1:
                     raise
                 failures.append((method, seed))
                 print(
@@ -99,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if failures:
         print(f"{len(failures)} run(s) failed: {failures}; they are not in the results", file=sys.stderr)
         return 1
-    print(report_markdown(load_results(Path(args.out) / args.benchmark)))
+    print(paper_table_markdown(paper_table(load_results(Path(args.out) / args.benchmark))))
     return 0
 
 
@@ -108,11 +120,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no results.json under '{args.dir}'", file=sys.stderr)
         return 1
-    table = report_markdown(runs)
+    rows = paper_table(runs, include_missing=args.missing)
+    table = paper_table_markdown(rows)
     print(table)
     if args.save:
-        write_json_atomic(Path(args.dir) / "report.json", {"table_markdown": table})
-        (Path(args.dir) / "report.md").write_text(table + "\n")
+        folder = Path(args.dir)
+        write_text_atomic(folder / "report.md", table + "\n")
+        write_text_atomic(folder / "report.csv", paper_table_csv(rows))
+        print(f"\nwrote {folder / 'report.md'} and {folder / 'report.csv'}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from ness.plots import plot_results
+
+    written = plot_results(args.dir)
+    for path in written:
+        print(path)
+    print(f"{len(written)} figure files written under '{args.dir}'")
     return 0
 
 
@@ -129,9 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     benchmarks = sorted({b for b, _ in PROTOCOLS})
     run = sub.add_parser("run", help="run methods on a benchmark over seeds; one results.json per run")
     run.add_argument("--benchmark", required=True, choices=benchmarks)
-    run.add_argument("--method", nargs="+", required=True, choices=sorted(METHODS))
-    run.add_argument("--seeds", nargs="+", type=int, default=[1])
+    run.add_argument(
+        "--method",
+        nargs="+",
+        required=True,
+        help="registered methods or the preset's variants, e.g. ness_sam ness_sgdm finetune",
+    )
+    run.add_argument(
+        "--seeds", nargs="+", type=int, default=None, help="default: the preset's (paper: 1 2 3 4 37, quick: 1 2 3)"
+    )
     run.add_argument("--preset", default="quick", choices=PRESET_NAMES)
+    run.add_argument(
+        "--faithful",
+        action="store_true",
+        help="reproduce the official code where it changes results (nuclear threshold, raw-data replay, SAM in "
+        "task 1 only, 5-datasets: only task 0 stored and MNIST in the Fashion-MNIST slot); see docs/faithful.md",
+    )
+    run.add_argument(
+        "--download", action="store_true", help="let torchvision download missing dataset files (needs internet)"
+    )
     run.add_argument("--data-root", default=None, help="folder with the dataset files (default: $NESS_DATA_ROOT)")
     run.add_argument("--out", default="runs", help="results folder (default: runs)")
     run.add_argument(
@@ -144,10 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 
-    report = sub.add_parser("report", help="markdown table of ACC ± std and BWT ± std from a results folder")
+    report = sub.add_parser(
+        "report", help="ACC ± std and BWT ± std per benchmark and variant, beside the NESS paper's table"
+    )
     report.add_argument("dir")
-    report.add_argument("--save", action="store_true", help="also write report.md in DIR")
+    report.add_argument("--save", action="store_true", help="also write report.md and report.csv in DIR")
+    report.add_argument("--missing", action="store_true", help="also list the paper's rows not run yet")
     report.set_defaults(func=cmd_report)
+
+    plot = sub.add_parser("plot", help="figures (PNG and SVG) for every run under DIR, in <run>/figures/")
+    plot.add_argument("dir")
+    plot.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -1,8 +1,9 @@
-"""One run = (benchmark, method, seed, preset): build everything, train, write results.json."""
+"""One run = (benchmark, method variant, seed, preset): build everything, train, write results.json."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import platform
 import time
 from pathlib import Path
@@ -10,32 +11,66 @@ from typing import Any
 
 import torch
 
-from ness.data import build_benchmark
+from ness.data import BENCHMARKS, build_benchmark
 from ness.methods import METHODS, build_method
-from ness.presets import get_protocol
+from ness.presets import Protocol, Variant, faithful_settings, get_protocol
 from ness.results import write_json_atomic
 from ness.trainer import TrainConfig, run_continual, seed_everything
 
 
-def split_overrides(method: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Route `key=value` overrides to the method config, the training config or the data options."""
+def data_options(benchmark: str) -> list[str]:
+    """The options a benchmark's builder accepts (train_per_task, pc_valid, ...)."""
+    params = inspect.signature(BENCHMARKS[benchmark]).parameters
+    return sorted(name for name in params if name not in ("data_root", "seed"))
+
+
+def split_overrides(
+    method: str, benchmark: str, overrides: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Route `key=value` overrides to the method config, the training config or the benchmark's data options."""
     method_fields = {f.name for f in dataclasses.fields(METHODS[method].config_class)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    data_fields = set(data_options(benchmark))
     routed: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] = ({}, {}, {})
     for key, value in overrides.items():
         if key in method_fields:
             routed[0][key] = value
         elif key in train_fields:
             routed[1][key] = value
-        elif key in ("pc_valid", "train_per_task", "num_tasks"):
+        elif key in data_fields:
             routed[2][key] = value
         else:
             raise ValueError(
-                f"unknown option {key!r} for method {method!r}; method options: "
+                f"unknown option {key!r} for method {method!r} on {benchmark}; method options: "
                 f"{sorted(method_fields)}; training options: {sorted(train_fields)}; "
-                "data options: ['num_tasks', 'pc_valid', 'train_per_task']"
+                f"data options: {sorted(data_fields)}"
             )
     return routed
+
+
+def resolve_settings(
+    benchmark: str,
+    method: str,
+    preset: str,
+    overrides: dict[str, Any] | None = None,
+    faithful: bool = False,
+    download: bool = False,
+) -> tuple[Protocol, Variant, TrainConfig, dict[str, Any], dict[str, Any]]:
+    """(protocol, variant, training config, data options, method options) of a run, each layer of settings
+    applied in order preset < variant < --faithful < overrides; every value is validated here, before training."""
+    protocol = get_protocol(benchmark, preset)
+    variant = protocol.variant(method)
+    faithful_over = faithful_settings(protocol) if faithful else {}
+    method_over, train_over, data_over = split_overrides(variant.method, benchmark, overrides or {})
+    train = dataclasses.replace(protocol.train, **{**variant.train, **faithful_over.get("train", {}), **train_over})
+    data = {**protocol.data, **faithful_over.get("data", {}), **data_over}
+    if download:
+        if "download" not in data_options(benchmark):
+            raise ValueError(f"{benchmark} has no download option; its files are read from the data root only")
+        data["download"] = True
+    options = {**variant.options, **faithful_over.get(variant.method, {}), **method_over}
+    METHODS[variant.method].config_class(**options)  # raises on a bad value, naming the field
+    return protocol, variant, train, data, options
 
 
 def run_experiment(
@@ -47,29 +82,39 @@ def run_experiment(
     data_root: str | Path | None = None,
     out: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    faithful: bool = False,
+    download: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run one seed of `method` on `benchmark`; write `out/benchmark/method/seed_N/results.json` if `out`."""
-    protocol = get_protocol(benchmark, preset)
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    method_over, train_over, data_over = split_overrides(method, overrides or {})
-    train = dataclasses.replace(protocol.train, **train_over)
+    """Run one seed of a method or variant (e.g. `ness_sam`) on `benchmark`.
+
+    Writes `out/benchmark/<variant>/seed_N/results.json` (and `spectra.json` when the method reports spectra).
+    `faithful` applies the official code's behaviour where it changes results (presets.FAITHFUL).
+    """
+    settings = resolve_settings(benchmark, method, preset, overrides, faithful, download)
+    protocol, variant, train, data, options = settings
+    faithful_over = faithful_settings(protocol) if faithful else {}
     start = time.perf_counter()
     seed_everything(seed)
-    bench = build_benchmark(benchmark, seed=seed, data_root=data_root, **{**protocol.data, **data_over})
+    bench = build_benchmark(benchmark, seed=seed, data_root=data_root, **data)
     model = protocol.network(bench)
-    runner = build_method(method, model, {**protocol.methods.get(method, {}), **method_over})
+    runner = build_method(variant.method, model, options)
     outcome = run_continual(model, runner, bench, train, seed, progress)
+    spectra = _take_spectra(outcome["diagnostics"])
     results = {
-        "method": method,
+        "method": variant.method,
+        "variant": method,
         "benchmark": benchmark,
         "preset": preset,
+        "faithful": faithful,
         "seed": seed,
         "config": {
             "method": dataclasses.asdict(runner.config),
             "train": dataclasses.asdict(train),
+            "data": data,
             "protocol": protocol.describe(),
+            "variant_sources": variant.sources,
+            "faithful_settings": faithful_over,
             "overrides": overrides or {},
         },
         **outcome,
@@ -80,9 +125,30 @@ def run_experiment(
             "python": platform.python_version(),
             "machine": platform.machine(),
             "device": train.device,
+            "device_name": torch.cuda.get_device_name(train.device) if train.device.startswith("cuda") else "cpu",
             "threads": torch.get_num_threads(),
         },
     }
     if out is not None:
-        write_json_atomic(Path(out) / benchmark / method / f"seed_{seed}" / "results.json", results)
+        folder = Path(out) / benchmark / (f"{method}_faithful" if faithful else method) / f"seed_{seed}"
+        write_json_atomic(folder / "results.json", results)
+        if spectra:
+            write_json_atomic(folder / "spectra.json", {"spectra": spectra})
     return results
+
+
+def _take_spectra(diagnostics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Move each record's full singular spectrum out of the diagnostics (it would swell results.json)."""
+    spectra = []
+    for record in diagnostics:
+        values = record.pop("singular_values", None)
+        if values is not None:
+            spectra.append(
+                {
+                    "task": record["task"],
+                    "layer": record["layer"],
+                    "threshold": record["threshold"],
+                    "singular_values": values,
+                }
+            )
+    return spectra

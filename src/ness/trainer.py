@@ -6,8 +6,9 @@ import copy
 import math
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from ness.data import Benchmark, Split, Task, iterate_batches
 from ness.methods import ContinualMethod
 from ness.metrics import average_accuracy, backward_transfer
 from ness.models import call_model
+from ness.optim import SAM
+
+SAM_TASKS: tuple[str, ...] = ("all", "first")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,13 @@ class TrainConfig:
     lr_min: float = 1e-5
     lr_patience: int = 6
     lr_factor: float = 2.0
+    sam_rho: float = 0.0
+    """SAM radius ρ (0: no SAM). NESS-SAM uses 0.05 (METHODS_SPEC §2.2)."""
+    sam_tasks: Literal["all", "first"] = "all"
+    """Tasks that use SAM: 'all', or 'first' as the official NESS code (its later tasks call only the plain step)."""
+    eval_passes: int = 1
+    """Test passes averaged per accuracy entry. With batch-statistics BatchNorm the accuracy depends on which
+    images share a batch; each pass uses its own seeded test order (TRGP averages 10 passes)."""
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -53,13 +64,16 @@ class TrainConfig:
             "lr_min": self.lr_min >= 0,
             "lr_patience": self.lr_patience >= 1,
             "lr_factor": self.lr_factor > 1,
+            "sam_rho": self.sam_rho >= 0 and math.isfinite(self.sam_rho),
+            "sam_tasks": self.sam_tasks in SAM_TASKS,
+            "eval_passes": isinstance(self.eval_passes, int) and self.eval_passes >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
             raise ValueError(
-                f"TrainConfig: invalid {values} (epochs/batch sizes ≥ 1, lr > 0, momentum in "
-                "[0, 1), weight_decay ≥ 0, lr_patience ≥ 1, lr_factor > 1)"
+                f"TrainConfig: invalid {values} (epochs/batch sizes/eval_passes ≥ 1, lr > 0, momentum in "
+                f"[0, 1), weight_decay ≥ 0, lr_patience ≥ 1, lr_factor > 1, sam_rho ≥ 0, sam_tasks in {SAM_TASKS})"
             )
 
 
@@ -87,20 +101,45 @@ def check_labels(model: nn.Module, t: int, task: Task, device: str) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, t: int, split: Split, task: Task, batch_size: int, device: str) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy in %) of task t's head on `split`, in eval mode."""
+def evaluate(
+    model: nn.Module,
+    t: int,
+    split: Split,
+    task: Task,
+    batch_size: int,
+    device: str,
+    passes: int = 1,
+    order_seed: int | None = None,
+) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy in %) of task t's head on `split` in eval mode, averaged over `passes`.
+
+    Without `order_seed` the split is read in order; with it, pass p reads it in the order of
+    torch.randperm seeded by (order_seed, p), so runs are repeatable yet batches mix as in the official code.
+    """
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
-    for x, y in iterate_batches(split, task.transform, batch_size, device=device):
-        logits = call_model(model, x, t)
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == y).sum())
-        n += y.numel()
+    for p in range(passes):
+        generator = None if order_seed is None else torch.Generator().manual_seed(order_seed * 1_000_003 + p)
+        for x, y in iterate_batches(
+            split, task.transform, batch_size, shuffle=generator is not None, generator=generator, device=device
+        ):
+            logits = call_model(model, x, t)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == y).sum())
+            n += y.numel()
     model.train(was_training)
     if n == 0:
         raise ValueError(f"task {t} ('{task.name}'): cannot evaluate on an empty split")
     return loss_sum / n, 100.0 * correct / n
+
+
+def build_optimizer(params: Iterable[nn.Parameter], config: TrainConfig, t: int) -> torch.optim.Optimizer | SAM:
+    """SGD with the config's momentum and weight decay, wrapped in SAM where the config asks for it in task t."""
+    sgd = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.sam_rho > 0 and (config.sam_tasks == "all" or t == 0):
+        return SAM(sgd, config.sam_rho)
+    return sgd
 
 
 def train_task(
@@ -121,9 +160,8 @@ def train_task(
             "set a validation fraction > 0 or turn the schedule off"
         )
     check_labels(model, t, task, config.device)
-    params = method.trainable_parameters(t)
     lr = config.lr
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(method.trainable_parameters(t), config, t)
     best_loss, best_state, patience = math.inf, None, config.lr_patience
     epochs_run, train_loss = 0, math.nan
     bar = tqdm(range(config.epochs), desc=f"task {t}", leave=False, disable=not progress, unit="ep")
@@ -140,16 +178,22 @@ def train_task(
                 device=config.device,
             )
         ):
-            loss = F.cross_entropy(call_model(model, x, t), y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"task {t}, epoch {epoch}, step {step}: the loss is {loss.item()}; "
-                    f"lower the learning rate (now {lr:g}) or check the inputs"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            method.after_backward(t)
-            optimizer.step()
+
+            def closure(
+                x: torch.Tensor = x, y: torch.Tensor = y, step: int = step, epoch: int = epoch, lr: float = lr
+            ) -> torch.Tensor:
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(call_model(model, x, t), y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"task {t}, epoch {epoch}, step {step}: the loss is {loss.item()}; "
+                        f"lower the learning rate (now {lr:g}) or check the inputs"
+                    )
+                loss.backward()
+                method.after_backward(t)
+                return loss
+
+            loss = optimizer.step(closure)
             total, count = total + loss.item() * y.numel(), count + y.numel()
         epochs_run, train_loss = epoch + 1, total / count
         postfix = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.2g}"}
@@ -205,7 +249,9 @@ def run_continual(
         ended = time.perf_counter()
         for j in range(t + 1):
             prev = benchmark.tasks[j]
-            _, acc_matrix[t][j] = evaluate(model, j, prev.test, prev, config.test_batch_size, config.device)
+            _, acc_matrix[t][j] = evaluate(
+                model, j, prev.test, prev, config.test_batch_size, config.device, config.eval_passes, seed
+            )
         log.update(
             task=t,
             name=task.name,

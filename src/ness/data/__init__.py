@@ -1,4 +1,4 @@
-"""Continual-learning benchmarks (Split Digits, Split MNIST, Permuted MNIST) and the containers they use."""
+"""Continual-learning benchmarks (Split Digits, MNIST, CIFAR-100, 5-datasets, miniImageNet) and their containers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ness.data.cifar import split_cifar100
 from ness.data.digits import split_digits
+
+# Imported under another name: binding `five_datasets` here would hide the submodule of the same name.
+from ness.data.five_datasets import five_datasets as five_datasets_benchmark
+from ness.data.miniimagenet import split_miniimagenet
 from ness.data.mnist import load_mnist, permuted_mnist, read_idx, resolve_data_root, split_mnist
 from ness.data.tasks import Benchmark, DataError, Split, Task, iterate_batches, validation_split
 
@@ -14,6 +19,9 @@ BENCHMARKS: dict[str, Callable[..., Benchmark]] = {
     "split_digits": split_digits,
     "split_mnist": split_mnist,
     "permuted_mnist": permuted_mnist,
+    "split_cifar100": split_cifar100,
+    "five_datasets": five_datasets_benchmark,
+    "split_miniimagenet": split_miniimagenet,
 }
 
 
@@ -33,12 +41,15 @@ __all__ = [
     "Split",
     "Task",
     "build_benchmark",
+    "five_datasets_benchmark",
     "iterate_batches",
     "load_mnist",
     "permuted_mnist",
     "read_idx",
     "resolve_data_root",
+    "split_cifar100",
     "split_digits",
+    "split_miniimagenet",
     "split_mnist",
     "validation_split",
 ]

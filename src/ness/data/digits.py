@@ -47,4 +47,4 @@ def split_digits(seed: int, pc_valid: float = 0.1) -> Benchmark:
         "pc_valid": pc_valid,
         "task_sizes": [{"train": len(k.train), "val": len(k.val), "test": len(k.test)} for k in tasks],
     }
-    return Benchmark("split_digits", tuple(tasks), input_dim=64, shared_head=False, details=details)
+    return Benchmark("split_digits", tuple(tasks), input_shape=(64,), shared_head=False, details=details)

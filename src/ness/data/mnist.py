@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ness.data.tasks import Benchmark, DataError, PixelTransform, Split, Task, subset, validation_split
+from ness.data.tasks import Benchmark, DataError, PixelTransform, Split, Task, subset, train_val_indices
 
 IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049
@@ -96,7 +96,8 @@ def resolve_data_root(data_root: str | Path | None) -> Path:
         if not data_root:
             raise DataError(
                 "no data root given: pass --data-root DIR (data_root=DIR in Python) or set the "
-                "NESS_DATA_ROOT environment variable to the folder that holds mnist/"
+                "NESS_DATA_ROOT environment variable to the folder that holds the datasets "
+                "(mnist/, cifar-100-python/, ...)"
             )
     root = Path(data_root).expanduser()
     if not root.is_dir():
@@ -144,11 +145,19 @@ def load_mnist(root: Path, verify_md5: bool = True) -> tuple[np.ndarray, np.ndar
                 "download, download it again"
             )
         arrays[role] = read_idx(path, spec.magic, spec.md5 if check else None)
+    return check_idx_arrays(arrays, paths, "MNIST")
+
+
+def check_idx_arrays(
+    arrays: dict[str, np.ndarray], paths: dict[str, Path], dataset: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train labels, test images, test labels) of an MNIST-format dataset (MNIST, Fashion-MNIST),
+    keyed by role as in MNIST_FILES, after checking 28x28 images, one label per image and labels 0..9."""
     for part in ("train", "test"):
         images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
         images_path, labels_path = paths[f"{part}_images"], paths[f"{part}_labels"]
         if images.shape[1:] != (28, 28):
-            raise DataError(f"{images_path}: images are {images.shape[1:]}, MNIST images are 28x28; wrong file")
+            raise DataError(f"{images_path}: images are {images.shape[1:]}, {dataset} images are 28x28; wrong file")
         if len(images) != len(labels):
             raise DataError(
                 f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels; "
@@ -158,7 +167,7 @@ def load_mnist(root: Path, verify_md5: bool = True) -> tuple[np.ndarray, np.ndar
         if len(bad):
             raise DataError(
                 f"{labels_path}: {len(bad)} labels out of range 0..9 (first: {labels[bad[0]]} at index "
-                f"{bad[0]}); the file is corrupt or not MNIST labels, download it again"
+                f"{bad[0]}); the file is corrupt or not {dataset} labels, download it again"
             )
     return arrays["train_images"], arrays["train_labels"], arrays["test_images"], arrays["test_labels"]
 
@@ -186,7 +195,7 @@ def split_mnist(
                 f"{root}: MNIST has no {part} images of digits {classes}; "
                 "the label files are incomplete, download them again"
             )
-        train_idx, val_idx = _train_val_indices(pool, pc_valid, seed, train_per_task, name)
+        train_idx, val_idx = train_val_indices(pool, pc_valid, seed, train_per_task, name)
         train = subset(train_x, train_y, train_idx, label_offset=2 * t)
         val = subset(train_x, train_y, val_idx, label_offset=2 * t)
         test = subset(test_x, test_y, test_idx, label_offset=2 * t)
@@ -198,7 +207,7 @@ def split_mnist(
         "train_per_task": train_per_task,
         "task_sizes": [{"train": len(k.train), "val": len(k.val), "test": len(k.test)} for k in tasks],
     }
-    return Benchmark("split_mnist", tuple(tasks), input_dim=784, shared_head=False, details=details)
+    return Benchmark("split_mnist", tuple(tasks), input_shape=(784,), shared_head=False, details=details)
 
 
 def permuted_mnist(
@@ -215,7 +224,7 @@ def permuted_mnist(
         raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
     root = resolve_data_root(data_root)
     train_x, train_y, test_x, test_y = load_mnist(root, verify_md5)
-    train_idx, val_idx = _train_val_indices(np.arange(len(train_y)), pc_valid, seed, train_per_task, "mnist")
+    train_idx, val_idx = train_val_indices(np.arange(len(train_y)), pc_valid, seed, train_per_task, "mnist")
     train = subset(train_x, train_y, train_idx)
     val = subset(train_x, train_y, val_idx)
     test = Split(torch.from_numpy(test_x), torch.from_numpy(test_y.astype(np.int64)))
@@ -240,27 +249,12 @@ def permuted_mnist(
         "permutation_seeds": [[seed, t] for t in range(num_tasks)],
         "task_sizes": {"train": len(train), "val": len(val), "test": len(test)},
     }
-    return Benchmark("permuted_mnist", tasks, input_dim=784, shared_head=True, details=details)
+    return Benchmark("permuted_mnist", tasks, input_shape=(784,), shared_head=True, details=details)
 
 
 def task_permutation(seed: int, task: int) -> torch.Tensor:
     """The fixed pixel permutation of Permuted MNIST task `task`: numpy default_rng([seed, task])."""
     return torch.from_numpy(np.random.default_rng([seed, task]).permutation(784))
-
-
-def _train_val_indices(
-    pool: np.ndarray, pc_valid: float, seed: int, train_per_task: int | None, task_name: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """validation_split over `pool`, then the first `train_per_task` training indices when that is set."""
-    train_pos, val_pos = validation_split(len(pool), pc_valid, seed)
-    if train_per_task is not None:
-        if not 1 <= train_per_task <= len(train_pos):
-            raise ValueError(
-                f"train_per_task={train_per_task} but task {task_name!r} has {len(train_pos)} training "
-                f"images after the validation split; use a value in 1..{len(train_pos)}, or None for all"
-            )
-        train_pos = train_pos[:train_per_task]
-    return pool[train_pos], pool[val_pos]
 
 
 def _source_details(root: Path, verify_md5: bool) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -69,13 +70,20 @@ class Benchmark:
 
     name: str
     tasks: tuple[Task, ...]
-    input_dim: int
+    input_shape: tuple[int, ...]
+    """Shape of one transformed input: (features,) for MLPs, (channels, height, width) for images."""
     shared_head: bool
     details: dict
 
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ValueError(f"benchmark {self.name!r} has no tasks")
+        object.__setattr__(self, "input_shape", tuple(int(n) for n in self.input_shape))
+
+    @property
+    def input_dim(self) -> int:
+        """Number of input features (the product of input_shape)."""
+        return math.prod(self.input_shape)
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -101,6 +109,32 @@ class PixelTransform:
                 "features; the transform was built for inputs of another size"
             )
         return out[:, self.permutation.to(out.device)]
+
+
+@dataclass(frozen=True, eq=False)
+class ImageTransform:
+    """uint8 (B, C, H, W) batch -> float32: x/255, (x − mean_c)/std_c per channel, then repeat the
+    channels `repeat` times (grey images fed to 3-channel networks, as the 5-datasets loader does)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    repeat: int = 1
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError(f"ImageTransform: mean {self.mean} and std {self.std} need one entry per channel")
+        if min(self.std) <= 0:
+            raise ValueError(f"ImageTransform: std must be positive, got {self.std}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != len(self.mean):
+            raise ValueError(
+                f"ImageTransform expects (batch, {len(self.mean)}, height, width) images, got shape {tuple(x.shape)}"
+            )
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        out = (x.to(torch.float32) / 255.0 - mean) / std
+        return out.repeat(1, self.repeat, 1, 1) if self.repeat > 1 else out
 
 
 def iterate_batches(
@@ -135,3 +169,23 @@ def validation_split(n: int, pc_valid: float, seed: int) -> tuple[np.ndarray, np
     perm = sklearn_shuffle(np.arange(n), random_state=seed)
     n_val = int(pc_valid * n)
     return perm[n_val:], perm[:n_val]
+
+
+def keep_first_training(train_pos: np.ndarray, train_per_task: int | None, task_name: str) -> np.ndarray:
+    """The first `train_per_task` training positions (all when None): the quick presets' smaller tasks."""
+    if train_per_task is None:
+        return train_pos
+    if not 1 <= train_per_task <= len(train_pos):
+        raise ValueError(
+            f"train_per_task={train_per_task} but task {task_name!r} has {len(train_pos)} training "
+            f"images after the validation split; use a value in 1..{len(train_pos)}, or None for all"
+        )
+    return train_pos[:train_per_task]
+
+
+def train_val_indices(
+    pool: np.ndarray, pc_valid: float, seed: int, train_per_task: int | None, task_name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """validation_split over `pool`, then the first `train_per_task` training indices when that is set."""
+    train_pos, val_pos = validation_split(len(pool), pc_valid, seed)
+    return pool[keep_first_training(train_pos, train_per_task, task_name)], pool[val_pos]

@@ -29,6 +29,7 @@ from ness.subspace import (
 
 Memory = Literal["covariance", "replay"]
 MEMORIES: tuple[str, ...] = ("covariance", "replay")
+MEMORY_TASKS: tuple[str, ...] = ("all", "first")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class NESSConfig:
     memory: Memory = "covariance"
     """'covariance' keeps only running d×d sums Σxxᵀ (the paper's Eq. 7, no data kept); 'replay' keeps earlier
     tasks' raw inputs and recomputes every covariance through the current model, as the official code does."""
+    memory_tasks: Literal["all", "first"] = "all"
+    """Which finished tasks define the null space: 'all' (the paper), or 'first' as the official 5-datasets
+    scripts, which store only task 0's data (METHODS_SPEC §2.7, a bug kept for --faithful runs)."""
     exclude: tuple[str, ...] = field(default_factory=tuple)
     """Module-name globs (e.g. 'features.0', 'encoder.*') or class names (e.g. 'Conv2d') left unadapted."""
     probe_samples: int = 256
@@ -59,6 +63,8 @@ class NESSConfig:
             raise ValueError(f"NESSConfig.threshold must be one of {THRESHOLD_RULES}, got {self.threshold!r}")
         if self.memory not in MEMORIES:
             raise ValueError(f"NESSConfig.memory must be one of {MEMORIES}, got {self.memory!r}")
+        if self.memory_tasks not in MEMORY_TASKS:
+            raise ValueError(f"NESSConfig.memory_tasks must be one of {MEMORY_TASKS}, got {self.memory_tasks!r}")
         if isinstance(self.exclude, str):
             raise TypeError("NESSConfig.exclude must be a list of patterns, not a single string")
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -131,6 +137,8 @@ class NESS(ContinualMethod):
                 "sigma_max_U": float(basis.kept_singular_values.max()) if basis.rank else 0.0,
                 "sigma_max_all": float(basis.singular_values.max()),
                 "eigh_fallback": basis.fallback,
+                # The whole spectrum, descending: experiment.py moves it to spectra.json for the figures.
+                "singular_values": basis.singular_values.flip(0).tolist(),
             }
             self.records.append(record)
             if basis.rank == 0:  # no direction is quiet enough: the layer does not change in this task
@@ -151,6 +159,8 @@ class NESS(ContinualMethod):
             replace_module(self.model, name, layer.adapter.merged())
         self.active = {}
         where = f"end_task({t})"
+        if self.config.memory_tasks == "first" and t > 0:
+            return
         if self.config.memory == "replay":
             self.replay.append(torch.cat([x.detach().cpu() for x in task_inputs(batches, where)]))
             return

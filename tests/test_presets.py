@@ -1,0 +1,118 @@
+"""Presets against METHODS_SPEC §2.5 (values typed from the table), and how a run's settings are layered."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from ness.experiment import resolve_settings
+from ness.methods import METHODS
+from ness.presets import FAITHFUL, PAPER_SEEDS, PROTOCOLS, get_protocol
+from ness.trainer import TrainConfig
+
+# METHODS_SPEC §2.5, column by column: (lr, ε₁, weight decay, momentum, SAM ρ) per variant; schedule per benchmark.
+SPEC_25 = {
+    ("split_cifar100", "ness_sam"): (0.05, 1e-3, 1e-4, 0.0, 0.05),  # wd: the SAM script crashes; SGDm's 1e-4
+    ("split_cifar100", "ness_sgdm"): (0.005, 1e-3, 1e-4, 0.9, 0.0),
+    ("five_datasets", "ness_sam"): (0.1, 1e-3, 5e-5, 0.0, 0.05),
+    ("five_datasets", "ness_sgdm"): (0.05, 1e-3, 5e-5, 0.9, 0.0),
+    ("split_miniimagenet", "ness_sam"): (0.1, 5e-4, 1e-5, 0.0, 0.05),
+    ("split_miniimagenet", "ness_sgdm"): (0.01, 5e-4, 1e-5, 0.9, 0.0),
+}
+SPEC_SCHEDULE = {  # epochs, (lr_min, patience, factor), pc_valid, batch train/test
+    "split_cifar100": (200, (1e-5, 6, 2), 0.05, (64, 64)),
+    "five_datasets": (200, (1e-3, 5, 3), 0.05, (64, 64)),
+    "split_miniimagenet": (100, (1e-3, 5, 3), 0.02, (64, 64)),
+}
+NETWORK_OF = {"split_cifar100": "alexnet", "five_datasets": "resnet18", "split_miniimagenet": "resnet18"}
+
+
+@pytest.mark.parametrize(("benchmark", "variant"), sorted(SPEC_25))
+def test_paper_preset_matches_spec_table(benchmark, variant):
+    lr, eps1, wd, momentum, rho = SPEC_25[(benchmark, variant)]
+    _, v, train, data, options = resolve_settings(benchmark, variant, "paper")
+    assert (train.lr, train.weight_decay, train.momentum, train.sam_rho) == (lr, wd, momentum, rho)
+    assert options["eps1"] == eps1
+    epochs, (lr_min, patience, factor), pc_valid, (batch, test_batch) = SPEC_SCHEDULE[benchmark]
+    assert (train.epochs, train.lr_min, train.lr_patience, train.lr_factor) == (epochs, lr_min, patience, factor)
+    assert (train.batch_size, train.test_batch_size, data["pc_valid"]) == (batch, test_batch, pc_valid)
+    assert train.lr_schedule and v.method == "ness"
+    protocol = get_protocol(benchmark, "paper")
+    assert protocol.seeds == (1, 2, 3, 4, 37) == PAPER_SEEDS
+    assert protocol.network_name == NETWORK_OF[benchmark]
+    # The corrected default: the paper's Frobenius threshold, no stored data, SAM in every task.
+    assert options["threshold"] == "frobenius" and options["memory"] == "covariance"
+    assert train.sam_tasks == "all"
+
+
+def test_five_datasets_fixed_validation_seed_and_real_fashion_mnist():
+    _, _, _, data, _ = resolve_settings("five_datasets", "ness_sgdm", "paper")
+    assert data["split_seed"] == 1 and data["fashion"] == "real"
+
+
+@pytest.mark.parametrize("benchmark", sorted({b for b, _ in PROTOCOLS}))
+def test_quick_preset_changes_only_epochs_images_and_seeds(benchmark):
+    paper, quick = get_protocol(benchmark, "paper"), get_protocol(benchmark, "quick")
+    assert quick.network_name == paper.network_name and quick.variants == paper.variants
+    assert quick.train.epochs <= paper.train.epochs
+    same = {f.name for f in dataclasses.fields(TrainConfig)} - {"epochs"}
+    assert all(getattr(quick.train, name) == getattr(paper.train, name) for name in same)
+    assert {k: v for k, v in quick.data.items() if k != "train_per_task"} == paper.data
+    assert quick.preset == "quick" and paper.preset == "paper"
+
+
+@pytest.mark.parametrize(("benchmark", "preset"), sorted(PROTOCOLS))
+def test_every_value_has_a_source_and_every_variant_resolves(benchmark, preset):
+    protocol = get_protocol(benchmark, preset)
+    assert {"network", "train"} <= protocol.sources.keys()
+    if preset == "quick" and benchmark != "split_digits":
+        assert "quick" in protocol.sources  # says what was shrunk
+    for name, variant in protocol.variants.items():
+        assert variant.method in METHODS
+        options = resolve_settings(benchmark, name, preset)[4]
+        METHODS[variant.method].config_class(**options)
+        if variant.train:
+            assert variant.sources, f"{benchmark}/{name} changes training settings without naming a source"
+
+
+def test_faithful_applies_the_official_code_settings_and_overrides_win():
+    _, _, train, data, options = resolve_settings("five_datasets", "ness_sam", "paper", faithful=True)
+    assert options["threshold"] == "nuclear" and options["memory"] == "replay" and options["memory_tasks"] == "first"
+    assert train.sam_tasks == "first" and data["fashion"] == "mnist"
+    # The general FAITHFUL table applies everywhere; the 5-datasets extras only there.
+    _, _, train, data, options = resolve_settings("split_cifar100", "ness_sam", "paper", faithful=True)
+    assert options["threshold"] == FAITHFUL["ness"]["threshold"] and "memory_tasks" not in options
+    assert "fashion" not in data
+    # Explicit overrides beat --faithful, which beats the variant, which beats the preset.
+    _, _, train, _, options = resolve_settings(
+        "split_cifar100", "ness_sam", "paper", {"threshold": "frobenius", "lr": 0.2}, faithful=True
+    )
+    assert options["threshold"] == "frobenius" and train.lr == 0.2 and train.sam_tasks == "first"
+
+
+def test_unknown_names_and_bad_values_fail_before_training():
+    with pytest.raises(ValueError, match="unknown method or variant 'nes'"):
+        resolve_settings("split_cifar100", "nes", "paper")
+    with pytest.raises(ValueError, match="unknown option 'epsilon'"):
+        resolve_settings("split_cifar100", "ness_sam", "paper", {"epsilon": 0.1})
+    with pytest.raises(ValueError, match="eps1"):
+        resolve_settings("split_cifar100", "ness_sam", "paper", {"eps1": 2.0})
+    with pytest.raises(ValueError, match="no download option"):
+        resolve_settings("split_mnist", "ness", "quick", download=True)
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_protocol("split_cifar100", "full")
+
+
+@pytest.mark.parametrize(
+    ("benchmark", "input_size", "features"), [("split_cifar100", 32, 2048), ("split_miniimagenet", 84, 1440)]
+)
+def test_protocol_builds_the_papers_network(benchmark, input_size, features):
+    from types import SimpleNamespace
+
+    protocol = get_protocol(benchmark, "quick")
+    tasks = [SimpleNamespace(num_classes=5)] * 3
+    fake = SimpleNamespace(tasks=tasks, input_shape=(3, input_size, input_size), shared_head=False)
+    model = protocol.network(fake)
+    assert len(model.task_heads) == 3
+    assert all(h.in_features == features and h.out_features == 5 for h in model.task_heads)
