@@ -240,6 +240,19 @@ def test_paper_numbers_in_the_right_row_and_delta():
     assert mnist["label"] == "ness" and mnist["paper_acc"] is None and mnist["delta_acc"] is None
 
 
+def test_a_run_on_a_subset_of_the_tasks_is_reported_apart_without_paper_numbers():
+    subset = {**make_run("ness", "ness_sgdm", "five_datasets", "quick", 1, [[90.0, 0.0], [88.0, 92.0]]), "tasks_run": 2}
+    full = {**make_run("ness", "ness_sgdm", "five_datasets", "paper", 1, [[90.0, 0.0], [80.0, 86.0]]), "tasks_run": 5}
+    rows = paper_table([subset, full])
+    part = row_for(rows, "five_datasets (2 of 5 tasks)", "ness_sgdm", "quick")
+    assert part["paper_acc"] is None and part["delta_acc"] is None and part["acc"] == pytest.approx(90.0)
+    whole = row_for(rows, "five_datasets", "ness_sgdm", "paper")
+    assert whole["paper_acc"] == 90.20  # METHODS_SPEC §14, NESS (with SGDm) on 5-datasets
+    text = paper_table_markdown(rows)
+    assert "`five_datasets (2 of 5 tasks)` (a subset of the paper's benchmark)" in text
+    assert "the paper's numbers do not apply" in text
+
+
 def test_markdown_cells_quick_flag_and_single_seed_dash():
     tables = markdown_tables(paper_table_markdown(paper_table(ALL_RUNS)))
     assert list(tables) == ["split_cifar100", "five_datasets", "split_mnist"]

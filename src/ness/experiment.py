@@ -108,6 +108,7 @@ def run_experiment(
         "preset": preset,
         "faithful": faithful,
         "seed": seed,
+        "tasks_run": len(bench),
         "config": {
             "method": dataclasses.asdict(runner.config),
             "train": dataclasses.asdict(train),

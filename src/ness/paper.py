@@ -21,6 +21,8 @@ PAPER_BENCHMARKS: dict[str, str] = {
     "five_datasets": "5-datasets (5 tasks)",
     "split_miniimagenet": "miniImageNet (20 tasks)",
 }
+PAPER_TASKS: dict[str, int] = {"split_cifar100": 10, "five_datasets": 5, "split_miniimagenet": 20}
+"""Tasks per benchmark in the paper: a run with fewer (a subset) is reported apart, never beside the paper."""
 
 # (variant, label as printed without citation and †, †, cells per benchmark in PAPER_BENCHMARKS order:
 # (ACC, BWT) as printed, or None for "–").

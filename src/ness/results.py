@@ -22,6 +22,7 @@ from ness.paper import (
     PAPER_BENCHMARKS,
     PAPER_ENTRIES,
     PAPER_LABELS,
+    PAPER_TASKS,
     PAPER_VARIANTS,
     PAPER_VENUE,
     TABLE_CAPTION,
@@ -134,7 +135,7 @@ def group_runs(runs: list[dict[str, Any]]) -> dict[GroupKey, list[dict[str, Any]
                 f"{where}: variant {variant!r} is also used by method {method_of[variant]!r}; "
                 "a variant name must belong to one method"
             )
-        key = (run["benchmark"], variant, run.get("preset") or "?")
+        key = (_benchmark_key(run), variant, run.get("preset") or "?")
         if any(other["seed"] == run["seed"] for other in groups[key]):
             raise ValueError(
                 f"{where}: seed {run['seed']} appears twice for {key[0]} {variant} preset {key[2]}; "
@@ -142,6 +143,16 @@ def group_runs(runs: list[dict[str, Any]]) -> dict[GroupKey, list[dict[str, Any]
             )
         groups[key].append(run)
     return dict(sorted(groups.items()))
+
+
+def _benchmark_key(run: dict[str, Any]) -> str:
+    """The run's benchmark, or e.g. `five_datasets (1 of 5 tasks)` for a run on a subset of the paper's tasks
+    (`tasks_run`, which `ness run` records; a run without it counts as the whole benchmark)."""
+    benchmark, tasks = run["benchmark"], run.get("tasks_run")
+    full = PAPER_TASKS.get(benchmark)
+    if full is None or not tasks or tasks == full:
+        return benchmark
+    return f"{benchmark} ({tasks} of {full} tasks)"
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -286,7 +297,12 @@ def _pm(mean: float | None, std: float | None) -> str:
 
 def _markdown_block(benchmark: str, rows: list[dict[str, Any]]) -> str:
     in_paper = benchmark in PAPER_BENCHMARKS
-    title = f"{PAPER_BENCHMARKS[benchmark]}: `{benchmark}`" if in_paper else f"`{benchmark}` (not in the NESS paper)"
+    if in_paper:
+        title = f"{PAPER_BENCHMARKS[benchmark]}: `{benchmark}`"
+    elif benchmark.split(" ")[0] in PAPER_BENCHMARKS:
+        title = f"`{benchmark}` (a subset of the paper's benchmark)"
+    else:
+        title = f"`{benchmark}` (not in the NESS paper)"
     lines = [
         f"### {title}",
         "",
@@ -308,6 +324,8 @@ def _markdown_block(benchmark: str, rows: list[dict[str, Any]]) -> str:
         lines.append(f"- Paper: NESS ({PAPER_ARXIV}, {PAPER_VENUE}), in %: {TABLE_CAPTION}.")
         if any(row["paper_dagger"] for row in rows):
             lines.append(f"- {DAGGER_NOTE}.")
+    elif benchmark.split(" ")[0] in PAPER_BENCHMARKS:
+        lines.append("- A subset of the paper's tasks: the paper's numbers do not apply, so none are shown.")
     else:
         lines.append("- The NESS paper reports no numbers on this benchmark.")
     lines.append("- Ours: ACC and BWT (%), mean ± sample std over our seeds; std – with fewer than 2 seeds.")
