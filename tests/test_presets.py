@@ -116,3 +116,47 @@ def test_protocol_builds_the_papers_network(benchmark, input_size, features):
     model = protocol.network(fake)
     assert len(model.task_heads) == 3
     assert all(h.in_features == features and h.out_features == 5 for h in model.task_heads)
+
+
+# METHODS_SPEC §3.2 (GPM) and §4 (SGP), typed from the tables: lr, max epochs, lr_min, ε_th at task 0, its increment,
+# representation samples.
+SPEC_PROJECTION = {
+    ("split_cifar100", "gpm"): (0.01, 200, 1e-5, 0.97, 0.003, 125),
+    ("split_cifar100", "sgp"): (0.05, 200, 5e-5, 0.97, 0.003, 125),
+    ("five_datasets", "gpm"): (0.1, 100, 1e-3, 0.965, 0.0, 100),
+    ("five_datasets", "sgp"): (0.1, 200, 1e-3, 0.97, 0.003, 100),
+    ("split_miniimagenet", "gpm"): (0.1, 100, 1e-3, 0.965, 0.003, 100),
+    ("split_miniimagenet", "sgp"): (0.1, 100, 1e-3, 0.97, 0.003, 100),
+}
+
+
+@pytest.mark.parametrize(("benchmark", "variant"), sorted(SPEC_PROJECTION))
+def test_projection_presets_match_spec(benchmark, variant):
+    lr, epochs, lr_min, threshold, increment, samples = SPEC_PROJECTION[(benchmark, variant)]
+    _, v, train, _, options = resolve_settings(benchmark, variant, "paper")
+    assert v.method == variant and (train.lr, train.epochs, train.lr_min) == (lr, epochs, lr_min)
+    assert (train.momentum, train.weight_decay, train.sam_rho) == (0.0, 0.0, 0.0)  # plain SGD (§1.4)
+    assert (options["threshold"], options["threshold_increment"], options["samples"]) == (threshold, increment, samples)
+    assert len(options["layer_samples"]) == (5 if benchmark == "split_cifar100" else 20)
+    if variant == "sgp":
+        assert options["scale_coefficient"] == 10.0
+    # quick caps every variant's epochs, whatever the variant asks for
+    assert resolve_settings(benchmark, variant, "quick")[2].epochs == get_protocol(benchmark, "quick").epoch_cap
+
+
+def test_resnet_layer_samples_follow_the_official_17_list_with_shortcuts():
+    # §1.6: b of the 17 3×3 convs; a shortcut (after positions 6, 10, 14) takes its block conv1's b (5, 9, 13).
+    b17 = (10, 10, 10, 10, 10, 10, 10, 10, 50, 50, 50, 100, 100, 100, 100, 100, 100)
+    expanded = []
+    for position, b in enumerate(b17):
+        expanded.append(b)
+        if position in (6, 10, 14):
+            expanded.append(b17[position - 1])
+    options = resolve_settings("five_datasets", "gpm", "paper")[4]
+    assert tuple(expanded) == options["layer_samples"]
+
+
+def test_gpm_mnist_memory_is_gpms_permuted_mnist_setting():
+    options = resolve_settings("permuted_mnist", "gpm", "paper")[4]
+    assert options["samples"] == 300 and options["layer_thresholds"] == (0.95, 0.99, 0.99)
+    assert options["threshold_increment"] == 0.0

@@ -62,7 +62,10 @@ def resolve_settings(
     variant = protocol.variant(method)
     faithful_over = faithful_settings(protocol) if faithful else {}
     method_over, train_over, data_over = split_overrides(variant.method, benchmark, overrides or {})
-    train = dataclasses.replace(protocol.train, **{**variant.train, **faithful_over.get("train", {}), **train_over})
+    train = dataclasses.replace(protocol.train, **{**variant.train, **faithful_over.get("train", {})})
+    if protocol.epoch_cap is not None:  # a quick preset caps every variant's epochs
+        train = dataclasses.replace(train, epochs=min(train.epochs, protocol.epoch_cap))
+    train = dataclasses.replace(train, **train_over)
     data = {**protocol.data, **faithful_over.get("data", {}), **data_over}
     if download:
         if "download" not in data_options(benchmark):

@@ -368,7 +368,7 @@ def _run_figures(path: Path) -> dict[str, Figure]:
     run = _read_json(path)
     try:
         figures = {"accuracy_matrix": accuracy_matrix_figure(run), "forgetting": forgetting_figure(run)}
-        if run.get("diagnostics"):
+        if run.get("diagnostics") and all("rank" in row for row in run["diagnostics"]):  # NESS's null bases
             figures["null_rank"] = rank_figure(run)
         name = _run_name(run)
     except ValueError as err:

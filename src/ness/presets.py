@@ -47,6 +47,8 @@ class Protocol:
     hidden: tuple[int, ...] = ()
     """MLP widths (network_name 'mlp' only)."""
     seeds: tuple[int, ...] = QUICK_SEEDS
+    epoch_cap: int | None = None
+    """`quick` presets: the most epochs any variant runs (applied after the variant's own epochs)."""
     faithful: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Extra `--faithful` settings of this benchmark: keys 'data', 'train' or a method name (added to FAITHFUL)."""
     sources: dict[str, str] = field(default_factory=dict)
@@ -143,12 +145,19 @@ _DIGITS = Protocol(
 )
 
 
-def _mnist_variants(eps1: float) -> dict[str, Variant]:
+def _mnist_variants(eps1: float, gpm_thresholds: tuple[float, ...], where: str) -> dict[str, Variant]:
     ness_options = {"eps1": eps1, "threshold": "frobenius"}
-    return {
+    variants = {
         name: replace(v, options={**ness_options, **v.options}) if v.method == "ness" else v
         for name, v in _MNIST_VARIANTS.items()
     }
+    memory = {"samples": 300, "layer_thresholds": gpm_thresholds, "threshold_increment": 0.0}
+    source = f"GPM's Permuted MNIST memory (§1.2, §3): 300 samples, constant thresholds {gpm_thresholds} ({where})"
+    variants["gpm"] = Variant("gpm", memory, sources={"options": source})
+    variants["sgp"] = Variant(
+        "sgp", {**memory, "scale_coefficient": 10.0}, sources={"options": source + "; SGP α 10 (§4, CIFAR value)"}
+    )
+    return variants
 
 
 _SPLIT_MNIST = Protocol(
@@ -158,7 +167,7 @@ _SPLIT_MNIST = Protocol(
     hidden=(100, 100),
     train=TrainConfig(epochs=5, lr=0.01, batch_size=10, test_batch_size=64, lr_schedule=False),
     data={"pc_valid": 0.1},
-    variants=_mnist_variants(0.1),
+    variants=_mnist_variants(0.1, (0.95, 0.99), "ours: its two hidden layers; GPM has no Split MNIST script"),
     seeds=PAPER_SEEDS,
     sources={
         "network": "GPM Permuted MNIST MLP (METHODS_SPEC §1.2), with one 2-way head per task",
@@ -174,7 +183,7 @@ _PERMUTED_MNIST = Protocol(
     hidden=(100, 100),
     train=TrainConfig(epochs=5, lr=0.01, batch_size=10, test_batch_size=64, lr_schedule=False),
     data={"pc_valid": 0.1, "num_tasks": 10},
-    variants=_mnist_variants(0.03),
+    variants=_mnist_variants(0.03, (0.95, 0.99, 0.99), "the three layers, shared output included"),
     seeds=PAPER_SEEDS,
     sources={
         "network": "GPM (METHODS_SPEC §1.2): 784-100-100-10 MLP, no biases, one output shared by all tasks",
@@ -226,6 +235,24 @@ def _ness_variants(
     }
 
 
+# GPM's per-layer representation samples b (§1.6): AlexNet's 5 layers, and ResNet-18's 17 3×3 convs expanded to our
+# 20 layers in registration order (each 1×1 shortcut takes the b of its block's first conv).
+_ALEXNET_LAYER_SAMPLES = (24, 100, 100, 125, 125)
+_RESNET_LAYER_SAMPLES = (10,) * 9 + (50,) * 4 + (100,) * 7
+
+
+def _projection_variants(
+    gpm: dict[str, Any], gpm_train: dict[str, Any], sgp: dict[str, Any], sgp_train: dict[str, Any], where: str
+) -> dict[str, Variant]:
+    """GPM and SGP (plain SGD, no momentum or weight decay) with their scripts' settings on one benchmark."""
+    return {
+        "gpm": Variant("gpm", gpm, gpm_train, {"all": f"GPM's script for {where} (METHODS_SPEC §3.2, §12)"}),
+        "sgp": Variant(
+            "sgp", {**sgp, "scale_coefficient": 10.0}, sgp_train, {"all": f"SGP's script for {where} (§4, §12)"}
+        ),
+    }
+
+
 _CIFAR100 = Protocol(
     benchmark="split_cifar100",
     preset="paper",
@@ -233,7 +260,16 @@ _CIFAR100 = Protocol(
     train=TrainConfig(epochs=200, lr=0.01, batch_size=64, test_batch_size=64, lr_min=1e-5, lr_patience=6, lr_factor=2),
     data={"pc_valid": 0.05},
     # NESS-SAM's CIFAR script has no --weight_decay argument and crashes (§2.7 item 1): we use the SGDm script's 1e-4.
-    variants=_ness_variants(1e-3, (0.05, 1e-4), (0.005, 1e-4), 0.01, "CIFAR-100"),
+    variants={
+        **_ness_variants(1e-3, (0.05, 1e-4), (0.005, 1e-4), 0.01, "CIFAR-100"),
+        **_projection_variants(
+            {"threshold": 0.97, "threshold_increment": 0.003, "samples": 125, "layer_samples": _ALEXNET_LAYER_SAMPLES},
+            {"lr": 0.01},
+            {"threshold": 0.97, "threshold_increment": 0.003, "samples": 125, "layer_samples": _ALEXNET_LAYER_SAMPLES},
+            {"lr": 0.05, "lr_min": 5e-5},
+            "CIFAR-100",
+        ),
+    },
     seeds=PAPER_SEEDS,
     sources={
         "network": "5-layer AlexNet of §1.3 (no biases, batch-statistics BatchNorm, dropout 0.2/0.5)",
@@ -250,7 +286,16 @@ _FIVE_DATASETS = Protocol(
     network_name="resnet18",
     train=TrainConfig(epochs=200, lr=0.1, batch_size=64, test_batch_size=64, lr_min=1e-3, lr_patience=5, lr_factor=3),
     data={"pc_valid": 0.05, "split_seed": 1, "fashion": "real"},
-    variants=_ness_variants(1e-3, (0.1, 5e-5), (0.05, 5e-5), 0.1, "5-datasets"),
+    variants={
+        **_ness_variants(1e-3, (0.1, 5e-5), (0.05, 5e-5), 0.1, "5-datasets"),
+        **_projection_variants(
+            {"threshold": 0.965, "threshold_increment": 0.0, "samples": 100, "layer_samples": _RESNET_LAYER_SAMPLES},
+            {"lr": 0.1, "epochs": 100},
+            {"threshold": 0.97, "threshold_increment": 0.003, "samples": 100, "layer_samples": _RESNET_LAYER_SAMPLES},
+            {"lr": 0.1, "epochs": 200},
+            "5-datasets",
+        ),
+    },
     seeds=PAPER_SEEDS,
     faithful={"data": {"fashion": "mnist"}, "ness": {"memory_tasks": "first"}},
     sources={
@@ -268,7 +313,16 @@ _MINIIMAGENET = Protocol(
     network_name="resnet18",
     train=TrainConfig(epochs=100, lr=0.1, batch_size=64, test_batch_size=64, lr_min=1e-3, lr_patience=5, lr_factor=3),
     data={"pc_valid": 0.02},
-    variants=_ness_variants(5e-4, (0.1, 1e-5), (0.01, 1e-5), 0.1, "miniImageNet"),
+    variants={
+        **_ness_variants(5e-4, (0.1, 1e-5), (0.01, 1e-5), 0.1, "miniImageNet"),
+        **_projection_variants(
+            {"threshold": 0.965, "threshold_increment": 0.003, "samples": 100, "layer_samples": _RESNET_LAYER_SAMPLES},
+            {"lr": 0.1, "epochs": 100},
+            {"threshold": 0.97, "threshold_increment": 0.003, "samples": 100, "layer_samples": _RESNET_LAYER_SAMPLES},
+            {"lr": 0.1, "epochs": 100},
+            "miniImageNet (NESS's baseline copies, with the correct 84×84 geometry)",
+        ),
+    },
     seeds=PAPER_SEEDS,
     sources={
         "network": "reduced ResNet-18, nf 20, stride-2 stem for 84×84, 1,440 head features (§1.3)",
@@ -286,6 +340,7 @@ def _quick(protocol: Protocol, epochs: int, train_per_task: int | None, why: str
         protocol,
         preset="quick",
         train=replace(protocol.train, epochs=epochs),
+        epoch_cap=epochs,
         data=data,
         seeds=QUICK_SEEDS,
         sources={**protocol.sources, "quick": why},

@@ -23,7 +23,8 @@ class UnsupportedLayerError(TypeError):
 
 
 def check_supported(name: str, module: nn.Module) -> None:
-    """Raise a clear error when `module` cannot be adapted as W + ΔW with ΔW = (U V)ᵀ."""
+    """Raise a clear error when `module` is not a layer whose input subspace we can model (NESS's adapters,
+    the projection methods' bases): an initialised nn.Linear, or an nn.Conv2d with groups=1."""
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         raise UnsupportedLayerError(
             f"layer '{name}' ({type(module).__name__}) is not initialised yet: run one forward pass "
@@ -32,11 +33,11 @@ def check_supported(name: str, module: nn.Module) -> None:
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         raise UnsupportedLayerError(
             f"layer '{name}' is a Conv2d with groups={module.groups}: each group sees its own input "
-            f"subspace, which NESS does not model. Exclude it with exclude=['{name}']."
+            f"subspace, which the subspace methods do not model. Exclude it with exclude=['{name}']."
         )
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         raise UnsupportedLayerError(
-            f"layer '{name}' is a {type(module).__name__}; NESS adapts nn.Linear and nn.Conv2d only."
+            f"layer '{name}' is a {type(module).__name__}; the subspace methods handle nn.Linear and nn.Conv2d only."
         )
 
 
@@ -170,3 +171,130 @@ def null_basis(covariance: Tensor, eps1: float, rule: ThresholdRule = "frobenius
     tau = null_threshold(sigma, eps1, rule)
     rank = int((sigma <= tau).sum())  # σ ascending, so the kept directions are the first `rank`
     return NullBasis(spectrum.eigenvectors[:, :rank], sigma, tau, spectrum.fallback)
+
+
+# -- gradient projection memory: GPM (Saha et al., ICLR 2021) and SGP (Saha & Roy, AAAI 2023), METHODS_SPEC §3–§4 ---
+# GPM's representation R (d×n, one column per layer-input row) is never formed: R Rᵀ is `input_covariance` of the
+# rows, its eigenvalues are the squared singular values s_i² of R, and its eigenvectors R's left singular vectors.
+
+
+def energy_rank(energies: Tensor, threshold: float, total: float | None = None) -> int:
+    """How many directions GPM keeps, given their `energies` (s_i², descending) and ε_th.
+
+    First task (`total` None): r = #{k : Σ_{i≤k} s_i² / Σ_i s_i² < ε_th}, the longest prefix whose cumulative energy
+    stays *below* ε_th (one fewer than reaching it; the official code has the `+1` commented out).
+    Later tasks (`total` = ‖R‖²_F, `energies` = the residual's ŝ_i²): the captured fraction starts at
+    (‖R‖²_F − Σ ŝ_i²)/‖R‖²_F and, while it is below ε_th, the next ŝ_i²/‖R‖²_F is added and r grows, so here r
+    *includes* the direction that reaches ε_th. Both rules are the official loops, float64 and in the same order.
+    """
+    e = energies.detach().to("cpu", torch.float64)
+    if total is None:
+        total_energy = float(e.sum())
+        if total_energy <= 0:  # the layer saw only zeros: nothing to protect
+            return 0
+        return int((torch.cumsum(e / total_energy, 0) < threshold).sum())
+    if total <= 0:
+        return 0
+    captured = (total - float(e.sum())) / total
+    r = 0
+    for fraction in (e / total).tolist():
+        if captured >= threshold:
+            break
+        captured += fraction
+        r += 1
+    return r
+
+
+def residual_covariance(covariance: Tensor, basis: Tensor) -> Tensor:
+    """(I − MMᵀ) C (I − MMᵀ): the covariance R̂R̂ᵀ of GPM's residual R̂ = R − MMᵀR (Eq. 8) when C = RRᵀ."""
+    m = basis.to(covariance)
+    q = torch.eye(covariance.shape[0], dtype=covariance.dtype, device=covariance.device) - m @ m.T
+    return q @ covariance @ q
+
+
+def captured_energy(covariance: Tensor, basis: Tensor) -> float:
+    """‖MᵀR‖²_F / ‖R‖²_F = tr(MᵀCM)/tr(C): the fraction of the representation's energy inside span(M) (NaN if none)."""
+    total = float(torch.trace(covariance))
+    if total <= 0:
+        return math.nan
+    m = basis.to(covariance)
+    return float(torch.trace(m.T @ covariance @ m)) / total
+
+
+@dataclass(frozen=True)
+class MemoryUpdate:
+    """One layer's GPM memory after a task: M grown by the task's most energetic new directions."""
+
+    basis: Tensor  # M, (d, k) orthonormal columns, float64: the old columns first, then the added ones
+    added: int  # r, the number of columns appended by this update
+    captured_before: float  # fraction of the task's ‖R‖²_F already inside the old span(M) (0 at the first task)
+    captured: float  # the same fraction for the grown M
+
+
+def grow_basis(basis: Tensor | None, covariance: Tensor, threshold: float, name: str = "layer") -> MemoryUpdate:
+    """GPM's memory update of one layer (METHODS_SPEC §3.1) from the task's representation covariance C = RRᵀ.
+
+    `basis` None is the first task: M = U_{:, :r}, r by `energy_rank`'s first-task rule. Otherwise the top r
+    eigenvectors of the residual covariance (the left singular vectors Û of R̂) are appended, r by the later-task
+    rule, and M is cut to d columns as in the official code. Directions whose energy is round-off (≤ d·eps·‖R‖²_F)
+    are never kept: the official loop appends them when ε_th ≥ 1, which the +0.003-per-task schedule reaches on
+    20 tasks, and they make M's columns non-orthonormal (MMᵀ then no longer projects).
+    """
+    d = covariance.shape[0]
+    cov = covariance.to(torch.float64)
+    total = float(torch.trace(cov))
+    spectrum = covariance_spectrum(cov if basis is None else residual_covariance(cov, basis), name)
+    energies = spectrum.eigenvalues.flip(0)  # s_i² (or ŝ_i²), descending
+    directions = spectrum.eigenvectors.flip(1)
+    significant = int((energies > d * torch.finfo(torch.float64).eps * total).sum())
+    r = energy_rank(energies[:significant], threshold, None if basis is None else total)
+    new = directions[:, :r]
+    if basis is None:
+        return MemoryUpdate(new, r, 0.0, captured_energy(cov, new))
+    old = basis.to(new)
+    grown = torch.cat([old, new], dim=1)[:, :d]
+    return MemoryUpdate(grown, grown.shape[1] - old.shape[1], captured_energy(cov, old), captured_energy(cov, grown))
+
+
+def projection_matrix(basis: Tensor, importance: Tensor | None = None) -> Tensor:
+    """P = M diag(λ) Mᵀ (d×d); λ = 1 gives GPM's orthogonal projector MMᵀ, λ ∈ [0, 1] SGP's scaled one."""
+    if importance is None:
+        return basis @ basis.T
+    return (basis * importance.to(basis)) @ basis.T
+
+
+def project_gradient(grad: Tensor, projector: Tensor) -> Tensor:
+    """G − G·P for a gradient viewed as (o, d): removes (GPM) or scales down (SGP) its component in span(M)."""
+    return grad - grad @ projector
+
+
+def projected_norms(basis: Tensor, covariance: Tensor) -> Tensor:
+    """‖Rᵀm_j‖ = sqrt(m_jᵀ C m_j) for each column m_j of M: how much of the representation lies along it.
+
+    For an old column this is SGP's importance of the new task on it, Σ_k (m_jᵀu_{c,k})² s_{c,k}² with (U_c, S_c) the
+    SVD of MMᵀR, since that sum is m_jᵀ(MMᵀR)(MMᵀR)ᵀm_j = m_jᵀCm_j. For an added column (an eigenvector of the
+    residual covariance, orthogonal to the old M) it is its singular value ŝ_j.
+    """
+    m = basis.to(covariance)
+    return ((covariance @ m) * m).sum(dim=0).clamp(min=0.0).sqrt()
+
+
+def importance_map(x: Tensor, alpha: float) -> Tensor:
+    """SGP's f(x) = (α+1)·x / (α·x + max x), elementwise with max over the whole vector; f(max x) = 1.
+
+    An all-zero x (a layer whose inputs were all zero) maps to zeros instead of the official code's 0/0.
+    """
+    if x.numel() == 0 or float(x.max()) <= 0:
+        return torch.zeros_like(x)
+    return (alpha + 1) * x / (alpha * x + x.max())
+
+
+def sgp_importance(previous: Tensor | None, norms: Tensor, alpha: float) -> Tensor:
+    """SGP's importance update (METHODS_SPEC §4): λ = f(x) for x = [a; ŝ], then λ_j ← clip(λ_j + λ_old_j, 0, 1) for
+    the k old columns. `norms` = `projected_norms` of the grown M (k old columns first), `previous` = λ_old (k,),
+    None at the first task (λ = f(s)). No added column is the official `r == 0` branch (x = a)."""
+    importance = importance_map(norms, alpha)
+    if previous is not None:
+        k = previous.numel()
+        importance[:k] = (importance[:k] + previous.to(importance)).clamp(0.0, 1.0)
+    return importance

@@ -8,11 +8,15 @@ from torch import nn
 
 from ness.methods.base import ContinualMethod, TaskOrderError, adaptable_layers
 from ness.methods.finetune import FineTune, FineTuneConfig
+from ness.methods.gpm import GPM, GPMConfig
 from ness.methods.ness import NESS, NESSConfig
+from ness.methods.sgp import SGP, SGPConfig
 
 METHODS: dict[str, type[ContinualMethod]] = {
     "ness": NESS,
     "finetune": FineTune,
+    "gpm": GPM,
+    "sgp": SGP,
 }
 
 
@@ -25,12 +29,16 @@ def build_method(name: str, model: nn.Module, options: dict[str, Any] | None = N
 
 
 __all__ = [
+    "GPM",
     "METHODS",
     "NESS",
+    "SGP",
     "ContinualMethod",
     "FineTune",
     "FineTuneConfig",
+    "GPMConfig",
     "NESSConfig",
+    "SGPConfig",
     "TaskOrderError",
     "adaptable_layers",
     "build_method",

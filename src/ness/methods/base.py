@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -42,6 +43,31 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+@contextmanager
+def watch_layer_inputs(
+    model: nn.Module, names: Iterable[str], receive: Callable[[str, nn.Module, Tensor], None]
+) -> Iterator[None]:
+    """Inside the block the model is in eval mode and each named layer hands its input to `receive(name, layer, x)`
+    just before it runs; on exit the hooks are removed and the mode restored, even after an error.
+
+    One forward pass then gives every layer's input, as the statistics passes of the subspace methods need.
+    """
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda layer, args, name=name: receive(name, layer, args[0])
+        )
+        for name in names
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
 
 
 def task_inputs(batches: Iterable[Any], where: str) -> Iterator[Tensor]:

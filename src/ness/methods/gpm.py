@@ -1,0 +1,275 @@
+"""GPM: Gradient Projection Memory (Saha, Garg & Roy, ICLR 2021), METHODS_SPEC §3.
+
+After each task, every projected layer ℓ keeps M_ℓ (d×k, orthonormal columns): the directions that carry ε_th of
+the energy of its representation R_ℓ (the layer inputs of a few random training samples), grown task by task.
+In later tasks each weight gradient G (viewed o×d) becomes G − G·M Mᵀ, so for an earlier input x in span(M) the
+update leaves W x unchanged. Task 0 trains the whole network; afterwards only the projected weights and the current
+head train (BatchNorm and biases stay as task 0 left them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ness.methods.base import ContinualMethod, Forward, adaptable_layers, task_inputs, watch_layer_inputs
+from ness.models import call_model, head_parameters
+from ness.subspace import (
+    MemoryUpdate,
+    check_supported,
+    grow_basis,
+    input_covariance,
+    layer_input_rows,
+    project_gradient,
+    projection_matrix,
+)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@dataclass(frozen=True)
+class GPMConfig:
+    """GPM settings; defaults are the official CIFAR-100 script's (METHODS_SPEC §3.2)."""
+
+    threshold: float = 0.97
+    """ε_th at task 0, in (0, 1]: the fraction of each layer's representation energy that M must capture."""
+    threshold_increment: float = 0.003
+    """Added to ε_th per finished task (ε_th = threshold + increment·t); 0 keeps it constant. The schedule may pass
+    1 on long sequences (0.97 + 0.003·t from t = 10): M then takes every direction that carries energy."""
+    layer_thresholds: tuple[float, ...] | None = None
+    """Per-layer task-0 thresholds in (0, 1], one per projected layer in registration order, replacing `threshold`
+    (GPM's Permuted MNIST: 0.95, 0.99, 0.99 with threshold_increment 0); the increment still applies."""
+    samples: int = 125
+    """Random training samples of the task whose layer inputs form the representations (one forward pass)."""
+    layer_samples: tuple[int, ...] | None = None
+    """Per projected layer, how many of those samples its representation uses (the first b_ℓ, each ≤ samples);
+    the official AlexNet uses (24, 100, 100, 125, 125). None: all of them."""
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+    """Module-name globs or class names neither projected nor trained after task 0."""
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if not _is_number(self.threshold) or not 0 < self.threshold <= 1:
+            raise ValueError(
+                f"{name}.threshold must be a number in (0, 1], got {self.threshold!r}: it is the fraction of "
+                "the representation energy kept (the papers use 0.95–0.99)"
+            )
+        if not _is_number(self.threshold_increment) or self.threshold_increment < 0:
+            raise ValueError(
+                f"{name}.threshold_increment must be a finite number ≥ 0, got {self.threshold_increment!r} "
+                "(0.003 in the official CIFAR-100 script, 0 for a constant threshold)"
+            )
+        for field_name in ("layer_thresholds", "layer_samples", "exclude"):
+            value = getattr(self, field_name)
+            if isinstance(value, str):
+                raise TypeError(f"{name}.{field_name} must be a sequence, not the single string {value!r}")
+            if value is not None:
+                object.__setattr__(self, field_name, tuple(value))
+        if self.layer_thresholds is not None:
+            bad = [v for v in self.layer_thresholds if not _is_number(v) or not 0 < v <= 1]
+            if bad or not self.layer_thresholds:
+                raise ValueError(
+                    f"{name}.layer_thresholds must be a non-empty list of numbers in (0, 1], one per projected "
+                    f"layer, got {self.layer_thresholds!r}"
+                )
+        if not _is_count(self.samples):
+            raise ValueError(f"{name}.samples must be an integer ≥ 1, got {self.samples!r} (GPM uses 100–300)")
+        if self.layer_samples is not None:
+            bad = [b for b in self.layer_samples if not _is_count(b) or b > self.samples]
+            if bad or not self.layer_samples:
+                raise ValueError(
+                    f"{name}.layer_samples must be a non-empty list of integers in 1..samples={self.samples}, one "
+                    f"per projected layer, got {self.layer_samples!r} (raise `samples` or lower the entries {bad})"
+                )
+
+
+def draw_samples(inputs: Iterable[Tensor], k: int, generator: torch.Generator) -> Tensor:
+    """k examples drawn uniformly without replacement from a stream of input batches, in random order.
+
+    Each example gets a uniform random key and the k largest keys win, sorted by key, so every prefix of the
+    result is itself a uniform sample (layer_samples takes prefixes). Only k examples are held at any time.
+    """
+    pool: Tensor | None = None
+    pool_keys = torch.empty(0)
+    for x in inputs:
+        keys = torch.rand(x.shape[0], generator=generator)
+        candidates = x if pool is None else torch.cat([pool, x])
+        candidate_keys = torch.cat([pool_keys, keys])
+        top = candidate_keys.topk(min(k, candidate_keys.numel())).indices  # sorted, largest key first
+        pool, pool_keys = candidates[top.to(candidates.device)], candidate_keys[top]
+    if pool is None:
+        raise ValueError("draw_samples: the input stream was empty")
+    return pool
+
+
+class GPM(ContinualMethod):
+    """GPM on any model made of nn.Linear / nn.Conv2d layers (declared task heads are never projected).
+
+    Where it differs from the official scripts: R comes from the layer's own im2col (its real stride and padding, so
+    the 84×84 ResNet geometry is right by construction, §3.3) and is used through RRᵀ in float64 instead of an SVD
+    of R (same subspace and energies); zero-energy directions never join M (see `grow_basis`). Biases of projected
+    layers (the papers' nets have none) are frozen after task 0, like BatchNorm; running statistics, where a model
+    tracks them, still update in train mode (the papers' nets use batch statistics). Weight decay would shrink W
+    inside span(M) too: the GPM protocol uses none.
+    """
+
+    name = "gpm"
+    config_class = GPMConfig
+
+    def __init__(self, model: nn.Module, config: GPMConfig | None = None, forward: Forward = call_model) -> None:
+        super().__init__(model, config, forward)
+        layers = adaptable_layers(model, self.config.exclude)
+        for layer_name, module in layers.items():
+            check_supported(layer_name, module)
+        if not layers:
+            raise ValueError(f"{type(self).__name__} found no nn.Linear or nn.Conv2d layer to project")
+        self.layer_names = list(layers)
+        for field_name in ("layer_thresholds", "layer_samples"):
+            values = getattr(self.config, field_name)
+            if values is not None and len(values) != len(layers):
+                raise ValueError(
+                    f"{type(self.config).__name__}.{field_name} has {len(values)} entries but the model has "
+                    f"{len(layers)} projected layers ({', '.join(self.layer_names)}): give one per layer, in this order"
+                )
+        self.bases: dict[str, Tensor] = {}  # M_ℓ after the finished tasks, float64
+        self.records: list[dict[str, Any]] = []
+        self._projectors: dict[str, Tensor] = {}  # P_ℓ of the open task, in the weight's dtype and device
+        # Seeded from torch's global generator, so the samples follow the run seed (official: seeded np.random).
+        self._generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+
+    def threshold(self, t: int, layer: int) -> float:
+        """ε_th of the layer-th projected layer when task t ends: its task-0 value plus the increment per task."""
+        base = self.config.threshold if self.config.layer_thresholds is None else self.config.layer_thresholds[layer]
+        return base + self.config.threshold_increment * t
+
+    # -- hooks -----------------------------------------------------------------------------------------
+    def on_begin_task(self, t: int) -> None:
+        self._projectors = self._build_projectors() if t > 0 else {}
+
+    def task_parameters(self, t: int) -> list[nn.Parameter]:
+        if t == 0:
+            return super().task_parameters(t)
+        own_head, _ = head_parameters(self.model, t)
+        return [self.model.get_submodule(name).weight for name in self.layer_names] + own_head
+
+    def after_backward(self, t: int) -> None:
+        for name, projector in self._projectors.items():
+            grad = self.model.get_submodule(name).weight.grad
+            if grad is not None:
+                grad.copy_(project_gradient(grad.reshape(grad.shape[0], -1), projector).view_as(grad))
+
+    def on_end_task(self, t: int, batches: Iterable[Any]) -> None:
+        x = draw_samples(task_inputs(batches, f"end_task({t})"), self.config.samples, self._generator)
+        covariances, rows = self._representations(x, t)
+        for i, name in enumerate(self.layer_names):
+            if name not in covariances:
+                raise RuntimeError(f"end_task({t}): layer '{name}' received no input in the forward pass")
+            threshold = self.threshold(t, i)
+            update = self.update_memory(name, covariances[name], threshold)
+            self.records.append(
+                {
+                    "task": t,
+                    "layer": name,
+                    "d": covariances[name].shape[0],
+                    "threshold": threshold,
+                    "samples": min(self._samples_of(i), x.shape[0]),
+                    "rows": rows[name],
+                    "basis_size": update.basis.shape[1],
+                    "added": update.added,
+                    "energy_before": update.captured_before,
+                    "energy_captured": update.captured,
+                    **self.memory_record(name),
+                }
+            )
+
+    def diagnostics(self) -> list[dict[str, Any]]:
+        """Per (task, layer): d, ε_th, samples and rows of R, the basis size k after the update, the columns added,
+        and the fraction of the task's representation energy inside span(M) before and after it."""
+        return [dict(r) for r in self.records]
+
+    # -- what SGP overrides ----------------------------------------------------------------------------
+    def update_memory(self, name: str, covariance: Tensor, threshold: float) -> MemoryUpdate:
+        """Grow M_ℓ with the task's representation covariance RRᵀ."""
+        update = grow_basis(self.bases.get(name), covariance, threshold, name)
+        self.bases[name] = update.basis
+        return update
+
+    def projector(self, name: str) -> Tensor:
+        """P_ℓ = M Mᵀ, removed from the layer's gradient rows."""
+        return projection_matrix(self.bases[name])
+
+    def memory_record(self, name: str) -> dict[str, Any]:
+        """Extra diagnostics of the layer's memory after an update."""
+        return {}
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _samples_of(self, layer: int) -> int:
+        return self.config.samples if self.config.layer_samples is None else self.config.layer_samples[layer]
+
+    @torch.no_grad()
+    def _representations(self, x: Tensor, t: int) -> tuple[dict[str, Tensor], dict[str, int]]:
+        """One eval-mode forward pass of the samples as one batch (BatchNorm sees them together, as in the official
+        code): per layer, RRᵀ over the layer-input rows of its first b_ℓ samples, and the number of rows n."""
+        counts = {name: self._samples_of(i) for i, name in enumerate(self.layer_names)}
+        covariances: dict[str, Tensor] = {}
+        rows: dict[str, int] = {}
+
+        def receive(name: str, layer: nn.Module, inputs: Tensor) -> None:
+            r = layer_input_rows(layer, inputs[: counts[name]])  # (n, d): the columns of R_ℓ
+            covariances[name] = covariances[name] + input_covariance(r) if name in covariances else input_covariance(r)
+            rows[name] = rows.get(name, 0) + r.shape[0]
+
+        device = next(self.model.parameters()).device
+        with watch_layer_inputs(self.model, self.layer_names, receive):
+            self.forward(self.model, x.to(device), t)
+        return covariances, rows
+
+    def _build_projectors(self) -> dict[str, Tensor]:
+        projectors = {}
+        for name in self.layer_names:
+            if self.bases[name].shape[1] == 0:  # nothing to protect: the gradient passes unchanged
+                continue
+            weight = self.model.get_submodule(name).weight
+            projectors[name] = self.projector(name).to(weight.device, weight.dtype)
+        return projectors
+
+    # -- saving ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            config=asdict(self.config),
+            records=[dict(r) for r in self.records],
+            generator=self._generator.get_state(),
+            memory=self.memory_state(),
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("method") == self.name and state.get("config") != asdict(self.config):
+            raise ValueError(
+                f"saved {type(self.config).__name__} {state.get('config')} differs from this one {asdict(self.config)}"
+            )
+        super().load_state_dict(state)
+        self.records = [dict(r) for r in state["records"]]
+        self._generator.set_state(state["generator"])
+        self.load_memory_state(state["memory"])
+        self._projectors = self._build_projectors() if self.active_task else {}
+
+    def memory_state(self) -> dict[str, Any]:
+        """The per-layer memory as CPU tensors."""
+        return {"bases": {name: m.to("cpu", copy=True) for name, m in self.bases.items()}}
+
+    def load_memory_state(self, memory: dict[str, Any]) -> None:
+        device = next(self.model.parameters()).device
+        self.bases = {name: m.to(device) for name, m in memory["bases"].items()}

@@ -1,0 +1,714 @@
+"""Tests of GPM and SGP: the subspace functions against explicit representation matrices R and their SVDs (the
+official scripts' route), and the methods against the tests' own hooks, im2col loops and reference updates."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ness.data import Benchmark, Split, Task
+from ness.methods import FineTune, TaskOrderError
+from ness.methods.gpm import GPM, GPMConfig, draw_samples
+from ness.methods.sgp import SGP, SGPConfig
+from ness.models import MultiHeadNet, call_model, multi_head_mlp, shared_head_mlp
+from ness.subspace import (
+    UnsupportedLayerError,
+    energy_rank,
+    grow_basis,
+    importance_map,
+    project_gradient,
+    projected_norms,
+    projection_matrix,
+    residual_covariance,
+    sgp_importance,
+)
+from ness.trainer import TrainConfig, run_continual
+
+# ---------------------------------------------------------------------------------------------------------
+# reference implementations: the official algorithms on explicit matrices
+# ---------------------------------------------------------------------------------------------------------
+
+
+def f_ref(x, alpha):
+    """SGP's importance map, written out."""
+    return (alpha + 1) * x / (alpha * x + x.max())
+
+
+def svd(r):
+    u, s, _ = torch.linalg.svd(r, full_matrices=False)
+    return u, s
+
+
+def reference_update(basis, importance, r_mat, eps, alpha=None):
+    """The official update_GPM (alpha None) or update_SGP on an explicit R (d × n): SVDs of R, MMᵀR and R̂."""
+    d = r_mat.shape[0]
+    u, s = svd(r_mat)
+    total = float((s**2).sum())
+    if basis is None:
+        ratios = [float(v) ** 2 / total for v in s]
+        r, acc = 0, 0.0
+        for ratio in ratios:  # np.sum(np.cumsum(ratio) < eps)
+            acc += ratio
+            r += acc < eps
+        new_basis = u[:, :r]
+        return new_basis, None if alpha is None else f_ref(s[:r], alpha)
+    k = basis.shape[1]
+    proj = basis @ basis.T @ r_mat
+    uc, sc = svd(proj)
+    along = torch.sqrt(((basis.T @ uc[:, :k]) ** 2) @ sc[:k] ** 2)
+    u_hat, s_hat = svd(r_mat - proj)
+    acc = (total - float((s_hat**2).sum())) / total
+    r = 0
+    for v in s_hat.tolist():
+        if acc < eps:
+            acc += v * v / total
+            r += 1
+        else:
+            break
+    new_basis = torch.cat([basis, u_hat[:, :r]], dim=1)[:, :d]
+    if alpha is None:
+        return new_basis, None
+    lam = f_ref(torch.cat([along, s_hat[:r]]), alpha)
+    lam[:k] = (lam[:k] + importance).clamp(0, 1)
+    return new_basis, lam[: new_basis.shape[1]]
+
+
+def spectrum_matrix(d, n, singular_values, seed):
+    """R = U diag(s) Vᵀ with random orthonormal U (d×d) and V (n×len(s))."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, len(singular_values), generator=g, dtype=torch.float64))
+    return u[:, : len(singular_values)] @ torch.diag(torch.tensor(singular_values, dtype=torch.float64)) @ v.T
+
+
+def proj(m):
+    return m @ m.T
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pure functions
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("eps", "expected"), [(0.5, 0), (0.75, 1), (0.76, 2), (1.0, 3), (1.01, 4)])
+def test_energy_rank_first_task_keeps_the_prefix_below_the_threshold(eps, expected):
+    # energy fractions 1/2, 1/4, 1/8, 1/8: cumulative 0.5, 0.75, 0.875, 1 (exact in binary)
+    assert energy_rank(torch.tensor([4.0, 2.0, 1.0, 1.0]), eps) == expected
+
+
+@pytest.mark.parametrize(("eps", "expected"), [(0.5, 0), (0.75, 1), (0.76, 2), (0.875, 2), (0.9, 3), (1.5, 3)])
+def test_energy_rank_later_task_counts_the_direction_that_reaches_the_threshold(eps, expected):
+    # ‖R‖² = 8, residual energies 2, 1, 1: half is already captured, then 0.75, 0.875, 1
+    assert energy_rank(torch.tensor([2.0, 1.0, 1.0]), eps, total=8.0) == expected
+
+
+def test_energy_rank_matches_the_official_loops_on_random_spectra():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        e = torch.rand(20, generator=g, dtype=torch.float64).pow(4).sort(descending=True).values
+        eps = float(torch.rand((), generator=g, dtype=torch.float64)) * 0.5 + 0.5
+        fractions = (e / e.sum()).tolist()
+        first = sum(1 for k in range(len(fractions)) if sum(fractions[: k + 1]) < eps)
+        assert energy_rank(e, eps) == first
+        total = float(e.sum()) * 1.7  # 1/1.7 of the energy is new
+        acc, later = (total - float(e.sum())) / total, 0
+        while later < len(e) and acc < eps:
+            acc += float(e[later]) / total
+            later += 1
+        assert energy_rank(e, eps, total=total) == later
+    assert energy_rank(torch.zeros(4), 0.9) == 0
+    assert energy_rank(torch.zeros(4), 0.9, total=0.0) == 0
+
+
+def test_residual_covariance_is_the_covariance_of_the_explicit_residual():
+    r_mat = spectrum_matrix(8, 20, [5, 3, 2, 1, 0.5, 0.2], seed=1)
+    m, _ = torch.linalg.qr(torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+    residual = r_mat - m @ m.T @ r_mat
+    torch.testing.assert_close(residual_covariance(r_mat @ r_mat.T, m), residual @ residual.T)
+
+
+@pytest.mark.parametrize("eps", [0.5, 0.9, 0.97, 0.999])
+def test_grow_basis_first_task_matches_the_svd_of_r(eps):
+    r_mat = spectrum_matrix(10, 40, [6, 4, 3, 2, 1.5, 1, 0.5, 0.3, 0.1, 0.05], seed=3)
+    update = grow_basis(None, r_mat @ r_mat.T, eps)
+    expected, _ = reference_update(None, None, r_mat, eps)
+    assert update.added == expected.shape[1] == update.basis.shape[1]
+    torch.testing.assert_close(proj(update.basis), proj(expected), atol=1e-9, rtol=0)
+    captured = float((r_mat.T @ expected).pow(2).sum() / r_mat.pow(2).sum())
+    assert update.captured_before == 0.0
+    assert math.isclose(update.captured, captured, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("eps", [0.6, 0.9, 0.97])
+def test_grow_basis_later_task_matches_the_svd_of_the_residual(eps):
+    r0 = spectrum_matrix(10, 40, [6, 4, 3, 0.1], seed=4)
+    r1 = spectrum_matrix(10, 40, [5, 3, 2, 1, 0.5, 0.2], seed=5)
+    old = grow_basis(None, r0 @ r0.T, 0.99).basis
+    update = grow_basis(old, r1 @ r1.T, eps)
+    expected, _ = reference_update(old, None, r1, eps)
+    assert update.basis.shape == expected.shape
+    assert update.added == expected.shape[1] - old.shape[1] > 0
+    torch.testing.assert_close(update.basis[:, : old.shape[1]], old)  # old columns kept, in place
+    torch.testing.assert_close(proj(update.basis), proj(expected), atol=1e-9, rtol=0)
+    before = float((r1.T @ old).pow(2).sum() / r1.pow(2).sum())
+    assert math.isclose(update.captured_before, before, rel_tol=1e-9)
+    assert update.captured >= eps - 1e-12
+
+
+def test_grow_basis_keeps_only_directions_with_energy_and_stays_orthonormal():
+    """ε_th > 1 (the +0.003 schedule after ~11 tasks): every direction with energy joins M, none without."""
+    r0 = spectrum_matrix(8, 30, [3, 2, 1], seed=6)
+    first = grow_basis(None, r0 @ r0.T, 1.2)
+    assert first.added == 3
+    r1 = spectrum_matrix(8, 30, [3, 2], seed=7)  # a generic 2-D subspace: 2 new directions
+    second = grow_basis(first.basis, r1 @ r1.T, 1.2)
+    assert second.added == 2
+    m = second.basis
+    torch.testing.assert_close(m.T @ m, torch.eye(5, dtype=torch.float64), atol=1e-10, rtol=0)
+    assert math.isclose(second.captured, 1.0, rel_tol=1e-9)
+    r2 = spectrum_matrix(8, 30, [1.0] * 8, seed=8)  # full rank: M fills R^d
+    third = grow_basis(second.basis, r2 @ r2.T, 1.2)
+    assert third.basis.shape == (8, 8) and third.added == 3
+    again = grow_basis(third.basis, r2 @ r2.T, 1.2)
+    assert again.added == 0 and again.basis.shape == (8, 8)
+
+
+def test_projection_removes_exactly_the_span_or_scales_it():
+    g = torch.Generator().manual_seed(9)
+    m, _ = torch.linalg.qr(torch.randn(10, 4, generator=g, dtype=torch.float64))
+    grad = torch.randn(5, 10, generator=g, dtype=torch.float64)
+    projected = project_gradient(grad, projection_matrix(m))
+    torch.testing.assert_close(projected @ m, torch.zeros(5, 4, dtype=torch.float64), atol=1e-12, rtol=0)
+    orthogonal = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    orthogonal = orthogonal - m @ (m.T @ orthogonal)
+    torch.testing.assert_close(projected @ orthogonal, grad @ orthogonal)
+    lam = torch.tensor([1.0, 0.5, 0.25, 0.0], dtype=torch.float64)
+    scaled = project_gradient(grad, projection_matrix(m, lam))
+    torch.testing.assert_close(scaled @ m, (grad @ m) * (1 - lam))  # G'm_j = (1 − λ_j) G m_j
+    torch.testing.assert_close(scaled @ orthogonal, grad @ orthogonal)
+
+
+def test_importance_map_hand_values():
+    torch.testing.assert_close(importance_map(torch.tensor([3.0, 2.0]), 10.0), torch.tensor([1.0, 22 / 23]))
+    torch.testing.assert_close(
+        importance_map(torch.tensor([0.5, 0.05, 1.0]), 1.0), torch.tensor([1 / 1.5, 0.1 / 1.05, 1.0])
+    )
+    torch.testing.assert_close(importance_map(torch.tensor([2.0, 1.0]), 0.0), torch.tensor([1.0, 0.5]))
+    torch.testing.assert_close(importance_map(torch.zeros(3), 10.0), torch.zeros(3))
+
+
+def test_sgp_importances_on_a_hand_computed_3x3_example():
+    """R = diag(...) keeps every basis vector on an axis, so each step can be done by hand (α = 1, ε_th = 0.999)."""
+
+    def step(basis, lam, diagonal):
+        r_mat = torch.diag(torch.tensor(diagonal, dtype=torch.float64))
+        cov = r_mat @ r_mat.T
+        update = grow_basis(basis, cov, 0.999)
+        new_lam = sgp_importance(lam, projected_norms(update.basis, cov), 1.0)
+        return update, new_lam
+
+    # Task 0: s = (3, 0.3, 0.1), energy fractions 9/9.1, 9.09/9.1, 1 → r = 2; λ = f(3, 0.3) = (1, 0.6/3.3).
+    t0, lam = step(None, None, [3.0, 0.3, 0.1])
+    assert t0.added == 2
+    torch.testing.assert_close(t0.basis.abs(), torch.eye(3, dtype=torch.float64)[:, :2])
+    torch.testing.assert_close(lam, torch.tensor([1.0, 2 / 11], dtype=torch.float64))
+    # Task 1 inside span(M): r = 0; a = (0.4, 0.1), f(a) = (1, 0.2/0.5); λ = clip(f(a) + λ) = (1, 2/11 + 2/5).
+    t1, lam = step(t0.basis, lam, [0.4, 0.1, 0.0])
+    assert t1.added == 0
+    torch.testing.assert_close(lam, torch.tensor([1.0, 2 / 11 + 2 / 5], dtype=torch.float64))
+    # Task 2: a = (0.5, 0.05), ŝ = (1); captured 0.2525/1.2525 < ε_th, one direction added.
+    # f(0.5, 0.05, 1) = (1/1.5, 0.1/1.05, 1); the old two add to λ and clip: (1, 32/55 + 2/21), the new keeps 1.
+    t2, lam = step(t1.basis, lam, [0.5, 0.05, 1.0])
+    assert t2.added == 1
+    torch.testing.assert_close(t2.basis.abs(), torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(lam, torch.tensor([1.0, 32 / 55 + 2 / 21, 1.0], dtype=torch.float64))
+
+
+def test_projected_norms_match_sgp_svd_formula_and_the_residual_singular_values():
+    r0 = spectrum_matrix(9, 30, [4, 3, 2, 1], seed=10)
+    r1 = spectrum_matrix(9, 30, [5, 3, 2, 1, 0.5], seed=11)
+    old = grow_basis(None, r0 @ r0.T, 0.99).basis
+    grown = grow_basis(old, r1 @ r1.T, 0.95).basis
+    norms = projected_norms(grown, r1 @ r1.T)
+    k = old.shape[1]
+    p = old @ old.T @ r1
+    uc, sc = svd(p)
+    along = torch.sqrt(((old.T @ uc[:, :k]) ** 2) @ sc[:k] ** 2)  # SGP's importance_new_on_old
+    torch.testing.assert_close(norms[:k], along, atol=1e-10, rtol=1e-8)
+    _, s_hat = svd(r1 - p)
+    torch.testing.assert_close(norms[k:], s_hat[: grown.shape[1] - k], atol=1e-10, rtol=1e-8)
+
+
+def test_draw_samples_is_uniform_and_so_are_its_prefixes():
+    data = torch.arange(10.0)[:, None]
+    stream = [data[:4], data[4:7], data[7:]]
+    g = torch.Generator().manual_seed(0)
+    draws = 4000
+    counts, firsts = torch.zeros(10), torch.zeros(10)
+    for _ in range(draws):
+        sample = draw_samples(stream, 4, g)[:, 0].long()
+        assert sample.unique().numel() == 4
+        counts[sample] += 1
+        firsts[sample[0]] += 1
+    assert (counts / draws - 0.4).abs().max() < 0.04
+    assert (firsts / draws - 0.1).abs().max() < 0.03
+    assert draw_samples(stream, 50, g).shape == (10, 1)  # fewer examples than asked: all of them
+
+
+# ---------------------------------------------------------------------------------------------------------
+# models, data and the tests' own view of the layers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def mlp_model(seed, heads=(3, 3, 3)):
+    torch.manual_seed(seed)
+    return multi_head_mlp(12, [24, 20], heads)
+
+
+def conv_model(seed, heads=(3, 3, 3)):
+    """Conv2d (stride 2, padding 1) on 2×6×6 inputs → ReLU → Linear."""
+    torch.manual_seed(seed)
+    backbone = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(36, 16, bias=False)
+    )
+    return MultiHeadNet(backbone, 16, heads)
+
+
+def bn_model(seed, heads=(3, 3, 3)):
+    """Conv → BatchNorm → ReLU → Linear with a bias → ReLU."""
+    torch.manual_seed(seed)
+    backbone = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(36, 16),
+        nn.ReLU(),
+    )
+    return MultiHeadNet(backbone, 16, heads)
+
+
+def linear_model(seed, heads=(3, 3)):
+    """No nonlinearity: low-rank task inputs stay low-rank in every layer."""
+    torch.manual_seed(seed)
+    return MultiHeadNet(nn.Sequential(nn.Linear(12, 24, bias=False), nn.Linear(24, 16, bias=False)), 16, heads)
+
+
+MODELS = {"mlp": mlp_model, "conv": conv_model, "bn": bn_model}
+
+
+def task_data(kind, task, n=32, seed=0):
+    """Inputs concentrated on a few directions (decaying spectra), task-dependent."""
+    g = torch.Generator().manual_seed(100 * seed + task)
+    shape = (2, 6, 6) if kind in ("conv", "bn") else (12,)
+    dim = math.prod(shape)
+    mix = torch.randn(6, dim, generator=g) * torch.tensor([3.0, 2.0, 1.5, 1.0, 0.5, 0.3])[:, None]
+    x = torch.randn(n, 6, generator=g) @ mix + 0.05 * torch.randn(n, dim, generator=g)
+    return x.reshape(n, *shape), torch.randint(0, 3, (n,), generator=g)
+
+
+def batches(x, y, size=10):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
+
+
+def train(method, model, t, x, y, steps=5, lr=0.1):
+    optimizer = torch.optim.SGD(method.trainable_parameters(t), lr=lr)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(call_model(model, x, t), y).backward()
+        method.after_backward(t)
+        optimizer.step()
+
+
+@torch.no_grad()
+def layer_inputs(model, names, x, t):
+    """Each named layer's input in one eval-mode forward pass of x (the tests' own hooks)."""
+    seen = {}
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].clone()))
+        for n in names
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        call_model(model, x, t)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return seen
+
+
+def representation(layer, inputs):
+    """GPM's R (d × n): one column per input (Linear) or per (sample, output position) patch (Conv2d)."""
+    x = inputs.double()
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1]).T
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    padded = F.pad(x, (pw, pw, ph, ph))
+    columns = []
+    for b in range(x.shape[0]):
+        for i in range(0, padded.shape[2] - kh + 1, sh):
+            for j in range(0, padded.shape[3] - kw + 1, sw):
+                columns.append(padded[b, :, i : i + kh, j : j + kw].reshape(-1))
+    return torch.stack(columns, dim=1)
+
+
+def representations(model, names, x, t, counts=None):
+    inputs = layer_inputs(model, names, x, t)
+    return {
+        n: representation(model.get_submodule(n), inputs[n][: None if counts is None else counts[n]]) for n in names
+    }
+
+
+def records(method, task):
+    return {r["layer"]: r for r in method.diagnostics() if r["task"] == task}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the methods
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv", "bn"])
+@pytest.mark.parametrize("sgp", [False, True])
+def test_memory_follows_the_official_updates_over_three_tasks(kind, sgp):
+    """All samples drawn (samples ≥ N), so R is the whole task; thresholds per layer plus a 0.01 increment."""
+    model = MODELS[kind](0)
+    options = {"samples": 1000, "layer_thresholds": (0.9, 0.95), "threshold_increment": 0.01}
+    method = SGP(model, SGPConfig(scale_coefficient=2.0, **options)) if sgp else GPM(model, GPMConfig(**options))
+    names = method.layer_names
+    expected = {n: (None, None) for n in names}
+    for t in range(3):
+        x, y = task_data(kind, t)
+        method.begin_task(t)
+        train(method, model, t, x, y)
+        r_mats = representations(model, names, x, t)
+        method.end_task(t, batches(x, y))
+        rec = records(method, t)
+        for i, n in enumerate(names):
+            eps = (0.9, 0.95)[i] + 0.01 * t
+            basis, lam = reference_update(*expected[n], r_mats[n], eps, 2.0 if sgp else None)
+            expected[n] = (basis, lam)
+            assert rec[n]["threshold"] == pytest.approx(eps)
+            assert rec[n]["basis_size"] == basis.shape[1] == method.bases[n].shape[1], (t, n)
+            assert rec[n]["d"] == r_mats[n].shape[0] and rec[n]["rows"] == r_mats[n].shape[1]
+            torch.testing.assert_close(proj(method.bases[n]), proj(basis), atol=1e-6, rtol=0)
+            captured = float((r_mats[n].T @ basis).pow(2).sum() / r_mats[n].pow(2).sum())
+            assert rec[n]["energy_captured"] == pytest.approx(captured, rel=1e-6)
+            if sgp:
+                torch.testing.assert_close(method.importances[n], lam, atol=1e-6, rtol=0)
+    grew = [records(method, 2)[n]["added"] for n in names]
+    assert any(a > 0 for a in grew), "the test must exercise a later-task update that adds directions"
+
+
+def test_layer_samples_take_the_first_samples_of_one_random_draw():
+    model = mlp_model(0)
+    method = GPM(model, GPMConfig(samples=12, layer_samples=(5, 12), threshold=0.9))
+    names = method.layer_names
+    x, y = task_data("mlp", 0)
+    method.begin_task(0)
+    train(method, model, 0, x, y)
+    generator = torch.Generator()
+    generator.set_state(method.state_dict()["generator"])
+    drawn = draw_samples((b[0] for b in batches(x, y)), 12, generator)
+    assert drawn.shape[0] == 12 and not torch.equal(drawn, x[:12])
+    # The layers' inputs come from one forward pass over all 12 samples; layer ℓ keeps its first b_ℓ.
+    r_mats = representations(model, names, drawn, 0, counts=dict(zip(names, (5, 12), strict=True)))
+    method.end_task(0, batches(x, y))
+    rec = records(method, 0)
+    for n, b in zip(names, (5, 12), strict=True):
+        assert r_mats[n].shape[1] == b and rec[n]["samples"] == b and rec[n]["rows"] == b
+        basis, _ = reference_update(None, None, r_mats[n], 0.9)
+        assert method.bases[n].shape[1] == basis.shape[1]
+        torch.testing.assert_close(proj(method.bases[n]), proj(basis), atol=1e-6, rtol=0)
+
+
+def test_samples_follow_the_torch_seed_at_construction():
+    x, y = task_data("mlp", 0)
+    bases = []
+    for seed in (1, 1, 2):
+        model = mlp_model(0)
+        torch.manual_seed(seed)
+        method = GPM(model, GPMConfig(samples=8, threshold=0.9))
+        method.begin_task(0)
+        method.end_task(0, batches(x, y))
+        bases.append(proj(method.bases["backbone.0"]))
+    torch.testing.assert_close(bases[0], bases[1])
+    assert (bases[0] - bases[2]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv", "bn"])
+def test_updates_leave_outputs_on_the_span_unchanged(kind):
+    """W_new x = W_old x for every x in span(M), after many large SGD steps on a new task."""
+    model = MODELS[kind](0)
+    method = GPM(model, GPMConfig(samples=1000, threshold=0.9))
+    x0, y0 = task_data(kind, 0)
+    method.begin_task(0)
+    train(method, model, 0, x0, y0)
+    method.end_task(0, batches(x0, y0))
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in method.layer_names}
+    method.begin_task(1)
+    x1, y1 = task_data(kind, 1)
+    train(method, model, 1, x1, y1, steps=30, lr=0.2)
+    g = torch.Generator().manual_seed(0)
+    for n in method.layer_names:
+        w_old = before[n].double().reshape(before[n].shape[0], -1)
+        w_new = model.get_submodule(n).weight.detach().double().reshape(w_old.shape)
+        m = method.bases[n]
+        assert 0 < m.shape[1] < m.shape[0], n
+        inside = m @ torch.randn(m.shape[1], 50, generator=g, dtype=torch.float64)
+        assert (w_new - w_old).norm() > 0.1, f"{n}: the new task must move the weights"
+        torch.testing.assert_close(w_new @ inside, w_old @ inside, atol=1e-5 * float(inside.norm()), rtol=0)
+
+
+def test_complete_span_keeps_the_old_task_outputs():
+    """Task-0 inputs of rank 3 (plus 1e-6 noise) in a linear net: with ε_th = 1 every direction carrying more than
+    round-off joins M, so task 1 cannot change task 0's outputs; without the projection it does."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(40, 3, generator=g) @ torch.randn(3, 12, generator=g) + 1e-6 * torch.randn(40, 12, generator=g)
+    y0 = torch.randint(0, 3, (40,), generator=g)
+    x1, y1 = 2 * torch.randn(40, 12, generator=g), torch.randint(0, 3, (40,), generator=g)
+    changes = {}
+    for project in (True, False):
+        model = linear_model(0)
+        method = GPM(model, GPMConfig(samples=1000, threshold=1.0, threshold_increment=0.0))
+        method.begin_task(0)
+        train(method, model, 0, x0, y0)
+        method.end_task(0, batches(x0, y0))
+        old = call_model(model, x0, 0).detach()
+        method.begin_task(1)
+        if not project:
+            method.after_backward = lambda t: None
+        train(method, model, 1, x1, y1, steps=30, lr=0.5)
+        changes[project] = float((call_model(model, x0, 0).detach() - old).abs().max())
+    assert changes[True] < 1e-4 and changes[False] > 0.1, changes
+
+
+@pytest.mark.parametrize("sgp", [False, True])
+def test_layer_gradients_are_projected_and_the_head_gradient_is_not(sgp):
+    model = mlp_model(0)
+    method = SGP(model, SGPConfig(samples=1000)) if sgp else GPM(model, GPMConfig(samples=1000))
+    x0, y0 = task_data("mlp", 0)
+    method.begin_task(0)
+    train(method, model, 0, x0, y0)
+    method.end_task(0, batches(x0, y0))
+    method.begin_task(1)
+    method.trainable_parameters(1)
+    x1, y1 = task_data("mlp", 1)
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(call_model(model, x1, 1), y1).backward()
+    raw = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert set(raw) == {"backbone.0.weight", "backbone.2.weight", "task_heads.1.weight"}
+    method.after_backward(1)
+    for n in method.layer_names:
+        g = raw[f"{n}.weight"].double()
+        m = method.bases[n]
+        lam = method.importances[n] if sgp else torch.ones(m.shape[1], dtype=torch.float64)
+        if sgp:
+            assert (lam < 1 - 1e-3).any(), "SGP must scale some direction only partly"
+        expected = g - ((g @ m) * lam) @ m.T
+        torch.testing.assert_close(model.get_submodule(n).weight.grad.double(), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(model.task_heads[1].weight.grad, raw["task_heads.1.weight"], atol=0, rtol=0)
+
+
+def test_task0_trains_everything_later_tasks_only_layer_weights_and_the_current_head():
+    """After task 0: BatchNorm, the projected layer's bias and the excluded conv are frozen, old heads too."""
+    model = bn_model(0)
+    method = GPM(model, GPMConfig(samples=1000, exclude=("Conv2d",)))
+    assert method.layer_names == ["backbone.4"]
+    x0, y0 = task_data("bn", 0)
+    method.begin_task(0)
+    first = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(method, model, 0, x0, y0)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, first[n])}
+    assert moved == {n for n, _ in model.named_parameters()} - {f"task_heads.{i}.weight" for i in (1, 2)}
+    method.end_task(0, batches(x0, y0))
+    assert "backbone.0" not in method.bases
+
+    method.begin_task(1)
+    params = method.trainable_parameters(1)
+    names = {n for n, p in model.named_parameters() if any(p is q for q in params)}
+    assert names == {"backbone.4.weight", "task_heads.1.weight"}
+    assert all(p.requires_grad == (n in names) for n, p in model.named_parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x1, y1 = task_data("bn", 1)
+    train(method, model, 1, x1, y1, steps=5, lr=0.5)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == names
+
+
+def test_shared_output_layer_is_projected():
+    """Permuted MNIST's net: no declared heads, the output layer is a projected layer like the others."""
+    torch.manual_seed(0)
+    model = shared_head_mlp(12, [24, 20], 3)
+    method = GPM(model, GPMConfig(samples=1000, layer_thresholds=(0.95, 0.99, 0.99), threshold_increment=0.0))
+    assert method.layer_names == ["0", "2", "4"]
+    x0, y0 = task_data("mlp", 0)
+    method.begin_task(0)
+    train(method, model, 0, x0, y0)
+    method.end_task(0, batches(x0, y0))
+    assert method.bases["4"].shape[1] > 0
+    method.begin_task(1)
+    assert [id(p) for p in method.trainable_parameters(1)] == [id(model[i].weight) for i in (0, 2, 4)]
+    assert [r["threshold"] for r in method.diagnostics()] == [0.95, 0.99, 0.99]
+
+
+@pytest.mark.parametrize("sgp", [False, True])
+def test_save_load_roundtrip_continues_identically(tmp_path, sgp):
+    def build(seed):
+        model = conv_model(0)
+        torch.manual_seed(seed)  # the sample generator is seeded from here: the loaded state must override it
+        config = SGPConfig(samples=16) if sgp else GPMConfig(samples=16)
+        return model, (SGP if sgp else GPM)(model, config)
+
+    model, method = build(0)
+    x0, y0 = task_data("conv", 0)
+    x1, y1 = task_data("conv", 1)
+    method.begin_task(0)
+    train(method, model, 0, x0, y0)
+    method.end_task(0, batches(x0, y0))
+    method.begin_task(1)
+    train(method, model, 1, x1, y1, steps=2)
+    torch.save(method.state_dict(), tmp_path / "state.pt")
+    twin_model, twin = build(1)
+    twin.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
+
+    for m, meth in ((model, method), (twin_model, twin)):
+        train(meth, m, 1, x1, y1, steps=3, lr=0.5)  # projected steps need the rebuilt projectors
+        meth.end_task(1, batches(x1, y1))  # the draw needs the restored generator
+        meth.begin_task(2)
+        x2, y2 = task_data("conv", 2)
+        train(meth, m, 2, x2, y2, steps=2)
+    for (n, p), p2 in zip(model.named_parameters(), twin_model.parameters(), strict=True):
+        torch.testing.assert_close(p, p2, atol=0, rtol=0, msg=n)
+    for n in method.layer_names:
+        torch.testing.assert_close(method.bases[n], twin.bases[n], atol=0, rtol=0)
+        if sgp:
+            torch.testing.assert_close(method.importances[n], twin.importances[n], atol=0, rtol=0)
+    assert method.diagnostics() == twin.diagnostics()
+
+
+def test_load_state_dict_refuses_another_config_or_method():
+    model = mlp_model(0)
+    state = GPM(model, GPMConfig(samples=10)).state_dict()
+    with pytest.raises(ValueError, match="differs"):
+        GPM(mlp_model(0), GPMConfig(samples=11)).load_state_dict(state)
+    with pytest.raises(ValueError, match="'gpm', not 'sgp'"):
+        SGP(mlp_model(0), SGPConfig(samples=10)).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"threshold": 0.0}, r"threshold must be a number in \(0, 1\]"),
+        ({"threshold": 1.5}, r"threshold must be a number in \(0, 1\]"),
+        ({"threshold": float("nan")}, "threshold must be"),
+        ({"threshold": True}, "threshold must be"),
+        ({"threshold_increment": -0.001}, "threshold_increment must be a finite number ≥ 0"),
+        ({"layer_thresholds": (0.9, 1.2)}, "layer_thresholds must be a non-empty list of numbers in"),
+        ({"layer_thresholds": ()}, "layer_thresholds must be a non-empty"),
+        ({"samples": 0}, "samples must be an integer ≥ 1"),
+        ({"samples": 2.5}, "samples must be an integer ≥ 1"),
+        ({"layer_samples": (10, 200)}, r"layer_samples must be .* in 1..samples=125"),
+        ({"layer_samples": (0, 5)}, "layer_samples must be"),
+    ],
+)
+def test_config_rejects_bad_values(options, message):
+    with pytest.raises(ValueError, match=message):
+        GPMConfig(**options)
+
+
+def test_config_rejects_strings_for_lists_and_bad_alpha():
+    with pytest.raises(TypeError, match="exclude must be a sequence"):
+        GPMConfig(exclude="backbone.0")
+    with pytest.raises(ValueError, match=r"SGPConfig.threshold must"):
+        SGPConfig(threshold=2.0)
+    with pytest.raises(ValueError, match="scale_coefficient must be a finite number ≥ 0"):
+        SGPConfig(scale_coefficient=-1.0)
+    assert GPMConfig(layer_samples=[5, 6]).layer_samples == (5, 6)
+
+
+@pytest.mark.parametrize("field_name", ["layer_samples", "layer_thresholds"])
+def test_per_layer_settings_must_match_the_layers(field_name):
+    value = (5, 5, 5) if field_name == "layer_samples" else (0.9, 0.9, 0.9)
+    with pytest.raises(ValueError, match=rf"{field_name} has 3 entries but the model has 2 projected layers "):
+        GPM(mlp_model(0), GPMConfig(**{field_name: value}))
+
+
+def test_unsupported_layer_is_named_and_can_be_excluded():
+    model = MultiHeadNet(nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(64, 8)), 8, (3,))
+    with pytest.raises(UnsupportedLayerError, match=r"backbone\.0"):
+        GPM(model)
+    assert GPM(model, GPMConfig(exclude=("backbone.0",))).layer_names == ["backbone.2"]
+    with pytest.raises(ValueError, match=r"found no nn\.Linear or nn\.Conv2d layer"):
+        GPM(model, GPMConfig(exclude=("backbone.*",)))
+
+
+def test_task_hooks_must_come_in_order_and_end_task_needs_data():
+    method = GPM(mlp_model(0))
+    with pytest.raises(TaskOrderError):
+        method.begin_task(1)
+    method.begin_task(0)
+    with pytest.raises(ValueError, match="yielded no batches"):
+        method.end_task(0, [])
+    x, _ = task_data("mlp", 0)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        method.end_task(0, [x * float("nan")])
+
+
+def test_model_is_left_in_its_training_mode_and_state_is_copied():
+    model = bn_model(0)
+    method = GPM(model, GPMConfig(samples=1000))
+    x, y = task_data("bn", 0)
+    method.begin_task(0)
+    model.train()
+    method.end_task(0, batches(x, y))
+    assert model.training
+    state = method.state_dict()
+    assert state["memory"]["bases"]["backbone.0"].device.type == "cpu"
+    state["memory"]["bases"]["backbone.0"].zero_()
+    assert method.bases["backbone.0"].abs().sum() > 0
+
+
+def linear_rule_benchmark() -> Benchmark:
+    """3 tasks on the same anisotropic Gaussian inputs, each labelled by its own random hyperplane: the shared
+    backbone must change for each new rule, so plain fine-tuning forgets."""
+    g = torch.Generator().manual_seed(0)
+
+    def split(w, n):
+        x = torch.randn(n, 10, generator=g) * torch.linspace(2, 0.2, 10)
+        return Split(x, (x @ w > 0).long())
+
+    tasks = []
+    for t in range(3):
+        w = torch.randn(10, generator=g)
+        tasks.append(Task(f"rule {t}", 2, split(w, 120), split(w, 40), split(w, 200), lambda x: x.float()))
+    return Benchmark("rules", tuple(tasks), input_shape=(10,), shared_head=False, details={})
+
+
+def test_run_through_the_trainer_protects_the_first_task():
+    bench = linear_rule_benchmark()
+    config = TrainConfig(epochs=10, lr=0.1, batch_size=16, test_batch_size=32, lr_patience=3, lr_min=1e-4)
+    first_task = {}
+    for name in ("finetune", "gpm", "sgp"):
+        torch.manual_seed(0)
+        model = multi_head_mlp(10, (32, 32), [2, 2, 2])
+        method = {"finetune": FineTune(model), "gpm": GPM(model), "sgp": SGP(model)}[name]
+        out = run_continual(model, method, bench, config, seed=1, progress=False)
+        acc = out["acc_matrix"]
+        first_task[name] = (acc[0][0], acc[2][0])
+        if name != "finetune":
+            assert [(r["task"], r["layer"]) for r in out["diagnostics"]] == [
+                (t, n) for t in range(3) for n in ("backbone.0", "backbone.2")
+            ]
+    before, after = first_task["finetune"]
+    assert after < before - 10, first_task  # the benchmark does make fine-tuning forget
+    for name in ("gpm", "sgp"):
+        before, after = first_task[name]
+        assert after >= before - 2, first_task
