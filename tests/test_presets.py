@@ -160,3 +160,18 @@ def test_gpm_mnist_memory_is_gpms_permuted_mnist_setting():
     options = resolve_settings("permuted_mnist", "gpm", "paper")[4]
     assert options["samples"] == 300 and options["layer_thresholds"] == (0.95, 0.99, 0.99)
     assert options["threshold_increment"] == 0.0
+
+
+def test_ewc_cifar_preset_is_the_official_code():
+    # METHODS_SPEC §11: λ 5000, lr 0.05, SGD without momentum, lr_min 1e-4, patience 5, factor 3, clip 100.
+    _, v, train, _, options = resolve_settings("split_cifar100", "ewc", "paper")
+    assert v.method == "ewc" and options["lam"] == 5000.0
+    assert (train.lr, train.momentum, train.lr_min, train.lr_patience, train.lr_factor) == (0.05, 0.0, 1e-4, 5, 3.0)
+    assert METHODS["ewc"].config_class(**options).clip_grad_norm == 100.0
+
+
+@pytest.mark.parametrize(("benchmark", "per_task"), [("split_cifar100", 200), ("five_datasets", 600)])
+def test_agem_memory_is_recorded_and_unverified_values_say_so(benchmark, per_task):
+    _, v, _, _, options = resolve_settings(benchmark, "agem", "paper")
+    assert options["memory_per_task"] == per_task and options["memory_batch_size"] == 256
+    assert "[unverified]" in v.sources["all"]

@@ -145,7 +145,9 @@ _DIGITS = Protocol(
 )
 
 
-def _mnist_variants(eps1: float, gpm_thresholds: tuple[float, ...], where: str) -> dict[str, Variant]:
+def _mnist_variants(
+    eps1: float, gpm_thresholds: tuple[float, ...], where: str, ewc_lam: float, agem_memory: int
+) -> dict[str, Variant]:
     ness_options = {"eps1": eps1, "threshold": "frobenius"}
     variants = {
         name: replace(v, options={**ness_options, **v.options}) if v.method == "ness" else v
@@ -157,6 +159,9 @@ def _mnist_variants(eps1: float, gpm_thresholds: tuple[float, ...], where: str) 
     variants["sgp"] = Variant(
         "sgp", {**memory, "scale_coefficient": 10.0}, sources={"options": source + "; SGP α 10 (§4, CIFAR value)"}
     )
+    chosen = "ours: best validation ACC, seed 0 (BENCHMARKS.md)"
+    variants["ewc"] = Variant("ewc", {"lam": ewc_lam}, sources={"lam": chosen})
+    variants["agem"] = Variant("agem", {"memory_per_task": agem_memory}, sources={"memory_per_task": chosen})
     return variants
 
 
@@ -167,7 +172,9 @@ _SPLIT_MNIST = Protocol(
     hidden=(100, 100),
     train=TrainConfig(epochs=5, lr=0.01, batch_size=10, test_batch_size=64, lr_schedule=False),
     data={"pc_valid": 0.1},
-    variants=_mnist_variants(0.1, (0.95, 0.99), "ours: its two hidden layers; GPM has no Split MNIST script"),
+    variants=_mnist_variants(
+        0.1, (0.95, 0.99), "ours: its two hidden layers; GPM has no Split MNIST script", ewc_lam=5000.0, agem_memory=200
+    ),
     seeds=PAPER_SEEDS,
     sources={
         "network": "GPM Permuted MNIST MLP (METHODS_SPEC §1.2), with one 2-way head per task",
@@ -183,7 +190,9 @@ _PERMUTED_MNIST = Protocol(
     hidden=(100, 100),
     train=TrainConfig(epochs=5, lr=0.01, batch_size=10, test_batch_size=64, lr_schedule=False),
     data={"pc_valid": 0.1, "num_tasks": 10},
-    variants=_mnist_variants(0.03, (0.95, 0.99, 0.99), "the three layers, shared output included"),
+    variants=_mnist_variants(
+        0.03, (0.95, 0.99, 0.99), "the three layers, shared output included", ewc_lam=1000.0, agem_memory=300
+    ),
     seeds=PAPER_SEEDS,
     sources={
         "network": "GPM (METHODS_SPEC §1.2): 784-100-100-10 MLP, no biases, one output shared by all tasks",
@@ -253,6 +262,22 @@ def _projection_variants(
     }
 
 
+def _regularisation_variants(
+    ewc_lr: float, agem_lr: float, agem_memory: int, schedule: dict[str, Any], where: str, verified: bool
+) -> dict[str, Variant]:
+    """EWC (λ 5000, §11) and A-GEM (256-example reference batches, §10) with plain SGD on one benchmark."""
+    note = "the official HAT/EWC code (§11, §12)" if verified else "[unverified] recollection of GPM's appendix"
+    return {
+        "ewc": Variant("ewc", {"lam": 5000.0}, {"lr": ewc_lr, **schedule}, {"all": f"{where}: {note}"}),
+        "agem": Variant(
+            "agem",
+            {"memory_per_task": agem_memory, "memory_batch_size": 256},
+            {"lr": agem_lr},
+            {"all": f"{where}: [unverified] GPM's appendix memory sizes (§10), read as totals over the tasks"},
+        ),
+    }
+
+
 _CIFAR100 = Protocol(
     benchmark="split_cifar100",
     preset="paper",
@@ -268,6 +293,9 @@ _CIFAR100 = Protocol(
             {"threshold": 0.97, "threshold_increment": 0.003, "samples": 125, "layer_samples": _ALEXNET_LAYER_SAMPLES},
             {"lr": 0.05, "lr_min": 5e-5},
             "CIFAR-100",
+        ),
+        **_regularisation_variants(
+            0.05, 0.05, 200, {"lr_min": 1e-4, "lr_patience": 5, "lr_factor": 3.0}, "CIFAR-100", verified=True
         ),
     },
     seeds=PAPER_SEEDS,
@@ -295,6 +323,7 @@ _FIVE_DATASETS = Protocol(
             {"lr": 0.1, "epochs": 200},
             "5-datasets",
         ),
+        **_regularisation_variants(0.03, 0.1, 600, {}, "5-datasets", verified=False),
     },
     seeds=PAPER_SEEDS,
     faithful={"data": {"fashion": "mnist"}, "ness": {"memory_tasks": "first"}},
@@ -322,6 +351,7 @@ _MINIIMAGENET = Protocol(
             {"lr": 0.1, "epochs": 100},
             "miniImageNet (NESS's baseline copies, with the correct 84×84 geometry)",
         ),
+        **_regularisation_variants(0.03, 0.1, 25, {}, "miniImageNet", verified=False),
     },
     seeds=PAPER_SEEDS,
     sources={

@@ -6,7 +6,9 @@ from typing import Any
 
 from torch import nn
 
+from ness.methods.agem import AGEM, AGEMConfig
 from ness.methods.base import ContinualMethod, TaskOrderError, adaptable_layers
+from ness.methods.ewc import EWC, EWCConfig
 from ness.methods.finetune import FineTune, FineTuneConfig
 from ness.methods.gpm import GPM, GPMConfig
 from ness.methods.ness import NESS, NESSConfig
@@ -17,6 +19,8 @@ METHODS: dict[str, type[ContinualMethod]] = {
     "finetune": FineTune,
     "gpm": GPM,
     "sgp": SGP,
+    "ewc": EWC,
+    "agem": AGEM,
 }
 
 
@@ -29,11 +33,15 @@ def build_method(name: str, model: nn.Module, options: dict[str, Any] | None = N
 
 
 __all__ = [
+    "AGEM",
+    "EWC",
     "GPM",
     "METHODS",
     "NESS",
     "SGP",
+    "AGEMConfig",
     "ContinualMethod",
+    "EWCConfig",
     "FineTune",
     "FineTuneConfig",
     "GPMConfig",

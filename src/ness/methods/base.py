@@ -172,3 +172,39 @@ class ContinualMethod:
         if self.active_task != t:
             now = "no task is open" if self.active_task is None else f"task {self.active_task} is open"
             raise TaskOrderError(f"{hook}({t}) called but {now}: call begin_task({t}) first")
+
+
+def labelled_batches(batches: Iterable[Any], where: str) -> Iterator[tuple[Tensor, Tensor]]:
+    """The (inputs, labels) pairs of an iterable of `(x, y, ...)` batches, checked; methods that need the labels
+    (a Fisher, a replay memory) read the task's data through this."""
+    seen = False
+    for batch in batches:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise TypeError(f"{where}: this method needs (inputs, labels) batches, got {type(batch).__name__}")
+        x, y = batch[0], batch[1]
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise TypeError(f"{where}: a batch must hold tensors, got ({type(x).__name__}, {type(y).__name__})")
+        if y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+            raise ValueError(
+                f"{where}: labels must be a 1-D integer tensor with one entry per input, got shape "
+                f"{tuple(y.shape)} ({y.dtype}) for {x.shape[0]} inputs"
+            )
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise ValueError(f"{where}: a batch of inputs holds NaN or Inf; clean the data before training")
+        seen = True
+        yield x, y
+    if not seen:
+        raise ValueError(f"{where}: the task's loader yielded no batches; pass the task's training data")
+
+
+@contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Undo on exit any change a train-mode forward makes to the model's buffers (BatchNorm running statistics),
+    so a pass that only reads gradients leaves the model as it found it."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
