@@ -16,7 +16,14 @@ import torch
 from torch import Tensor, nn
 
 from ness.adapters import NullSpaceAdapter
-from ness.methods.base import ContinualMethod, Forward, adaptable_layers, replace_module, task_inputs
+from ness.methods.base import (
+    ContinualMethod,
+    Forward,
+    adaptable_layers,
+    replace_module,
+    task_inputs,
+    watch_layer_inputs,
+)
 from ness.models import call_model, head_parameters
 from ness.subspace import (
     THRESHOLD_RULES,
@@ -181,36 +188,26 @@ class NESS(ContinualMethod):
         stats: dict[str, LayerStatistics] = {}
         k = self.config.probe_samples
 
-        def hook_for(name: str):
-            def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-                rows = layer_input_rows(module, args[0])
-                s = stats.get(name)
-                if s is None:
-                    empty = rows[:0].detach().float().cpu()
-                    stats[name] = s = LayerStatistics(input_covariance(rows[:0]), empty, torch.empty(0))
-                s.covariance = s.covariance + input_covariance(rows)
-                # Uniform sample without replacement across batches: the k rows with the largest random keys.
-                # The overall top k lies within each batch's own top k, so only those rows leave the device.
-                keys = torch.rand(rows.shape[0], generator=self._probe_generator)
-                batch_top = keys.topk(min(k, keys.numel())).indices
-                pool_keys = torch.cat([s.probe_keys, keys[batch_top]])
-                pool_rows = torch.cat([s.probe, rows[batch_top.to(rows.device)].detach().float().cpu()])
-                top = pool_keys.topk(min(k, pool_keys.numel())).indices
-                s.probe, s.probe_keys = pool_rows[top], pool_keys[top]
+        def record(name: str, module: nn.Module, x: Tensor) -> None:
+            rows = layer_input_rows(module, x)
+            s = stats.get(name)
+            if s is None:
+                empty = rows[:0].detach().float().cpu()
+                stats[name] = s = LayerStatistics(input_covariance(rows[:0]), empty, torch.empty(0))
+            s.covariance = s.covariance + input_covariance(rows)
+            # Uniform sample without replacement across batches: the k rows with the largest random keys.
+            # The overall top k lies within each batch's own top k, so only those rows leave the device.
+            keys = torch.rand(rows.shape[0], generator=self._probe_generator)
+            batch_top = keys.topk(min(k, keys.numel())).indices
+            pool_keys = torch.cat([s.probe_keys, keys[batch_top]])
+            pool_rows = torch.cat([s.probe, rows[batch_top.to(rows.device)].detach().float().cpu()])
+            top = pool_keys.topk(min(k, pool_keys.numel())).indices
+            s.probe, s.probe_keys = pool_rows[top], pool_keys[top]
 
-            return hook
-
-        handles = [self.model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in self.layer_names]
-        was_training = self.model.training
-        self.model.eval()
         device = next(self.model.parameters()).device
-        try:
+        with watch_layer_inputs(self.model, self.layer_names, record):
             for x, task in inputs:
                 self.forward(self.model, x.to(device), task)
-        finally:
-            for h in handles:
-                h.remove()
-            self.model.train(was_training)
         if not stats:
             raise ValueError(f"{where}: no layer saw any input; the task's loader was empty")
         return stats
