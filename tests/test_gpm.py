@@ -3,6 +3,7 @@ official scripts' route), and the methods against the tests' own hooks, im2col l
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from method_steps import batches as _batches
+from method_steps import train
 from ness.data import Benchmark, Split, Task
 from ness.methods import FineTune, TaskOrderError
 from ness.methods.gpm import GPM, GPMConfig, draw_samples
@@ -27,6 +30,8 @@ from ness.subspace import (
     sgp_importance,
 )
 from ness.trainer import TrainConfig, run_continual
+
+batches = functools.partial(_batches, size=10)
 
 # ---------------------------------------------------------------------------------------------------------
 # reference implementations: the official algorithms on explicit matrices
@@ -309,20 +314,6 @@ def task_data(kind, task, n=32, seed=0):
     mix = torch.randn(6, dim, generator=g) * torch.tensor([3.0, 2.0, 1.5, 1.0, 0.5, 0.3])[:, None]
     x = torch.randn(n, 6, generator=g) @ mix + 0.05 * torch.randn(n, dim, generator=g)
     return x.reshape(n, *shape), torch.randint(0, 3, (n,), generator=g)
-
-
-def batches(x, y, size=10):
-    return [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
-
-
-def train(method, model, t, x, y, steps=5, lr=0.1):
-    optimizer = torch.optim.SGD(method.trainable_parameters(t), lr=lr)
-    model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        F.cross_entropy(call_model(model, x, t), y).backward()
-        method.after_backward(t)
-        optimizer.step()
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ im2col and eigendecompositions (never against the library's own numbers)."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -11,12 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from method_steps import batches as _batches
+from method_steps import train
 from ness import NESS, NESSConfig, NullSpaceAdapter
 from ness.data.tasks import PixelTransform, Split, Task
 from ness.methods import TaskOrderError
 from ness.models import MultiHeadNet, call_model, multi_head_mlp
 from ness.subspace import UnsupportedLayerError
 from ness.trainer import check_labels
+
+batches = functools.partial(_batches, size=16)
 
 # ---------------------------------------------------------------------------------------------------------
 # models, data and training
@@ -75,20 +80,6 @@ def task_data(kind, task, seed, n=32):
     else:
         x = 2 * torch.randn(n, 12, generator=g)
     return x, torch.randint(0, 3, (n,), generator=g)
-
-
-def train(method, model, t, x, y, steps, lr):
-    optimizer = torch.optim.SGD(method.trainable_parameters(t), lr=lr)
-    model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        F.cross_entropy(call_model(model, x, t), y).backward()
-        method.after_backward(t)
-        optimizer.step()
-
-
-def batches(x, y, size=16):
-    return [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
 
 
 @torch.no_grad()

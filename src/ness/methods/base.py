@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ness.models import call_model, head_parameters, task_heads
+from ness.subspace import check_supported
 
 Forward = Callable[[nn.Module, Tensor, int], Tensor]
 
@@ -36,6 +37,17 @@ def adaptable_layers(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str,
             continue
         chosen[name] = module
     return chosen
+
+
+def subspace_layers(model: nn.Module, exclude: Sequence[str], method: str) -> list[str]:
+    """Names of the layers a subspace method (NESS, GPM, ...) works on: `adaptable_layers`, each checked supported;
+    an error when there is none."""
+    layers = adaptable_layers(model, exclude)
+    for name, module in layers.items():
+        check_supported(name, module)
+    if not layers:
+        raise ValueError(f"{method} found no nn.Linear or nn.Conv2d layer to work on (after heads and `exclude`)")
+    return list(layers)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

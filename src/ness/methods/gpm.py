@@ -17,11 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ness.methods.base import ContinualMethod, Forward, adaptable_layers, task_inputs, watch_layer_inputs
+from ness.methods.base import ContinualMethod, Forward, subspace_layers, task_inputs, watch_layer_inputs
 from ness.models import call_model, head_parameters
 from ness.subspace import (
     MemoryUpdate,
-    check_supported,
     grow_basis,
     input_covariance,
     layer_input_rows,
@@ -129,18 +128,14 @@ class GPM(ContinualMethod):
 
     def __init__(self, model: nn.Module, config: GPMConfig | None = None, forward: Forward = call_model) -> None:
         super().__init__(model, config, forward)
-        layers = adaptable_layers(model, self.config.exclude)
-        for layer_name, module in layers.items():
-            check_supported(layer_name, module)
-        if not layers:
-            raise ValueError(f"{type(self).__name__} found no nn.Linear or nn.Conv2d layer to project")
-        self.layer_names = list(layers)
+        self.layer_names = subspace_layers(model, self.config.exclude, type(self).__name__)
         for field_name in ("layer_thresholds", "layer_samples"):
             values = getattr(self.config, field_name)
-            if values is not None and len(values) != len(layers):
+            if values is not None and len(values) != len(self.layer_names):
                 raise ValueError(
                     f"{type(self.config).__name__}.{field_name} has {len(values)} entries but the model has "
-                    f"{len(layers)} projected layers ({', '.join(self.layer_names)}): give one per layer, in this order"
+                    f"{len(self.layer_names)} projected layers ({', '.join(self.layer_names)}): "
+                    "give one per layer, in this order"
                 )
         self.bases: dict[str, Tensor] = {}  # M_ℓ after the finished tasks, float64
         self.records: list[dict[str, Any]] = []

@@ -19,8 +19,8 @@ from ness.adapters import NullSpaceAdapter
 from ness.methods.base import (
     ContinualMethod,
     Forward,
-    adaptable_layers,
     replace_module,
+    subspace_layers,
     task_inputs,
     watch_layer_inputs,
 )
@@ -28,7 +28,6 @@ from ness.models import call_model, head_parameters
 from ness.subspace import (
     THRESHOLD_RULES,
     ThresholdRule,
-    check_supported,
     input_covariance,
     layer_input_rows,
     null_basis,
@@ -106,12 +105,7 @@ class NESS(ContinualMethod):
 
     def __init__(self, model: nn.Module, config: NESSConfig | None = None, forward: Forward = call_model) -> None:
         super().__init__(model, config, forward)
-        layers = adaptable_layers(model, self.config.exclude)
-        for name, module in layers.items():
-            check_supported(name, module)
-        if not layers:
-            raise ValueError("NESS found no nn.Linear or nn.Conv2d layer to adapt (after heads and `exclude`)")
-        self.layer_names = list(layers)
+        self.layer_names = subspace_layers(model, self.config.exclude, "NESS")
         self.covariances: dict[str, Tensor] = {}  # memory='covariance': running Σxxᵀ over finished tasks
         self.probes: dict[str, list[Tensor]] = {name: [] for name in self.layer_names}  # per finished task
         self.replay: list[Tensor] = []  # memory='replay': raw model inputs of each finished task
