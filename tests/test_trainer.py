@@ -221,7 +221,7 @@ class FakeValidation:
         self.lrs: list[float] = []
         self.splits = []
 
-    def __call__(self, model, t, split, task, batch_size, device):
+    def __call__(self, model, t, split, task, batch_size, device, predict=None):
         epoch = len(self.snapshots) + 1
         self.snapshots.append(state_copy(model))
         self.lrs.append(self.optimizers[-1].param_groups[0]["lr"])

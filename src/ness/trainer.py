@@ -6,7 +6,7 @@ import copy
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ness.data import Benchmark, Split, Task, iterate_batches
-from ness.methods import ContinualMethod
+from ness.data import Benchmark, Split, Task, iterate_batches, iterate_mixed_batches
+from ness.methods import ContinualMethod, StepProgress
 from ness.metrics import average_accuracy, backward_transfer
 from ness.models import call_model
 from ness.optim import SAM
@@ -110,12 +110,19 @@ def evaluate(
     device: str,
     passes: int = 1,
     order_seed: int | None = None,
+    predict: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> tuple[float, float]:
     """(mean cross-entropy, accuracy in %) of task t's head on `split` in eval mode, averaged over `passes`.
 
     Without `order_seed` the split is read in order; with it, pass p reads it in the order of
     torch.randperm seeded by (order_seed, p), so runs are repeatable yet batches mix as in the official code.
+    `predict(x, t)` gives the logits (a method's `predict`); by default the model is called directly.
     """
+    if predict is None:
+
+        def predict(x: torch.Tensor, task: int) -> torch.Tensor:
+            return call_model(model, x, task)
+
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
@@ -124,7 +131,7 @@ def evaluate(
         for x, y in iterate_batches(
             split, task.transform, batch_size, shuffle=generator is not None, generator=generator, device=device
         ):
-            logits = call_model(model, x, t)
+            logits = predict(x, t)
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(dim=1) == y).sum())
             n += y.numel()
@@ -142,6 +149,20 @@ def build_optimizer(params: Iterable[nn.Parameter], config: TrainConfig, t: int)
     return sgd
 
 
+def training_tasks(method: ContinualMethod, t: int, task: Task, earlier: Sequence[Task]) -> list[tuple[int, Task]]:
+    """(task id, task) of every task whose data task t trains on, as the method asks; checked."""
+    ids = method.data_tasks(t)
+    if t not in ids or any(not 0 <= i <= t for i in ids) or len(set(ids)) != len(ids):
+        raise ValueError(
+            f"{method.name}.data_tasks({t}) returned {ids}: it must contain task {t} and only tasks 0..{t}, once each"
+        )
+    if any(i < t for i in ids) and len(earlier) < t:
+        raise ValueError(
+            f"{method.name} trains task {t} on earlier tasks' data {ids}: pass the {t} earlier tasks to train_task"
+        )
+    return [(i, task if i == t else earlier[i]) for i in ids]
+
+
 def train_task(
     model: nn.Module,
     method: ContinualMethod,
@@ -150,55 +171,48 @@ def train_task(
     config: TrainConfig,
     generator: torch.Generator,
     progress: bool = True,
+    earlier: Sequence[Task] = (),
 ) -> dict[str, Any]:
-    """Train task t with the method's trainable parameters; returns what happened (epochs, lr, losses)."""
-    if len(task.train) == 0:
-        raise ValueError(f"task {t} ('{task.name}') has no training data")
-    if config.lr_schedule and len(task.val) == 0:
-        raise ValueError(
-            f"task {t} ('{task.name}') has no validation data, which lr_schedule=True needs; "
-            "set a validation fraction > 0 or turn the schedule off"
-        )
-    check_labels(model, t, task, config.device)
+    """Train task t with the method's trainable parameters; returns what happened (epochs, lr, losses).
+
+    `earlier` holds tasks 0..t−1, needed only by methods that train on earlier tasks' data (joint training).
+    """
+    sources = training_tasks(method, t, task, earlier)
+    for i, source in sources:
+        if len(source.train) == 0:
+            raise ValueError(f"task {i} ('{source.name}') has no training data")
+        if config.lr_schedule and len(source.val) == 0:
+            raise ValueError(
+                f"task {i} ('{source.name}') has no validation data, which lr_schedule=True needs; "
+                "set a validation fraction > 0 or turn the schedule off"
+            )
+        check_labels(model, i, source, config.device)
+    method.preview_task(t, iterate_batches(task.train, task.transform, config.test_batch_size, device=config.device))
     lr = config.lr
     optimizer = build_optimizer(method.trainable_parameters(t), config, t)
     best_loss, best_state, patience = math.inf, None, config.lr_patience
     epochs_run, train_loss = 0, math.nan
+    batches_per_epoch = math.ceil(sum(len(source.train) for _, source in sources) / config.batch_size)
     bar = tqdm(range(config.epochs), desc=f"task {t}", leave=False, disable=not progress, unit="ep")
     model.train()
     for epoch in bar:
         total, count = 0.0, 0
-        for step, (x, y) in enumerate(
-            iterate_batches(
-                task.train,
-                task.transform,
-                config.batch_size,
-                shuffle=True,
-                generator=generator,
-                device=config.device,
-            )
-        ):
+        for step, (x, y, tasks) in enumerate(epoch_batches(sources, config, generator)):
 
-            def closure(
-                x: torch.Tensor = x, y: torch.Tensor = y, step: int = step, epoch: int = epoch, lr: float = lr
-            ) -> torch.Tensor:
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(call_model(model, x, t), y)
+            def check_loss(loss: torch.Tensor, step: int = step, epoch: int = epoch, lr: float = lr) -> None:
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"task {t}, epoch {epoch}, step {step}: the loss is {loss.item()}; "
                         f"lower the learning rate (now {lr:g}) or check the inputs"
                     )
-                loss.backward()
-                method.after_backward(t)
-                return loss
 
-            loss = optimizer.step(closure)
+            method.begin_step(t, StepProgress(epoch, step, batches_per_epoch, config.epochs))
+            loss = method.training_step(t, x, y, optimizer, check_loss, tasks)
             total, count = total + loss.item() * y.numel(), count + y.numel()
         epochs_run, train_loss = epoch + 1, total / count
         postfix = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.2g}"}
         if config.lr_schedule:
-            val_loss, _ = evaluate(model, t, task.val, task, config.test_batch_size, config.device)
+            val_loss = validation_loss(method, sources, config)
             postfix["val"] = f"{val_loss:.3f}"
             if val_loss < best_loss:
                 best_loss, patience = val_loss, config.lr_patience
@@ -224,6 +238,37 @@ def train_task(
     }
 
 
+def epoch_batches(
+    sources: list[tuple[int, Task]], config: TrainConfig, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """One epoch of shuffled training batches: (x, y, None) from one task, (x, y, task ids) from several."""
+    if len(sources) == 1:
+        _, task = sources[0]
+        for x, y in iterate_batches(
+            task.train, task.transform, config.batch_size, shuffle=True, generator=generator, device=config.device
+        ):
+            yield x, y, None
+    else:
+        yield from iterate_mixed_batches(
+            [(i, task.train, task.transform) for i, task in sources],
+            config.batch_size,
+            shuffle=True,
+            generator=generator,
+            device=config.device,
+        )
+
+
+def validation_loss(method: ContinualMethod, sources: list[tuple[int, Task]], config: TrainConfig) -> float:
+    """Mean validation cross-entropy over the examples of the tasks being trained, each through its own head."""
+    loss_sum, n = 0.0, 0
+    for i, task in sources:
+        loss, _ = evaluate(
+            method.model, i, task.val, task, config.test_batch_size, config.device, predict=method.predict
+        )
+        loss_sum, n = loss_sum + loss * len(task.val), n + len(task.val)
+    return loss_sum / n
+
+
 def run_continual(
     model: nn.Module,
     method: ContinualMethod,
@@ -242,7 +287,7 @@ def run_continual(
         start = time.perf_counter()
         method.begin_task(t)
         begun = time.perf_counter()
-        log = train_task(model, method, t, task, config, generator, progress)
+        log = train_task(model, method, t, task, config, generator, progress, benchmark.tasks[:t])
         trained = time.perf_counter()
         # The statistics pass runs at the evaluation batch size, as the official code does (64).
         method.end_task(t, iterate_batches(task.train, task.transform, config.test_batch_size, device=config.device))
@@ -250,7 +295,15 @@ def run_continual(
         for j in range(t + 1):
             prev = benchmark.tasks[j]
             _, acc_matrix[t][j] = evaluate(
-                model, j, prev.test, prev, config.test_batch_size, config.device, config.eval_passes, seed
+                model,
+                j,
+                prev.test,
+                prev,
+                config.test_batch_size,
+                config.device,
+                config.eval_passes,
+                seed,
+                method.predict,
             )
         log.update(
             task=t,

@@ -13,7 +13,15 @@ from ness.data.digits import split_digits
 from ness.data.five_datasets import five_datasets as five_datasets_benchmark
 from ness.data.miniimagenet import split_miniimagenet
 from ness.data.mnist import load_mnist, permuted_mnist, read_idx, resolve_data_root, split_mnist
-from ness.data.tasks import Benchmark, DataError, Split, Task, iterate_batches, validation_split
+from ness.data.tasks import (
+    Benchmark,
+    DataError,
+    Split,
+    Task,
+    iterate_batches,
+    iterate_mixed_batches,
+    validation_split,
+)
 
 BENCHMARKS: dict[str, Callable[..., Benchmark]] = {
     "split_digits": split_digits,
@@ -43,6 +51,7 @@ __all__ = [
     "build_benchmark",
     "five_datasets_benchmark",
     "iterate_batches",
+    "iterate_mixed_batches",
     "load_mnist",
     "permuted_mnist",
     "read_idx",

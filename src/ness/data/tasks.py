@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,6 +157,35 @@ def iterate_batches(
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         yield transform(split.inputs[idx].to(device)), split.labels[idx].to(device)
+
+
+def iterate_mixed_batches(
+    sources: Sequence[tuple[int, Split, Callable[[torch.Tensor], torch.Tensor]]],
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Batches over the union of several tasks' splits: (inputs, labels, task ids), each input through its own
+    task's transform. `sources` holds (task id, split, transform); the union is read as one sequence (shuffled as
+    a whole when asked), so a batch mixes the tasks in proportion to their sizes. Joint training reads this."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    sizes = [len(split) for _, split, _ in sources]
+    owner = torch.cat([torch.full((n,), i, dtype=torch.int64) for i, n in enumerate(sizes)])
+    position = torch.cat([torch.arange(n) for n in sizes])
+    order = torch.randperm(len(owner), generator=generator) if shuffle else torch.arange(len(owner))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        xs, ys, ts = [], [], []
+        for i in owner[idx].unique().tolist():
+            task_id, split, transform = sources[i]
+            rows = position[idx[owner[idx] == i]]
+            xs.append(transform(split.inputs[rows].to(device)))
+            ys.append(split.labels[rows].to(device))
+            ts.append(torch.full((len(rows),), task_id, dtype=torch.int64, device=device))
+        yield torch.cat(xs), torch.cat(ys), torch.cat(ts)
 
 
 def validation_split(n: int, pc_valid: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

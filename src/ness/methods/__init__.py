@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from ness.methods.agem import AGEM, AGEMConfig
-from ness.methods.base import ContinualMethod, TaskOrderError, adaptable_layers
+from ness.methods.base import ContinualMethod, StepProgress, TaskOrderError, adaptable_layers
 from ness.methods.ewc import EWC, EWCConfig
 from ness.methods.finetune import FineTune, FineTuneConfig
 from ness.methods.gpm import GPM, GPMConfig
@@ -47,6 +47,7 @@ __all__ = [
     "GPMConfig",
     "NESSConfig",
     "SGPConfig",
+    "StepProgress",
     "TaskOrderError",
     "adaptable_layers",
     "build_method",

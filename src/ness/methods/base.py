@@ -1,7 +1,10 @@
 """The hooks every continual-learning method offers; the trainer calls only these.
 
-Per task t: `begin_task(t)`, `trainable_parameters(t)`, then for every optimiser step `after_backward(t)`,
-and finally `end_task(t, batches)` with the task's training data. A method never sees the trainer.
+Per task t: `begin_task(t)`, `preview_task(t, batches)` with the task's training data, `trainable_parameters(t)`,
+then for every batch `begin_step(t, progress)` and `training_step(...)`, and finally `end_task(t, batches)` with the
+task's training data. The default `training_step` is one optimiser step on `training_loss` with `after_backward(t)`
+between backward and step and `after_step(t)` after it; evaluation calls `predict(x, t)`. A method overrides only
+the hooks it needs and never sees the trainer.
 """
 
 from __future__ import annotations
@@ -9,15 +12,41 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ness.models import call_model, head_parameters, task_heads
+from ness.models import call_model, head_parameters, logits_by_task, task_heads
 from ness.subspace import check_supported
 
 Forward = Callable[[nn.Module, Tensor, int], Tensor]
+Optimizer = Any  # a torch optimiser, or ness.optim.SAM: anything with step(closure), zero_grad and param_groups
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """Where a training step lies in its task, for schedules inside a task (HAT's s, OWM's α)."""
+
+    epoch: int
+    """0-based epoch."""
+    batch: int
+    """0-based batch within the epoch."""
+    batches_per_epoch: int
+    max_epochs: int
+    """The configured epoch budget (early stopping may end the task sooner)."""
+
+    @property
+    def epoch_fraction(self) -> float:
+        """batch / batches_per_epoch, in [0, 1)."""
+        return self.batch / self.batches_per_epoch
+
+    @property
+    def task_fraction(self) -> float:
+        """(epoch + epoch_fraction) / max_epochs, in [0, 1)."""
+        return (self.epoch + self.epoch_fraction) / self.max_epochs
 
 
 class TaskOrderError(RuntimeError):
@@ -136,8 +165,61 @@ class ContinualMethod:
             p.requires_grad_(id(p) in ids)
         return params
 
+    def data_tasks(self, t: int) -> tuple[int, ...]:
+        """The tasks whose training data task t trains on: (t,), or more for joint training."""
+        return (t,)
+
+    def preview_task(self, t: int, batches: Iterable[Any]) -> None:
+        """Called once before task t's first step with its training data, for methods that look at the new task
+        before training it (TRGP's trust regions); the batches are produced only if read."""
+
+    def predict(self, x: Tensor, t: int) -> Tensor:
+        """Task t's logits as the method evaluates them (HAT's task gates, TRGP's stored scales)."""
+        return self.forward(self.model, x, t)
+
+    def training_loss(self, t: int, x: Tensor, y: Tensor, tasks: Tensor | None = None) -> Tensor:
+        """The mean loss of a batch of task t; with `tasks` (one task id per row, joint training), each row
+        goes through its own task's head."""
+        if tasks is None:
+            return F.cross_entropy(self.predict(x, t), y)
+        total = sum(
+            F.cross_entropy(logits, y[rows], reduction="sum") for rows, logits in logits_by_task(self.model, x, tasks)
+        )
+        return total / y.shape[0]
+
+    def begin_step(self, t: int, progress: StepProgress) -> None:
+        """Called before every training step with its place in the task."""
+
+    def training_step(
+        self,
+        t: int,
+        x: Tensor,
+        y: Tensor,
+        optimizer: Optimizer,
+        check_loss: Callable[[Tensor], None],
+        tasks: Tensor | None = None,
+    ) -> Tensor:
+        """One optimiser step on the batch; returns the loss before it. `check_loss` raises on a non-finite loss.
+
+        The closure may be evaluated more than once (SAM evaluates it at w and at w + e)."""
+
+        def closure() -> Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            loss = self.training_loss(t, x, y, tasks)
+            check_loss(loss)
+            loss.backward()
+            self.after_backward(t)
+            return loss
+
+        loss = optimizer.step(closure)
+        self.after_step(t)
+        return loss
+
     def after_backward(self, t: int) -> None:
         """Called between loss.backward() and optimizer.step(); gradient-projection methods act here."""
+
+    def after_step(self, t: int) -> None:
+        """Called after each optimiser step (HAT clamps its embeddings here)."""
 
     def end_task(self, t: int, batches: Iterable[Any]) -> None:
         """Close task t; `batches` is the task's training data (x or (x, y) batches)."""

@@ -1,7 +1,7 @@
 """Networks and the multi-head convention the trainer and methods rely on."""
 
 from ness.models.alexnet import alexnet
-from ness.models.heads import MultiHeadNet, call_model, head_parameters, task_heads
+from ness.models.heads import MultiHeadNet, call_model, head_parameters, logits_by_task, task_heads
 from ness.models.mlp import mlp_backbone, multi_head_mlp, shared_head_mlp
 from ness.models.resnet import reduced_resnet18
 
@@ -10,6 +10,7 @@ __all__ = [
     "alexnet",
     "call_model",
     "head_parameters",
+    "logits_by_task",
     "mlp_backbone",
     "multi_head_mlp",
     "reduced_resnet18",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 
@@ -49,3 +50,26 @@ def head_parameters(model: nn.Module, task: int) -> tuple[list[nn.Parameter], li
     own = list(heads[task].parameters())
     own_ids = {id(p) for p in own}
     return own, [p for p in heads.parameters() if id(p) not in own_ids]
+
+
+def logits_by_task(model: nn.Module, x: Tensor, tasks: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """(row indices, logits) per task in `tasks` (one task id per input row), from one forward pass of the whole
+    batch, so batch-statistics BatchNorm sees the batch together. Task i's rows go through head i, applied to the
+    features the heads receive (the input of the first row's head); every head must take the same features, as
+    in MultiHeadNet. A model without declared heads gives one entry for all rows."""
+    heads = task_heads(model)
+    if heads is None:
+        return [(torch.arange(x.shape[0], device=x.device), model(x))]
+    captured: list[Tensor] = []
+    first = int(tasks[0])
+    handle = heads[first].register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        call_model(model, x, first)
+    finally:
+        handle.remove()
+    features = captured[0]
+    out = []
+    for task in tasks.unique().tolist():
+        rows = (tasks == task).nonzero().flatten()
+        out.append((rows, heads[task](features[rows])))
+    return out
