@@ -116,6 +116,7 @@ _MNIST_VARIANTS = {
         sources={"train": "NESS-SAM's ρ = 0.05 (§2.2) on the protocol's plain SGD"},
     ),
     "finetune": Variant("finetune"),
+    "joint": Variant("joint", sources={"all": "ours: the protocol's SGD on tasks 0..t together, the upper bound"}),
 }
 
 _DIGITS = Protocol(
@@ -206,7 +207,7 @@ _PERMUTED_MNIST = Protocol(
 def _ness_variants(
     eps1: float, sam: tuple[float, float], sgdm: tuple[float, float], finetune_lr: float, where: str
 ) -> dict[str, Variant]:
-    """NESS-SAM (lr, wd), NESS-SGDm (lr, wd), and fine-tuning at the GPM lr of the benchmark."""
+    """NESS-SAM (lr, wd), NESS-SGDm (lr, wd), and fine-tuning and joint training at the GPM lr of the benchmark."""
     ness_options = {"eps1": eps1, "threshold": "frobenius", "memory": "covariance"}
     option_sources = {
         "eps1": f"scripts.sh --eps_1 (§2.5, {where})",
@@ -240,6 +241,11 @@ def _ness_variants(
             "finetune",
             train={"lr": finetune_lr},
             sources={"train": f"ours: plain SGD at GPM's lr {finetune_lr} (§12, {where}), the lower bound"},
+        ),
+        "joint": Variant(
+            "joint",
+            train={"lr": finetune_lr},
+            sources={"train": f"ours: fine-tuning's SGD on tasks 0..t together (lr {finetune_lr}), the upper bound"},
         ),
     }
 

@@ -11,6 +11,7 @@ from ness.methods.base import ContinualMethod, StepProgress, TaskOrderError, ada
 from ness.methods.ewc import EWC, EWCConfig
 from ness.methods.finetune import FineTune, FineTuneConfig
 from ness.methods.gpm import GPM, GPMConfig
+from ness.methods.joint import Joint, JointConfig
 from ness.methods.ness import NESS, NESSConfig
 from ness.methods.sgp import SGP, SGPConfig
 
@@ -21,6 +22,7 @@ METHODS: dict[str, type[ContinualMethod]] = {
     "sgp": SGP,
     "ewc": EWC,
     "agem": AGEM,
+    "joint": Joint,
 }
 
 
@@ -45,6 +47,8 @@ __all__ = [
     "FineTune",
     "FineTuneConfig",
     "GPMConfig",
+    "Joint",
+    "JointConfig",
     "NESSConfig",
     "SGPConfig",
     "StepProgress",
