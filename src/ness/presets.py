@@ -254,6 +254,14 @@ def _ness_variants(
 # 20 layers in registration order (each 1×1 shortcut takes the b of its block's first conv).
 _ALEXNET_LAYER_SAMPLES = (24, 100, 100, 125, 125)
 _RESNET_LAYER_SAMPLES = (10,) * 9 + (50,) * 4 + (100,) * 7
+# The 32×32 patch grid of §1.6 as (stride, input map size) for our 20 ResNet layers in registration order (the
+# shortcuts after their block's second conv). NESS's GPM miniImageNet script applies it to 84×84 inputs (§3.3).
+RESNET32_PATCH_GEOMETRY: tuple[tuple[int, int], ...] = (
+    ((1, 32),) * 5
+    + ((2, 32), (1, 16), (2, 32), (1, 16), (1, 16))
+    + ((2, 16), (1, 8), (2, 16), (1, 8), (1, 8))
+    + ((2, 8), (1, 4), (2, 8), (1, 4), (1, 4))
+)
 
 
 def _projection_variants(
@@ -360,6 +368,7 @@ _MINIIMAGENET = Protocol(
         **_regularisation_variants(0.03, 0.1, 25, {}, "miniImageNet", verified=False),
     },
     seeds=PAPER_SEEDS,
+    faithful={"gpm": {"patch_geometry": RESNET32_PATCH_GEOMETRY}},
     sources={
         "network": "reduced ResNet-18, nf 20, stride-2 stem for 84×84, 1,440 head features (§1.3)",
         "train": "§1.4 schedule, §2.5: ≤ 100 epochs, batch 64/64, lr_min 1e-3, patience 5, factor 3",

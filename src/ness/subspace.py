@@ -69,20 +69,37 @@ def conv_with_weight(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | 
     return F.conv2d(pad_conv_input(conv, x), weight, bias, conv.stride, 0, conv.dilation, 1)
 
 
-def layer_input_rows(module: nn.Module, x: Tensor) -> Tensor:
+def layer_input_rows(module: nn.Module, x: Tensor, geometry: tuple[int, int] | None = None) -> Tensor:
     """The rows that multiply the layer's flattened weight, shape (N, d).
 
     Linear: every leading dimension is flattened. Conv2d: the im2col patches, one row per (sample, output
     position), each flattened in the weight's (C_in, k_h, k_w) order, so `rows @ W.view(o, -1).T` is the conv.
+    `geometry` = (stride, map size m) replaces the conv's own grid by the one a script assumed: s = ⌊(m + 2p − k)/
+    stride⌋ + 1 positions per side from the top-left of the padded input (only to reproduce official code, §3.3).
     """
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
     if isinstance(module, nn.Conv2d):
         if x.dim() == 3:  # unbatched (C, H, W)
             x = x.unsqueeze(0)
-        patches = F.unfold(
-            pad_conv_input(module, x), module.kernel_size, dilation=module.dilation, stride=module.stride
-        )  # (B, C_in·k_h·k_w, L)
+        padded, stride = pad_conv_input(module, x), module.stride
+        if geometry is not None:
+            stride_, size = geometry
+            left, right, top, bottom = conv_padding(module)
+            extent = []
+            for k, pad, have in (
+                (module.kernel_size[0], top + bottom, padded.shape[2]),
+                (module.kernel_size[1], left + right, padded.shape[3]),
+            ):
+                span = ((size + pad - k) // stride_) * stride_ + k  # (s − 1)·stride + k
+                if span > have:
+                    raise ValueError(
+                        f"patch geometry (stride {stride_}, map {size}) needs {span} padded input rows/columns "
+                        f"but the layer's input has {have}: it assumes a larger input than the model receives"
+                    )
+                extent.append(span)
+            padded, stride = padded[:, :, : extent[0], : extent[1]], (stride_, stride_)
+        patches = F.unfold(padded, module.kernel_size, dilation=module.dilation, stride=stride)  # (B, C_in·k_h·k_w, L)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (B·L, d)
     raise UnsupportedLayerError(f"no layer-input rows for {type(module).__name__}")
 

@@ -56,6 +56,10 @@ class GPMConfig:
     the official AlexNet uses (24, 100, 100, 125, 125). None: all of them."""
     exclude: tuple[str, ...] = field(default_factory=tuple)
     """Module-name globs or class names neither projected nor trained after task 0."""
+    patch_geometry: tuple[tuple[int, int] | None, ...] | None = None
+    """Per projected layer, (stride, input map size) of the patch grid its representation uses instead of the
+    conv's own (None entries: own). Only to reproduce NESS's GPM miniImageNet script, which cuts 84×84 activations
+    with the 32×32 geometry (§3.3, `--faithful`); None: every layer's real geometry (correct)."""
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -69,7 +73,7 @@ class GPMConfig:
                 f"{name}.threshold_increment must be a finite number ≥ 0, got {self.threshold_increment!r} "
                 "(0.003 in the official CIFAR-100 script, 0 for a constant threshold)"
             )
-        for field_name in ("layer_thresholds", "layer_samples", "exclude"):
+        for field_name in ("layer_thresholds", "layer_samples", "exclude", "patch_geometry"):
             value = getattr(self, field_name)
             if isinstance(value, str):
                 raise TypeError(f"{name}.{field_name} must be a sequence, not the single string {value!r}")
@@ -82,6 +86,14 @@ class GPMConfig:
                     f"{name}.layer_thresholds must be a non-empty list of numbers in (0, 1], one per projected "
                     f"layer, got {self.layer_thresholds!r}"
                 )
+        if self.patch_geometry is not None:
+            geometry = tuple(None if g is None else tuple(g) for g in self.patch_geometry)
+            if not geometry or any(g is not None and (len(g) != 2 or not all(map(_is_count, g))) for g in geometry):
+                raise ValueError(
+                    f"{name}.patch_geometry must list one (stride, map size) pair of integers ≥ 1 or None per "
+                    f"projected layer, got {self.patch_geometry!r}"
+                )
+            object.__setattr__(self, "patch_geometry", geometry)
         if not _is_count(self.samples):
             raise ValueError(f"{name}.samples must be an integer ≥ 1, got {self.samples!r} (GPM uses 100–300)")
         if self.layer_samples is not None:
@@ -129,7 +141,7 @@ class GPM(ContinualMethod):
     def __init__(self, model: nn.Module, config: GPMConfig | None = None, forward: Forward = call_model) -> None:
         super().__init__(model, config, forward)
         self.layer_names = subspace_layers(model, self.config.exclude, type(self).__name__)
-        for field_name in ("layer_thresholds", "layer_samples"):
+        for field_name in ("layer_thresholds", "layer_samples", "patch_geometry"):
             values = getattr(self.config, field_name)
             if values is not None and len(values) != len(self.layer_names):
                 raise ValueError(
@@ -217,11 +229,14 @@ class GPM(ContinualMethod):
         """One eval-mode forward pass of the samples as one batch (BatchNorm sees them together, as in the official
         code): per layer, RRᵀ over the layer-input rows of its first b_ℓ samples, and the number of rows n."""
         counts = {name: self._samples_of(i) for i, name in enumerate(self.layer_names)}
+        geometry = dict(
+            zip(self.layer_names, self.config.patch_geometry or [None] * len(self.layer_names), strict=True)
+        )
         covariances: dict[str, Tensor] = {}
         rows: dict[str, int] = {}
 
         def receive(name: str, layer: nn.Module, inputs: Tensor) -> None:
-            r = layer_input_rows(layer, inputs[: counts[name]])  # (n, d): the columns of R_ℓ
+            r = layer_input_rows(layer, inputs[: counts[name]], geometry[name])  # (n, d): the columns of R_ℓ
             covariances[name] = covariances[name] + input_covariance(r) if name in covariances else input_covariance(r)
             rows[name] = rows.get(name, 0) + r.shape[0]
 
