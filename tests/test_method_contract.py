@@ -23,9 +23,14 @@ from ness.trainer import TrainConfig, run_continual, seed_everything, train_task
 OPTIONS: dict[str, dict] = {
     "ness": {"eps1": 0.05},
     "gpm": {"samples": 32, "threshold": 0.97},
+    "fsdgpm": {"memories": 32, "mem_batch_size": 32, "eta1": 0.01},
     "sgp": {"samples": 32, "threshold": 0.97},
+    "trgp": {"samples": 32, "threshold": 0.97, "gradient_samples": 32},
+    "dfgp": {"samples": 32, "threshold": 0.97, "mixup_weight": 0.1},
     "ewc": {"lam": 100.0},
     "agem": {"memory_per_task": 16, "memory_batch_size": 16},
+    "hat": {"c": 0.1, "s_max": 50.0},
+    "owm": {"clip_grad_norm": 10.0},
 }
 CONFIG = TrainConfig(
     epochs=4, lr=0.05, momentum=0.9, batch_size=16, test_batch_size=32, lr_patience=2, lr_factor=2.0, lr_min=1e-4

@@ -8,20 +8,30 @@ from torch import nn
 
 from ness.methods.agem import AGEM, AGEMConfig
 from ness.methods.base import ContinualMethod, StepProgress, TaskOrderError, adaptable_layers
+from ness.methods.dfgp import DFGP, DFGPConfig
 from ness.methods.ewc import EWC, EWCConfig
 from ness.methods.finetune import FineTune, FineTuneConfig
+from ness.methods.fsdgpm import FSDGPM, FSDGPMConfig
 from ness.methods.gpm import GPM, GPMConfig
+from ness.methods.hat import HAT, HATConfig
 from ness.methods.joint import Joint, JointConfig
 from ness.methods.ness import NESS, NESSConfig
+from ness.methods.owm import OWM, OWMConfig
 from ness.methods.sgp import SGP, SGPConfig
+from ness.methods.trgp import TRGP, TRGPConfig
 
 METHODS: dict[str, type[ContinualMethod]] = {
     "ness": NESS,
     "finetune": FineTune,
     "gpm": GPM,
+    "fsdgpm": FSDGPM,
     "sgp": SGP,
+    "trgp": TRGP,
+    "dfgp": DFGP,
     "ewc": EWC,
     "agem": AGEM,
+    "hat": HAT,
+    "owm": OWM,
     "joint": Joint,
 }
 
@@ -36,22 +46,32 @@ def build_method(name: str, model: nn.Module, options: dict[str, Any] | None = N
 
 __all__ = [
     "AGEM",
+    "DFGP",
     "EWC",
+    "FSDGPM",
     "GPM",
+    "HAT",
     "METHODS",
     "NESS",
+    "OWM",
     "SGP",
+    "TRGP",
     "AGEMConfig",
     "ContinualMethod",
+    "DFGPConfig",
     "EWCConfig",
+    "FSDGPMConfig",
     "FineTune",
     "FineTuneConfig",
     "GPMConfig",
+    "HATConfig",
     "Joint",
     "JointConfig",
     "NESSConfig",
+    "OWMConfig",
     "SGPConfig",
     "StepProgress",
+    "TRGPConfig",
     "TaskOrderError",
     "adaptable_layers",
     "build_method",

@@ -10,6 +10,7 @@ the hooks it needs and never sees the trainer.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,6 +50,16 @@ class StepProgress:
         return (self.epoch + self.epoch_fraction) / self.max_epochs
 
 
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool: what the numeric fields of method configs accept."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_count(value: Any) -> bool:
+    """An int ≥ 1, not a bool: sample counts, ranks, sizes."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 class TaskOrderError(RuntimeError):
     """begin_task/end_task called out of sequence."""
 
@@ -77,6 +88,13 @@ def subspace_layers(model: nn.Module, exclude: Sequence[str], method: str) -> li
     if not layers:
         raise ValueError(f"{method} found no nn.Linear or nn.Conv2d layer to work on (after heads and `exclude`)")
     return list(layers)
+
+
+def weights_and_head(model: nn.Module, names: Iterable[str], t: int) -> list[nn.Parameter]:
+    """The weights of the named layers and task t's head: what the projection methods train after task 0
+    (BatchNorm and biases stay as task 0 left them)."""
+    own_head, _ = head_parameters(model, t)
+    return [model.get_submodule(name).weight for name in names] + own_head
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -9,7 +9,6 @@ head train (BatchNorm and biases stay as task 0 left them).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,8 +16,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ness.methods.base import ContinualMethod, Forward, subspace_layers, task_inputs, watch_layer_inputs
-from ness.models import call_model, head_parameters
+from ness.methods.base import (
+    ContinualMethod,
+    Forward,
+    is_count,
+    is_number,
+    subspace_layers,
+    task_inputs,
+    watch_layer_inputs,
+    weights_and_head,
+)
+from ness.models import call_model
 from ness.subspace import (
     MemoryUpdate,
     grow_basis,
@@ -27,14 +35,6 @@ from ness.subspace import (
     project_gradient,
     projection_matrix,
 )
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass(frozen=True)
@@ -63,12 +63,12 @@ class GPMConfig:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if not _is_number(self.threshold) or not 0 < self.threshold <= 1:
+        if not is_number(self.threshold) or not 0 < self.threshold <= 1:
             raise ValueError(
                 f"{name}.threshold must be a number in (0, 1], got {self.threshold!r}: it is the fraction of "
                 "the representation energy kept (the papers use 0.95–0.99)"
             )
-        if not _is_number(self.threshold_increment) or self.threshold_increment < 0:
+        if not is_number(self.threshold_increment) or self.threshold_increment < 0:
             raise ValueError(
                 f"{name}.threshold_increment must be a finite number ≥ 0, got {self.threshold_increment!r} "
                 "(0.003 in the official CIFAR-100 script, 0 for a constant threshold)"
@@ -80,7 +80,7 @@ class GPMConfig:
             if value is not None:
                 object.__setattr__(self, field_name, tuple(value))
         if self.layer_thresholds is not None:
-            bad = [v for v in self.layer_thresholds if not _is_number(v) or not 0 < v <= 1]
+            bad = [v for v in self.layer_thresholds if not is_number(v) or not 0 < v <= 1]
             if bad or not self.layer_thresholds:
                 raise ValueError(
                     f"{name}.layer_thresholds must be a non-empty list of numbers in (0, 1], one per projected "
@@ -88,16 +88,16 @@ class GPMConfig:
                 )
         if self.patch_geometry is not None:
             geometry = tuple(None if g is None else tuple(g) for g in self.patch_geometry)
-            if not geometry or any(g is not None and (len(g) != 2 or not all(map(_is_count, g))) for g in geometry):
+            if not geometry or any(g is not None and (len(g) != 2 or not all(map(is_count, g))) for g in geometry):
                 raise ValueError(
                     f"{name}.patch_geometry must list one (stride, map size) pair of integers ≥ 1 or None per "
                     f"projected layer, got {self.patch_geometry!r}"
                 )
             object.__setattr__(self, "patch_geometry", geometry)
-        if not _is_count(self.samples):
+        if not is_count(self.samples):
             raise ValueError(f"{name}.samples must be an integer ≥ 1, got {self.samples!r} (GPM uses 100–300)")
         if self.layer_samples is not None:
-            bad = [b for b in self.layer_samples if not _is_count(b) or b > self.samples]
+            bad = [b for b in self.layer_samples if not is_count(b) or b > self.samples]
             if bad or not self.layer_samples:
                 raise ValueError(
                     f"{name}.layer_samples must be a non-empty list of integers in 1..samples={self.samples}, one "
@@ -167,8 +167,7 @@ class GPM(ContinualMethod):
     def task_parameters(self, t: int) -> list[nn.Parameter]:
         if t == 0:
             return super().task_parameters(t)
-        own_head, _ = head_parameters(self.model, t)
-        return [self.model.get_submodule(name).weight for name in self.layer_names] + own_head
+        return weights_and_head(self.model, self.layer_names, t)
 
     def after_backward(self, t: int) -> None:
         for name, projector in self._projectors.items():
