@@ -1,9 +1,9 @@
 """One table of every registered method through the same contract checks (the hooks the trainer relies on).
 
 Each method runs a tiny 3-task synthetic benchmark on a conv net with BatchNorm (layer types, im2col and BN
-freezing) and on an MLP with biases. The checks: it learns; ACC/BWT match the matrix; hooks out of order are errors; other tasks'
-heads never change while a task trains; the same seed gives the same result; and a state_dict saved mid-sequence,
-loaded into a fresh model, continues exactly like the original.
+freezing) and on an MLP with biases. The checks: it learns; ACC/BWT match the matrix; hooks out of order are errors;
+other tasks' heads never change while a task trains; the same seed gives the same result; and a state_dict saved
+mid-sequence, loaded into a fresh model, continues exactly like the original.
 """
 
 from __future__ import annotations

@@ -175,3 +175,16 @@ def test_agem_memory_is_recorded_and_unverified_values_say_so(benchmark, per_tas
     _, v, _, _, options = resolve_settings(benchmark, "agem", "paper")
     assert options["memory_per_task"] == per_task and options["memory_batch_size"] == 256
     assert "[unverified]" in v.sources["all"]
+
+
+def test_every_row_of_the_papers_table_has_its_variant_on_its_benchmark():
+    from ness.paper import PAPER_ENTRIES
+
+    reported = [e for e in PAPER_ENTRIES if e.acc is not None]
+    assert len({e.variant for e in reported}) == 14  # 8 baselines, 4 DFGP mixup weights, 2 NESS variants
+    for entry in reported:
+        for preset in ("paper", "quick"):
+            variant = get_protocol(entry.benchmark, preset).variants[entry.variant]
+            assert variant.method in METHODS and variant.sources, (entry.benchmark, entry.variant)
+            if entry.variant.startswith("dfgp_mixup"):
+                assert variant.options["mixup_weight"] == float(entry.variant.removeprefix("dfgp_mixup"))

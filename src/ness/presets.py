@@ -363,6 +363,16 @@ def _trust_region_variants(
                 "mixup-weight sweep (§13 item 4)"
             },
         ),
+        # The NESS paper's table has one DFGP row per mixup weight of NESS's sweep (§6, §14).
+        **{
+            f"dfgp_mixup{weight:g}": Variant(
+                "dfgp",
+                {"threshold_increment": 0.0, "rho": 0.05, "lambda_rho": 0.05, **dfgp, "mixup_weight": weight},
+                dfgp_train,
+                {"all": f"DFGP's official logs for {where} (§6) with NESS's swept mixup weight {weight:g} (§14)"},
+            )
+            for weight in (0.01, 0.05, 0.001, 0.0001)
+        },
     }
 
 
