@@ -81,7 +81,7 @@ def test_paper_benchmark_runs_reports_and_plots(tmp_path, capsys, benchmark, var
 
     assert main(["plot", str(out)]) == 0
     figures = sorted(p.name for p in (folder / "figures").iterdir())
-    expected = ["accuracy_matrix", "forgetting", "null_rank", "spectrum"]
+    expected = ["accuracy_matrix", "forgetting", "null_rank", "spectrum", "stability"]
     assert figures == sorted(f"{name}.{ext}" for name in expected for ext in ("png", "svg"))
 
 

@@ -245,6 +245,34 @@ def rank_figure(run: dict[str, Any], fraction: bool = False) -> Figure:
     return fig
 
 
+def stability_figure(run: dict[str, Any]) -> Figure:
+    """Per adapted layer and task: the measured max ‖xᵀΔW‖ over kept earlier inputs (solid) against Eq. 8's bound
+    σ_max(U)·‖V‖₂ (dashed), and the certified √ε when max_output_shift was set (grey line); log scale."""
+    rows = [row for row in _diagnostics(run) if row.get("measured_max_shift") is not None]
+    if not rows:
+        raise ValueError("results have no measured output shifts (no layer was adapted, or probe_samples = 0)")
+    layers = list(dict.fromkeys(str(row["layer"]) for row in rows))
+    fig = Figure(figsize=(8.5, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for layer, color in zip(layers, _layer_colors(len(layers)), strict=True):
+        own = sorted((row for row in rows if str(row["layer"]) == layer), key=lambda row: int(row["task"]))
+        tasks = [int(row["task"]) for row in own]
+        ax.plot(tasks, [row["measured_max_shift"] for row in own], marker="o", markersize=4, color=color, label=layer)
+        ax.plot(tasks, [row["eq8_bound"] for row in own], linestyle="--", linewidth=1.0, color=color)
+    certified = {row["certified_shift"] for row in rows if row.get("certified_shift") is not None}
+    for value in certified:
+        ax.axhline(value, color="grey", linewidth=1.2, label="certified √ε")
+    ax.set_yscale("log")
+    ax.set_xticks(sorted({int(row["task"]) for row in rows}))
+    ax.set_xlabel("task t")
+    ax.set_ylabel("max ‖xᵀΔW‖ over earlier inputs")
+    ax.grid(alpha=0.3, which="both")
+    fig.legend(loc="outside right upper", fontsize=7 if len(layers) > 10 else 8, frameon=False)
+    ax.set_title(f"{_run_name(run)}\nmeasured output shift (solid) and Eq. 8 bound (dashed) per layer", fontsize=10)
+    return fig
+
+
 def _layer_colors(n: int) -> list[tuple[float, float, float, float]]:
     """n distinguishable colours: tab10 up to 10 layers, tab20 up to 20, then a continuous map."""
     if n <= 10:
@@ -370,6 +398,8 @@ def _run_figures(path: Path) -> dict[str, Figure]:
         figures = {"accuracy_matrix": accuracy_matrix_figure(run), "forgetting": forgetting_figure(run)}
         if run.get("diagnostics") and all("rank" in row for row in run["diagnostics"]):  # NESS's null bases
             figures["null_rank"] = rank_figure(run)
+            if any(row.get("measured_max_shift") is not None for row in run["diagnostics"]):
+                figures["stability"] = stability_figure(run)
         name = _run_name(run)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
@@ -384,7 +414,7 @@ def _run_figures(path: Path) -> dict[str, Figure]:
 
 def plot_results(root: str | Path) -> list[Path]:
     """For every results.json under `root`, write its figures as PNG and SVG into a `figures/` folder beside it:
-    accuracy_matrix, forgetting, null_rank (runs with NESS diagnostics), spectrum (when spectra.json exists)."""
+    accuracy_matrix, forgetting, null_rank and stability (runs with NESS diagnostics), spectrum (with spectra.json)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"no results directory at '{root}'")

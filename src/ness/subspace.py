@@ -315,3 +315,14 @@ def sgp_importance(previous: Tensor | None, norms: Tensor, alpha: float) -> Tens
         k = previous.numel()
         importance[:k] = (importance[:k] + previous.to(importance)).clamp(0.0, 1.0)
     return importance
+
+
+def clip_spectral_norm(matrix: Tensor, bound: float) -> Tensor:
+    """The nearest matrix (in every unitarily invariant norm) with spectral norm ≤ bound: the SVD with every
+    singular value above `bound` lowered to it. Used to certify Eq. 10: ‖V‖₂ ≤ √ε/σ_max(U) ⇒ ‖xᵀUV‖² ≤ ε."""
+    if not bound >= 0:
+        raise ValueError(f"clip_spectral_norm: the bound must be ≥ 0, got {bound}")
+    left, singular, right_t = torch.linalg.svd(matrix.double(), full_matrices=False)
+    if singular.numel() == 0 or float(singular[0]) <= bound:
+        return matrix
+    return ((left * singular.clamp(max=bound)) @ right_t).to(matrix.dtype)

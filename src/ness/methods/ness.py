@@ -19,6 +19,7 @@ from ness.adapters import NullSpaceAdapter
 from ness.methods.base import (
     ContinualMethod,
     Forward,
+    is_number,
     replace_module,
     subspace_layers,
     task_inputs,
@@ -28,6 +29,7 @@ from ness.models import call_model, head_parameters
 from ness.subspace import (
     THRESHOLD_RULES,
     ThresholdRule,
+    clip_spectral_norm,
     input_covariance,
     layer_input_rows,
     null_basis,
@@ -56,6 +58,10 @@ class NESSConfig:
     """Module-name globs (e.g. 'features.0', 'encoder.*') or class names (e.g. 'Conv2d') left unadapted."""
     probe_samples: int = 256
     """Layer-input rows kept per layer and task to measure the real max ‖xᵀΔW‖ (0: report bounds only)."""
+    max_output_shift: float | None = None
+    """ε of Eq. 10, enforced: after every step each adapted layer's V is clipped to ‖V‖₂ ≤ √ε/σ_max(U), so every
+    earlier input x of the layer (as the memory recorded it) has ‖xᵀΔW‖² ≤ ε, certified from the covariance
+    alone. None: no constraint (the paper, which relies on weight decay to keep V small)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.eps1, bool) or not isinstance(self.eps1, (int, float)) or not math.isfinite(self.eps1):
@@ -74,6 +80,12 @@ class NESSConfig:
         if isinstance(self.exclude, str):
             raise TypeError("NESSConfig.exclude must be a list of patterns, not a single string")
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        shift = self.max_output_shift
+        if shift is not None and (not is_number(shift) or shift <= 0):
+            raise ValueError(
+                f"NESSConfig.max_output_shift must be a finite number > 0 (the certified ‖xᵀΔW‖² per layer) or "
+                f"None, got {shift!r}"
+            )
         if not isinstance(self.probe_samples, int) or self.probe_samples < 0:
             raise ValueError(f"NESSConfig.probe_samples must be an integer ≥ 0, got {self.probe_samples!r}")
 
@@ -154,6 +166,23 @@ class NESS(ContinualMethod):
         own_head, _ = head_parameters(self.model, t)
         return [layer.adapter.V for layer in self.active.values()] + own_head
 
+    def after_step(self, t: int) -> None:
+        """With max_output_shift = ε: project each V back onto the ball ‖V‖₂ ≤ √ε/σ_max(U) (Eq. 10)."""
+        if self.config.max_output_shift is None:
+            return
+        with torch.no_grad():
+            for layer in self.active.values():
+                bound = self._v_bound(layer)
+                if bound is not None:
+                    layer.adapter.V.copy_(clip_spectral_norm(layer.adapter.V, bound))
+
+    def _v_bound(self, layer: ActiveLayer) -> float | None:
+        """√ε/σ_max(U) for the layer, or None without a constraint (or when U carries no energy at all)."""
+        sigma_max = float(layer.kept_singular_values.max())
+        if self.config.max_output_shift is None or sigma_max == 0.0:
+            return None
+        return math.sqrt(self.config.max_output_shift) / sigma_max
+
     def on_end_task(self, t: int, batches: Iterable[Any]) -> None:
         for name, layer in self.active.items():
             layer.record.update(self._measure(layer))
@@ -217,7 +246,9 @@ class NESS(ContinualMethod):
         delta = layer.adapter.U.double() @ v  # (d, o) in the paper's layout
         probe = layer.probe.to(delta.device, torch.float64)
         measured = float((probe @ delta).norm(dim=1).max()) if probe.numel() else float("nan")
+        shift = self.config.max_output_shift
         return {
+            "certified_shift": math.sqrt(shift) if shift is not None else None,
             "v_spectral_norm": v_norm,
             "eq8_bound": float(sigma_u.max()) * v_norm,
             "covariance_bound": covariance_bound,
