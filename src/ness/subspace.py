@@ -322,6 +322,8 @@ def clip_spectral_norm(matrix: Tensor, bound: float) -> Tensor:
     singular value above `bound` lowered to it. Used to certify Eq. 10: ‖V‖₂ ≤ √ε/σ_max(U) ⇒ ‖xᵀUV‖² ≤ ε."""
     if not bound >= 0:
         raise ValueError(f"clip_spectral_norm: the bound must be ≥ 0, got {bound}")
+    if float(torch.linalg.matrix_norm(matrix.double())) <= bound:  # ‖·‖₂ ≤ ‖·‖_F: inside, no SVD needed
+        return matrix
     left, singular, right_t = torch.linalg.svd(matrix.double(), full_matrices=False)
     if singular.numel() == 0 or float(singular[0]) <= bound:
         return matrix
