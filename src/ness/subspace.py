@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ThresholdRule = Literal["frobenius", "nuclear"]
-THRESHOLD_RULES: tuple[str, ...] = ("frobenius", "nuclear")
+ThresholdRule = Literal["frobenius", "nuclear", "energy", "rank"]
+THRESHOLD_RULES: tuple[str, ...] = ("frobenius", "nuclear", "energy", "rank")
 
 
 class UnsupportedLayerError(TypeError):
@@ -181,13 +181,47 @@ class NullBasis:
         return self.singular_values[: self.rank]
 
 
-def null_basis(covariance: Tensor, eps1: float, rule: ThresholdRule = "frobenius", name: str = "layer") -> NullBasis:
-    """The approximate null space of the inputs summarised by `covariance` (d×d)."""
+def null_rank(
+    singular_values: Tensor, rule: ThresholdRule, eps1: float, delta: float | None = None, rank: int | None = None
+) -> tuple[int, float]:
+    """(r, τ): how many of the smallest directions (σ ascending) form U under `rule`, and the σ cut-off.
+
+    frobenius / nuclear: σᵢ ≤ τ of `null_threshold` (knob ε₁). energy: the most smallest directions whose energy
+    Σσᵢ² is ≤ δ of the total (knob δ; U's share of Σxᵀx over the old inputs). rank: the `rank` smallest directions.
+    For energy and rank, τ is the largest kept σ (0 when none is kept).
+    """
+    d = singular_values.numel()
+    if rule in ("frobenius", "nuclear"):
+        tau = null_threshold(singular_values, eps1, rule)
+        return int((singular_values <= tau).sum()), tau
+    if rule == "energy":
+        if delta is None:
+            raise ValueError("the energy rule needs delta, the share of input energy U may carry")
+        energies = singular_values.double() ** 2
+        r = int((energies.cumsum(0) <= delta * float(energies.sum())).sum())
+    elif rule == "rank":
+        if rank is None:
+            raise ValueError("the rank rule needs rank, the number of directions per layer")
+        r = min(rank, d)
+    else:
+        raise ValueError(f"unknown threshold rule {rule!r}; choose one of {THRESHOLD_RULES}")
+    return r, float(singular_values[r - 1]) if r else 0.0
+
+
+def null_basis(
+    covariance: Tensor,
+    eps1: float,
+    rule: ThresholdRule = "frobenius",
+    name: str = "layer",
+    *,
+    delta: float | None = None,
+    rank: int | None = None,
+) -> NullBasis:
+    """The approximate null space of the inputs summarised by `covariance` (d×d), chosen by `rule` (`null_rank`)."""
     spectrum = covariance_spectrum(covariance, name)
     sigma = spectrum.singular_values
-    tau = null_threshold(sigma, eps1, rule)
-    rank = int((sigma <= tau).sum())  # σ ascending, so the kept directions are the first `rank`
-    return NullBasis(spectrum.eigenvectors[:, :rank], sigma, tau, spectrum.fallback)
+    r, tau = null_rank(sigma, rule, eps1, delta, rank)  # σ ascending, so the kept directions are the first r
+    return NullBasis(spectrum.eigenvectors[:, :r], sigma, tau, spectrum.fallback)
 
 
 # -- gradient projection memory: GPM (Saha et al., ICLR 2021) and SGP (Saha & Roy, AAAI 2023), METHODS_SPEC §3–§4 ---

@@ -7,6 +7,8 @@ V trains, so each earlier input x sees ‖xᵀΔW‖ ≤ σ_max(U)·‖V‖₂ (
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -19,6 +21,7 @@ from ness.adapters import NullSpaceAdapter
 from ness.methods.base import (
     ContinualMethod,
     Forward,
+    is_count,
     is_number,
     replace_module,
     subspace_layers,
@@ -47,7 +50,15 @@ class NESSConfig:
     eps1: float = 1e-3
     """ε₁ of Eq. 5: keep directions with σᵢ ≤ ε₁·‖I_t‖_F (frobenius) or ε₁·Σσᵢ (nuclear)."""
     threshold: ThresholdRule = "frobenius"
-    """'frobenius' is the paper's Eq. 5; 'nuclear' is what the official code computes (a larger τ)."""
+    """'frobenius' is the paper's Eq. 5; 'nuclear' is what the official code computes (a larger τ); 'energy' keeps
+    the smallest directions carrying at most `delta` of the layer's input energy; 'rank' keeps `rank` directions."""
+    delta: float = 1e-3
+    """δ of the 'energy' rule, in (0, 1): the share of Σ‖x‖² over earlier inputs that U may carry."""
+    rank: int | None = None
+    """The 'rank' rule's per-layer budget r ≥ 1 (capped at d); required with threshold='rank'."""
+    layer_rules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-layer overrides of threshold / eps1 / delta / rank by module-name glob, e.g. {'backbone.0': {'threshold':
+    'rank', 'rank': 64}} (PEFT's rank_pattern idea); the first matching pattern wins, each must match a layer."""
     memory: Memory = "covariance"
     """'covariance' keeps only running d×d sums Σxxᵀ (the paper's Eq. 7, no data kept); 'replay' keeps earlier
     tasks' raw inputs and recomputes every covariance through the current model, as the official code does."""
@@ -73,6 +84,22 @@ class NESSConfig:
             )
         if self.threshold not in THRESHOLD_RULES:
             raise ValueError(f"NESSConfig.threshold must be one of {THRESHOLD_RULES}, got {self.threshold!r}")
+        if not is_number(self.delta) or not 0 < self.delta < 1:
+            raise ValueError(f"NESSConfig.delta must be a number in (0, 1), the energy share; got {self.delta!r}")
+        if self.rank is not None and not is_count(self.rank):
+            raise ValueError(f"NESSConfig.rank must be an integer ≥ 1 or None, got {self.rank!r}")
+        if self.threshold == "rank" and self.rank is None:
+            raise ValueError("NESSConfig: threshold='rank' needs rank=r, the number of null directions per layer")
+        if not isinstance(self.layer_rules, dict):
+            raise TypeError(f"NESSConfig.layer_rules must be a dict of pattern → settings, got {self.layer_rules!r}")
+        for pattern, rule in self.layer_rules.items():
+            unknown = set(rule) - set(LAYER_RULE_KEYS) if isinstance(rule, dict) else {"(not a dict)"}
+            if unknown:
+                raise ValueError(
+                    f"NESSConfig.layer_rules[{pattern!r}]: unknown settings {sorted(unknown)}; a layer rule may set "
+                    f"{LAYER_RULE_KEYS}"
+                )
+            self.for_layer_rule(rule)  # validates the combination
         if self.memory not in MEMORIES:
             raise ValueError(f"NESSConfig.memory must be one of {MEMORIES}, got {self.memory!r}")
         if self.memory_tasks not in MEMORY_TASKS:
@@ -88,6 +115,20 @@ class NESSConfig:
             )
         if not isinstance(self.probe_samples, int) or self.probe_samples < 0:
             raise ValueError(f"NESSConfig.probe_samples must be an integer ≥ 0, got {self.probe_samples!r}")
+
+    def for_layer_rule(self, rule: dict[str, Any]) -> NESSConfig:
+        """This config with one layer rule's settings applied (and validated)."""
+        return dataclasses.replace(self, **rule, layer_rules={})
+
+    def layer_config(self, name: str) -> NESSConfig:
+        """The settings of layer `name`: the first layer rule whose pattern matches it, else the config's own."""
+        for pattern, rule in self.layer_rules.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return self.for_layer_rule(rule)
+        return self
+
+
+LAYER_RULE_KEYS: tuple[str, ...] = ("threshold", "eps1", "delta", "rank")
 
 
 @dataclass
@@ -118,6 +159,12 @@ class NESS(ContinualMethod):
     def __init__(self, model: nn.Module, config: NESSConfig | None = None, forward: Forward = call_model) -> None:
         super().__init__(model, config, forward)
         self.layer_names = subspace_layers(model, self.config.exclude, "NESS")
+        for pattern in self.config.layer_rules:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in self.layer_names):
+                raise ValueError(
+                    f"NESSConfig.layer_rules pattern {pattern!r} matches no adapted layer; the layers are "
+                    f"{self.layer_names}"
+                )
         self.covariances: dict[str, Tensor] = {}  # memory='covariance': running Σxxᵀ over finished tasks
         self.probes: dict[str, list[Tensor]] = {name: [] for name in self.layer_names}  # per finished task
         self.replay: list[Tensor] = []  # memory='replay': raw model inputs of each finished task
@@ -137,7 +184,10 @@ class NESS(ContinualMethod):
             covariances = self.covariances
             probes = {name: torch.cat(rows) for name, rows in self.probes.items()}
         for name in self.layer_names:
-            basis = null_basis(covariances[name], self.config.eps1, self.config.threshold, name=name)
+            rule = self.config.layer_config(name)
+            basis = null_basis(
+                covariances[name], rule.eps1, rule.threshold, name=name, delta=rule.delta, rank=rule.rank
+            )
             base = self.model.get_submodule(name)
             record: dict[str, Any] = {
                 "task": t,
@@ -146,6 +196,7 @@ class NESS(ContinualMethod):
                 "out": base.weight.shape[0],
                 "rank": basis.rank,
                 "frozen": basis.rank == 0,
+                "rule": rule.threshold,
                 "threshold": basis.threshold,
                 "sigma_max_U": float(basis.kept_singular_values.max()) if basis.rank else 0.0,
                 "sigma_max_all": float(basis.singular_values.max()),
