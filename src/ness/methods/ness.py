@@ -201,6 +201,7 @@ class NESS(ContinualMethod):
                 "sigma_max_U": float(basis.kept_singular_values.max()) if basis.rank else 0.0,
                 "sigma_max_all": float(basis.singular_values.max()),
                 "eigh_fallback": basis.fallback,
+                "memory_bytes": self.memory_bytes(),
                 # The whole spectrum, descending: experiment.py moves it to spectra.json for the figures.
                 "singular_values": basis.singular_values.flip(0).tolist(),
             }
@@ -249,6 +250,12 @@ class NESS(ContinualMethod):
         for name, s in stats.items():
             self.covariances[name] = self.covariances.get(name, 0) + s.covariance
             self.probes[name].append(s.probe)
+
+    def memory_bytes(self) -> int:
+        """Bytes the method keeps between tasks to build null spaces: the d×d sums (memory='covariance') or the raw
+        inputs of earlier tasks (memory='replay'). The probe rows kept for measuring shifts are not counted."""
+        kept = self.replay if self.config.memory == "replay" else list(self.covariances.values())
+        return sum(x.numel() * x.element_size() for x in kept)
 
     def diagnostics(self) -> list[dict[str, Any]]:
         """Per layer and task t ≥ 1: d, rank, τ, σ_max(U), ‖V‖₂, the Eq. 8 bound σ_max(U)·‖V‖₂, the tighter
