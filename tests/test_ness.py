@@ -589,7 +589,7 @@ def test_unsupported_layer_is_named_and_exclude_skips_it():
 
 def test_model_without_adaptable_layers_is_rejected():
     model = MultiHeadNet(nn.ReLU(), 4, [2])
-    with pytest.raises(ValueError, match=r"found no nn\.Linear or nn\.Conv2d layer"):
+    with pytest.raises(ValueError, match=r"found no nn\.Linear, nn\.Conv1d or nn\.Conv2d layer"):
         NESS(model, NESSConfig())
 
 

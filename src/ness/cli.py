@@ -1,4 +1,4 @@
-"""`ness demo | run | report`: the command-line entry points."""
+"""`ness demo | run | report | plot | adapters`: the command-line entry points."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ness.presets import PRESET_NAMES, PROTOCOLS, get_protocol
+from ness.presets import NETWORKS, PRESET_NAMES, PROTOCOLS, get_protocol
 from ness.results import (
     format_matrix,
     load_results,
@@ -28,8 +28,9 @@ def parse_option(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    words = {"true": True, "false": False, "none": None}  # the shell's spellings of Python's literals
     try:
-        value = ast.literal_eval(raw)
+        value = words[raw.strip().lower()] if raw.strip().lower() in words else ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw
     return key.strip(), value
@@ -73,12 +74,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ness.experiment import resolve_settings, run_experiment
+    from ness.experiment import check_saves_adapters, resolve_settings, run_experiment
 
     overrides = dict(args.set or [])
     protocol = get_protocol(args.benchmark, args.preset)
     for method in args.method:  # fail before any training if a name or a setting is wrong
-        resolve_settings(args.benchmark, method, args.preset, overrides, args.faithful, args.download)
+        _, variant, *_ = resolve_settings(
+            args.benchmark, method, args.preset, overrides, args.faithful, args.download, args.network
+        )
+        if args.save_adapters:
+            check_saves_adapters(method, variant.method)
     seeds = args.seeds or list(protocol.seeds)
     failures = []
     for method in args.method:
@@ -95,6 +100,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     faithful=args.faithful,
                     download=args.download,
                     progress=not args.quiet,
+                    network=args.network,
+                    save_adapters=args.save_adapters,
                 )
                 print(
                     f"{args.benchmark} {method} seed {seed}: ACC {r['acc']:.2f}  BWT {r['bwt']:.2f}  "
@@ -141,6 +148,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from ness.adapter_files import describe_adapters, merged_state_dict, read_state_dict, write_state_dict
+
+    if args.merge != (args.base is not None and args.out is not None):
+        raise ValueError(
+            "--merge goes with --base BASE.safetensors (the model after task 0) and --out MODEL.safetensors"
+        )
+    print(describe_adapters(args.dir))
+    if args.merge:
+        merged = merged_state_dict(read_state_dict(args.base), args.dir)
+        print(f"wrote the merged model's state dict ({len(merged)} tensors) to {write_state_dict(args.out, merged)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ness", description="Continual learning in the null space (NESS).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--preset", default="quick", choices=PRESET_NAMES)
     run.add_argument(
+        "--network",
+        default=None,
+        help=f"train this network instead of the preset's: one of {', '.join(NETWORKS)}; 'vit' is a small vision "
+        "transformer (ness.models.vision_transformer; runs are labelled <method>_vit)",
+    )
+    run.add_argument(
         "--faithful",
         action="store_true",
         help="reproduce the official code where it changes results (nuclear threshold, raw-data replay, SAM in "
@@ -183,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a method, training or data option, e.g. --set eps1=1e-2 --set epochs=3",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--save-adapters",
+        action="store_true",
+        help="NESS variants: also write seed_N/base_model.safetensors (the model after task 0) and seed_N/adapters/ "
+        "(each task's U and V, the statistics); `ness adapters DIR` reads them",
+    )
     run.set_defaults(func=cmd_run)
 
     report = sub.add_parser(
@@ -196,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="figures (PNG and SVG) for every run under DIR, in <run>/figures/")
     plot.add_argument("dir")
     plot.set_defaults(func=cmd_plot)
+
+    adapters = sub.add_parser(
+        "adapters",
+        help="summary of a NESS adapter directory (layers, rank per task, file sizes); --merge writes a model",
+    )
+    adapters.add_argument("dir", help="a directory written by method.save_adapters or `ness run --save-adapters`")
+    adapters.add_argument(
+        "--merge", action="store_true", help="merge every ΔW into the base model (needs --base, --out)"
+    )
+    adapters.add_argument("--base", help="the base model's state dict (seed_N/base_model.safetensors)")
+    adapters.add_argument("--out", help="where the merged model's state dict goes (.safetensors)")
+    adapters.set_defaults(func=cmd_adapters)
     return parser
 
 

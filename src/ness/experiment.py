@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 
+from ness.adapter_files import save_adapters as write_adapters
+from ness.adapter_files import write_state_dict
 from ness.data import BENCHMARKS, build_benchmark
-from ness.methods import METHODS, build_method
+from ness.methods import METHODS, NESS, build_method
 from ness.presets import Protocol, Variant, faithful_settings, get_protocol
 from ness.results import write_json_atomic
 from ness.trainer import TrainConfig, run_continual, seed_everything
@@ -55,10 +57,14 @@ def resolve_settings(
     overrides: dict[str, Any] | None = None,
     faithful: bool = False,
     download: bool = False,
+    network: str | None = None,
 ) -> tuple[Protocol, Variant, TrainConfig, dict[str, Any], dict[str, Any]]:
     """(protocol, variant, training config, data options, method options) of a run, each layer of settings
-    applied in order preset < variant < --faithful < overrides; every value is validated here, before training."""
+    applied in order preset < variant < --faithful < overrides; every value is validated here, before training.
+    `network` (e.g. 'vit') replaces the protocol's network."""
     protocol = get_protocol(benchmark, preset)
+    if network is not None:
+        protocol = protocol.with_network(network)
     variant = protocol.variant(method)
     faithful_over = faithful_settings(protocol) if faithful else {}
     method_over, train_over, data_over = split_overrides(variant.method, benchmark, overrides or {})
@@ -76,6 +82,14 @@ def resolve_settings(
     return protocol, variant, train, data, options
 
 
+def check_saves_adapters(variant: str, method: str) -> None:
+    """`--save-adapters` needs a NESS variant: only NESS learns adapters (ΔW = U·V over a base model) to write."""
+    if not issubclass(METHODS[method], NESS):
+        raise ValueError(
+            f"--save-adapters works with NESS variants only; {variant!r} runs {method!r}, which learns no adapters"
+        )
+
+
 def run_experiment(
     benchmark: str,
     method: str,
@@ -88,25 +102,43 @@ def run_experiment(
     faithful: bool = False,
     download: bool = False,
     progress: bool = True,
+    network: str | None = None,
+    save_adapters: bool = False,
 ) -> dict[str, Any]:
     """Run one seed of a method or variant (e.g. `ness_sam`) on `benchmark`.
 
     Writes `out/benchmark/<variant>/seed_N/results.json` (and `spectra.json` when the method reports spectra).
-    `faithful` applies the official code's behaviour where it changes results (presets.FAITHFUL).
+    `faithful` applies the official code's behaviour where it changes results (presets.FAITHFUL). `network`
+    (e.g. 'vit') trains that network instead of the protocol's; the run is then labelled `<variant>_<network>`.
+    `save_adapters` (NESS variants) also writes `seed_N/base_model.safetensors`, the model as task 0 left it, and
+    `seed_N/adapters/` (ness.adapter_files), from which the final model can be rebuilt or merged.
     """
-    settings = resolve_settings(benchmark, method, preset, overrides, faithful, download)
+    settings = resolve_settings(benchmark, method, preset, overrides, faithful, download, network)
     protocol, variant, train, data, options = settings
+    if save_adapters:
+        check_saves_adapters(method, variant.method)
+        if out is None:
+            raise ValueError("save_adapters needs an `out` folder to write the adapters to")
+    own_network = protocol.network_name == get_protocol(benchmark, preset).network_name
+    label = method if own_network else f"{method}_{protocol.network_name}"
     faithful_over = faithful_settings(protocol) if faithful else {}
     start = time.perf_counter()
     seed_everything(seed)
     bench = build_benchmark(benchmark, seed=seed, data_root=data_root, **data)
     model = protocol.network(bench)
     runner = build_method(variant.method, model, options)
-    outcome = run_continual(model, runner, bench, train, seed, progress)
+    base_state: dict[str, torch.Tensor] = {}  # the model as task 0 left it: the base the adapters apply to
+
+    def keep_base(t: int) -> None:
+        if t == 0:
+            base_state.update({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+
+    outcome = run_continual(model, runner, bench, train, seed, progress, keep_base if save_adapters else None)
     spectra = _take_spectra(outcome["diagnostics"])
     results = {
         "method": variant.method,
-        "variant": method,
+        "variant": label,
+        "network": protocol.network_name,
         "benchmark": benchmark,
         "preset": preset,
         "faithful": faithful,
@@ -134,7 +166,10 @@ def run_experiment(
         },
     }
     if out is not None:
-        folder = Path(out) / benchmark / (f"{method}_faithful" if faithful else method) / f"seed_{seed}"
+        folder = Path(out) / benchmark / (f"{label}_faithful" if faithful else label) / f"seed_{seed}"
+        if save_adapters:  # before results.json, which marks a finished run
+            write_state_dict(folder / "base_model.safetensors", base_state)
+            write_adapters(runner, folder / "adapters")
         write_json_atomic(folder / "results.json", results)
         if spectra:
             write_json_atomic(folder / "spectra.json", {"spectra": spectra})

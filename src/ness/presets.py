@@ -9,19 +9,33 @@ Every value names its source in `sources`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from torch import nn
 
 from ness.data import Benchmark
-from ness.models import alexnet, multi_head_mlp, reduced_resnet18, shared_head_mlp
+from ness.models import (
+    VisionTransformer,
+    alexnet,
+    multi_head_mlp,
+    reduced_resnet18,
+    shared_head_mlp,
+    vision_transformer,
+)
 from ness.trainer import TrainConfig
 
 PRESET_NAMES: tuple[str, ...] = ("quick", "paper")
 PAPER_SEEDS: tuple[int, ...] = (1, 2, 3, 4, 37)  # NESS and its baseline copies loop over these (§1.5)
 QUICK_SEEDS: tuple[int, ...] = (1, 2, 3)
-Network = Literal["mlp", "alexnet", "resnet18"]
+Network = Literal["mlp", "mlp_bias", "mlp_bn", "alexnet", "resnet18", "vit"]
+MLP_NETWORKS: dict[str, dict[str, bool]] = {  # the protocol's MLP widths, with biases or with BatchNorm
+    "mlp": {},
+    "mlp_bias": {"bias": True},
+    "mlp_bn": {"batchnorm": True},
+}
+NETWORKS: tuple[str, ...] = get_args(Network)
 
 
 @dataclass(frozen=True)
@@ -56,13 +70,40 @@ class Protocol:
     def network(self, benchmark: Benchmark) -> nn.Module:
         """The benchmark's network with one head per task (or one shared output, domain-incremental)."""
         classes = [t.num_classes for t in benchmark.tasks]
+        if self.network_name == "vit":
+            return _vit(benchmark, classes)
+        if self.network_name in ("alexnet", "resnet18") and len(benchmark.input_shape) != 3:
+            raise ValueError(f"{self.network_name} needs (channels, height, width) images, not flat inputs")
         if self.network_name == "alexnet":
             return alexnet(classes)
         if self.network_name == "resnet18":
             return reduced_resnet18(classes, input_size=benchmark.input_shape[-1])
+        options = MLP_NETWORKS[self.network_name]
         if benchmark.shared_head:
-            return shared_head_mlp(benchmark.input_dim, self.hidden, classes[0])
-        return multi_head_mlp(benchmark.input_dim, self.hidden, classes)
+            return shared_head_mlp(benchmark.input_dim, self.hidden, classes[0], **options)
+        return multi_head_mlp(benchmark.input_dim, self.hidden, classes, **options)
+
+    def with_network(self, name: str) -> Protocol:
+        """This protocol with another network (`--network vit`); the variants and schedule stay the protocol's."""
+        if name not in NETWORKS:
+            raise ValueError(f"unknown network {name!r}; choose one of {list(NETWORKS)}")
+        if name == self.network_name:
+            return self
+        if name in MLP_NETWORKS and not self.hidden:
+            raise ValueError(f"network {name!r} needs MLP widths, which the {self.benchmark} protocol does not set")
+        source = _VIT_SOURCE if name == "vit" else f"--network {name} instead of the protocol's {self.network_name}"
+        if name in MLP_NETWORKS and name != "mlp":
+            source = f"ours (--network {name}): the protocol's MLP " + (
+                "with biases in every layer"
+                if name == "mlp_bias"
+                else "with BatchNorm1d (running statistics) after each hidden Linear"
+            )
+        hidden = self.hidden if name in MLP_NETWORKS else ()
+        train = self.train
+        if name == "mlp_bn":  # a last batch of 1 row would break train-mode BatchNorm
+            source += "; the last batch of an epoch is dropped when smaller than batch_size"
+            train = replace(train, drop_last=True)
+        return replace(self, network_name=name, hidden=hidden, train=train, sources={**self.sources, "network": source})
 
     def variant(self, name: str) -> Variant:
         """The named variant; a registered method without one here runs with its defaults."""
@@ -85,6 +126,31 @@ class Protocol:
             "seeds": list(self.seeds),
             "sources": self.sources,
         }
+
+
+_VIT_SOURCE = (
+    "--network vit: ness.models.vision_transformer's defaults (width 32, 2 pre-norm blocks, 4 heads, MLP ×2) "
+    "on patches of at least 4×4 pixels in a grid of at most 4×4 (MNIST: 7×7 patches), one head per task; ours, "
+    "not a network of the paper"
+)
+
+
+def _vit(benchmark: Benchmark, classes: list[int]) -> nn.Module:
+    """The small ViT with the smallest patch of at least 4 pixels (or the whole side) that leaves a grid of at most
+    4×4 patches: 7 for 28×28 MNIST, 4 for 8×8 digits. Flat inputs of a square size are read as 1×s×s grey images;
+    plain SGD barely trains the ViT on 2×2-pixel patches of the 8×8 digits."""
+    shape = benchmark.input_shape
+    if len(shape) == 1:
+        side = math.isqrt(shape[0])
+        if side * side != shape[0]:
+            raise ValueError(f"network 'vit' needs images; {shape[0]} flat input features are not a square image")
+        shape = (1, side, side)
+    side = shape[-1]
+    patch = next(p for p in range(1, side + 1) if side % p == 0 and p >= min(side, max(4, side / 4)))
+    if benchmark.shared_head:
+        backbone = VisionTransformer(shape, patch)
+        return nn.Sequential(backbone, nn.Linear(backbone.feature_dim, classes[0], bias=False))
+    return vision_transformer(classes, shape, patch)
 
 
 # The official code's behaviour where it changes results (METHODS_SPEC §2.6–§2.7); the defaults are corrected.

@@ -22,40 +22,45 @@ class UnsupportedLayerError(TypeError):
     """A layer NESS cannot adapt exactly (grouped convolution, uninitialised lazy layer, ...)."""
 
 
+ConvLayer = nn.Conv1d | nn.Conv2d
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
 def check_supported(name: str, module: nn.Module) -> None:
     """Raise a clear error when `module` is not a layer whose input subspace we can model (NESS's adapters,
-    the projection methods' bases): an initialised nn.Linear, or an nn.Conv2d with groups=1."""
+    the projection methods' bases): an initialised nn.Linear, or an nn.Conv1d / nn.Conv2d with groups=1."""
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         raise UnsupportedLayerError(
             f"layer '{name}' ({type(module).__name__}) is not initialised yet: run one forward pass "
             "before wrapping the model, or exclude it."
         )
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
         raise UnsupportedLayerError(
-            f"layer '{name}' is a Conv2d with groups={module.groups}: each group sees its own input "
-            f"subspace, which the subspace methods do not model. Exclude it with exclude=['{name}']."
+            f"layer '{name}' is a {type(module).__name__} with groups={module.groups}: each group sees its own "
+            f"input subspace, which the subspace methods do not model. Exclude it with exclude=['{name}']."
         )
-    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+    if not isinstance(module, SUPPORTED_LAYERS):
         raise UnsupportedLayerError(
-            f"layer '{name}' is a {type(module).__name__}; the subspace methods handle nn.Linear and nn.Conv2d only."
+            f"layer '{name}' is a {type(module).__name__}; the subspace methods handle nn.Linear, nn.Conv1d and "
+            "nn.Conv2d only."
         )
 
 
-def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    """Explicit (left, right, top, bottom) padding of `conv`, as F.pad takes it ('same' may be uneven)."""
+def conv_padding(conv: ConvLayer) -> tuple[int, ...]:
+    """Explicit padding of `conv` as F.pad takes it, last dimension first: (left, right) for Conv1d,
+    (left, right, top, bottom) for Conv2d ('same' may be uneven)."""
     if conv.padding == "valid":
-        return (0, 0, 0, 0)
+        return (0,) * (2 * len(conv.kernel_size))
     if conv.padding == "same":
         pads: list[int] = []
         for k, dil in zip(reversed(conv.kernel_size), reversed(conv.dilation), strict=True):
             total = dil * (k - 1)
             pads += [total // 2, total - total // 2]
-        return (pads[0], pads[1], pads[2], pads[3])
-    ph, pw = conv.padding  # type: ignore[misc]
-    return (pw, pw, ph, ph)
+        return tuple(pads)
+    return tuple(p for pad in reversed(conv.padding) for p in (pad, pad))  # type: ignore[arg-type]
 
 
-def pad_conv_input(conv: nn.Conv2d, x: Tensor) -> Tensor:
+def pad_conv_input(conv: ConvLayer, x: Tensor) -> Tensor:
     """Pad `x` exactly as `conv` does before sliding its kernel (any padding and padding_mode)."""
     pads = conv_padding(conv)
     if not any(pads):
@@ -64,21 +69,31 @@ def pad_conv_input(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return F.pad(x, pads, mode=mode)
 
 
-def conv_with_weight(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def conv_with_weight(conv: ConvLayer, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """`conv`'s operation (stride, padding, dilation) with another kernel `weight`."""
-    return F.conv2d(pad_conv_input(conv, x), weight, bias, conv.stride, 0, conv.dilation, 1)
+    operation = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv2d
+    return operation(pad_conv_input(conv, x), weight, bias, conv.stride, 0, conv.dilation, 1)
 
 
 def layer_input_rows(module: nn.Module, x: Tensor, geometry: tuple[int, int] | None = None) -> Tensor:
     """The rows that multiply the layer's flattened weight, shape (N, d).
 
-    Linear: every leading dimension is flattened. Conv2d: the im2col patches, one row per (sample, output
-    position), each flattened in the weight's (C_in, k_h, k_w) order, so `rows @ W.view(o, -1).T` is the conv.
+    Linear: every leading dimension is flattened (a sequence model's (B, T, d) gives B·T rows). Conv1d / Conv2d: the
+    im2col patches, one row per (sample, output position), each flattened in the weight's (C_in, k_h, k_w) or
+    (C_in, k) order, so `rows @ W.view(o, -1).T` is the convolution.
     `geometry` = (stride, map size m) replaces the conv's own grid by the one a script assumed: s = ⌊(m + 2p − k)/
     stride⌋ + 1 positions per side from the top-left of the padded input (only to reproduce official code, §3.3).
     """
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
+    if isinstance(module, nn.Conv1d):
+        if geometry is not None:
+            raise ValueError("a patch geometry applies to Conv2d layers only")
+        padded = pad_conv_input(module, x if x.dim() == 3 else x.unsqueeze(0)).unsqueeze(2)  # (B, C_in, 1, L)
+        patches = F.unfold(
+            padded, (1, module.kernel_size[0]), dilation=(1, module.dilation[0]), stride=(1, module.stride[0])
+        )
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (B·L', C_in·k)
     if isinstance(module, nn.Conv2d):
         if x.dim() == 3:  # unbatched (C, H, W)
             x = x.unsqueeze(0)
@@ -107,6 +122,12 @@ def layer_input_rows(module: nn.Module, x: Tensor, geometry: tuple[int, int] | N
 def input_dim(module: nn.Module) -> int:
     """d, the length of one layer-input row (in_features, or C_in·k_h·k_w)."""
     return module.weight[0].numel()  # type: ignore[index]
+
+
+def with_bias_input(rows: Tensor) -> Tensor:
+    """Rows x̃ = [x; 1]: with them a layer's bias is the last row of its weight, x̃ᵀW̃ = xᵀW + b, so a null space
+    of the x̃ also protects earlier inputs from a change of the bias."""
+    return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
 
 
 def input_covariance(rows: Tensor) -> Tensor:

@@ -51,6 +51,9 @@ class TrainConfig:
     eval_passes: int = 1
     """Test passes averaged per accuracy entry. With batch-statistics BatchNorm the accuracy depends on which
     images share a batch; each pass uses its own seeded test order (TRGP averages 10 passes)."""
+    drop_last: bool = False
+    """Skip each epoch's last training batch when it is smaller than batch_size: a 1-row batch breaks train-mode
+    BatchNorm with running statistics ('--network mlp_bn' sets it)."""
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -192,7 +195,13 @@ def train_task(
     optimizer = build_optimizer(method.trainable_parameters(t), config, t)
     best_loss, best_state, patience = math.inf, None, config.lr_patience
     epochs_run, train_loss = 0, math.nan
-    batches_per_epoch = math.ceil(sum(len(source.train) for _, source in sources) / config.batch_size)
+    rows = sum(len(source.train) for _, source in sources)
+    batches_per_epoch = rows // config.batch_size if config.drop_last else math.ceil(rows / config.batch_size)
+    if batches_per_epoch == 0:
+        raise ValueError(
+            f"task {t}: {rows} training rows make no full batch of {config.batch_size} with drop_last; lower "
+            "batch_size or turn drop_last off"
+        )
     bar = tqdm(range(config.epochs), desc=f"task {t}", leave=False, disable=not progress, unit="ep")
     model.train()
     for epoch in bar:
@@ -241,21 +250,27 @@ def train_task(
 def epoch_batches(
     sources: list[tuple[int, Task]], config: TrainConfig, generator: torch.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """One epoch of shuffled training batches: (x, y, None) from one task, (x, y, task ids) from several."""
+    """One epoch of shuffled training batches: (x, y, None) from one task, (x, y, task ids) from several; with
+    drop_last, without the last batch when it is smaller than batch_size."""
     if len(sources) == 1:
         _, task = sources[0]
-        for x, y in iterate_batches(
-            task.train, task.transform, config.batch_size, shuffle=True, generator=generator, device=config.device
-        ):
-            yield x, y, None
+        batches: Iterator[tuple[torch.Tensor, ...]] = (
+            (x, y, None)
+            for x, y in iterate_batches(
+                task.train, task.transform, config.batch_size, shuffle=True, generator=generator, device=config.device
+            )
+        )
     else:
-        yield from iterate_mixed_batches(
+        batches = iterate_mixed_batches(
             [(i, task.train, task.transform) for i, task in sources],
             config.batch_size,
             shuffle=True,
             generator=generator,
             device=config.device,
         )
+    for batch in batches:
+        if not (config.drop_last and batch[0].shape[0] < config.batch_size):
+            yield batch  # type: ignore[misc]
 
 
 def validation_loss(method: ContinualMethod, sources: list[tuple[int, Task]], config: TrainConfig) -> float:
@@ -276,8 +291,11 @@ def run_continual(
     config: TrainConfig,
     seed: int,
     progress: bool = True,
+    after_task: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Learn the benchmark's tasks in order; R[i][j] = test accuracy on task j after task i (%)."""
+    """Learn the benchmark's tasks in order; R[i][j] = test accuracy on task j after task i (%).
+
+    `after_task(t)` is called once task t has ended and been evaluated (to save the model at that point)."""
     generator = seed_everything(seed)
     model.to(config.device)
     n = len(benchmark)
@@ -316,6 +334,8 @@ def run_continual(
         if progress:
             row = " ".join(f"{a:5.1f}" for a in acc_matrix[t][: t + 1])
             tqdm.write(f"  [{method.name}] after task {t}: {row}")
+        if after_task is not None:
+            after_task(t)
     return {
         "acc_matrix": acc_matrix,
         "acc": average_accuracy(acc_matrix),

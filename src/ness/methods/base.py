@@ -64,29 +64,62 @@ class TaskOrderError(RuntimeError):
     """begin_task/end_task called out of sequence."""
 
 
-def adaptable_layers(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, nn.Module]:
-    """Every nn.Linear and nn.Conv2d of `model` in registration order, minus declared task heads and
-    any module whose name matches a glob in `exclude` or whose class name equals an entry of it."""
+def _matches(name: str, module: nn.Module, patterns: Sequence[str]) -> bool:
+    """Whether a module-name glob of `patterns` matches `name` (a bare name also matches as its last component(s),
+    as PEFT's target_modules do: 'q' matches 'blocks.0.attn.q'), or an entry equals the module's class name."""
+    kind = type(module).__name__
+    return any(
+        kind == pattern or fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"*.{pattern}")
+        for pattern in patterns
+    )
+
+
+def adaptable_layers(
+    model: nn.Module,
+    exclude: Sequence[str] = (),
+    targets: Sequence[str] | None = None,
+    kinds: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
+) -> dict[str, nn.Module]:
+    """Every layer of one of `kinds` in `model`, in registration order, minus declared task heads; with `targets`
+    only those a target matches, then minus those `exclude` matches. Entries are module-name globs ('features.0',
+    'encoder.*'), bare names matched against the end of the module name ('q_proj'), or class names ('Conv2d')."""
     heads = task_heads(model)
     head_ids = {id(m) for m in heads.modules()} if heads is not None else set()
     chosen: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or id(module) in head_ids:
+        if not isinstance(module, kinds) or id(module) in head_ids:
             continue
-        if any(fnmatch.fnmatchcase(name, pattern) or type(module).__name__ == pattern for pattern in exclude):
+        if targets is not None and not _matches(name, module, targets):
+            continue
+        if _matches(name, module, exclude):
             continue
         chosen[name] = module
     return chosen
 
 
-def subspace_layers(model: nn.Module, exclude: Sequence[str], method: str) -> list[str]:
+def subspace_layers(
+    model: nn.Module,
+    exclude: Sequence[str],
+    method: str,
+    targets: Sequence[str] | None = None,
+    kinds: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
+) -> list[str]:
     """Names of the layers a subspace method (NESS, GPM, ...) works on: `adaptable_layers`, each checked supported;
-    an error when there is none."""
-    layers = adaptable_layers(model, exclude)
+    an error when there is none, or when a target names no layer the method can work on."""
+    names = [f"nn.{k.__name__}" for k in kinds]
+    kind_names = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+    for target in targets or ():
+        hits = [(n, m) for n, m in model.named_modules() if n and _matches(n, m, [target])]
+        if not hits:
+            raise ValueError(f"{method}: target {target!r} matches no module of the model")
+        if not any(isinstance(m, kinds) for _, m in hits):
+            found = ", ".join(f"{n} ({type(m).__name__})" for n, m in hits[:5])
+            raise ValueError(f"{method}: target {target!r} matches only {found}; {method} adapts {kind_names} layers")
+    layers = adaptable_layers(model, exclude, targets, kinds)
     for name, module in layers.items():
         check_supported(name, module)
     if not layers:
-        raise ValueError(f"{method} found no nn.Linear or nn.Conv2d layer to work on (after heads and `exclude`)")
+        raise ValueError(f"{method} found no {kind_names} layer to work on (after heads, targets and `exclude`)")
     return list(layers)
 
 

@@ -12,6 +12,7 @@ import fnmatch
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -28,19 +29,31 @@ from ness.methods.base import (
     task_inputs,
     watch_layer_inputs,
 )
+from ness.methods.normalization import (
+    BatchNormState,
+    batchnorm_layers,
+    batchnorm_state,
+    batchnorm_swapped,
+    freeze_running_statistics,
+    restore_momenta,
+)
 from ness.models import call_model, head_parameters
 from ness.subspace import (
+    SUPPORTED_LAYERS,
     THRESHOLD_RULES,
     ThresholdRule,
     clip_spectral_norm,
     input_covariance,
+    input_dim,
     layer_input_rows,
     null_basis,
+    with_bias_input,
 )
 
 Memory = Literal["covariance", "replay"]
 MEMORIES: tuple[str, ...] = ("covariance", "replay")
 MEMORY_TASKS: tuple[str, ...] = ("all", "first")
+BATCHNORM_MODES: tuple[str, ...] = ("frozen", "per_task")
 
 
 @dataclass(frozen=True)
@@ -65,8 +78,18 @@ class NESSConfig:
     memory_tasks: Literal["all", "first"] = "all"
     """Which finished tasks define the null space: 'all' (the paper), or 'first' as the official 5-datasets
     scripts, which store only task 0's data (METHODS_SPEC §2.7, a bug kept for --faithful runs)."""
+    target_modules: tuple[str, ...] | None = None
+    """Adapt only the layers these entries match, as PEFT's target_modules: module-name globs ('blocks.*.attn.q'),
+    bare names matched against the end of a module name ('q'), or class names ('Linear', 'Conv1d'). None: every
+    nn.Linear / nn.Conv1d / nn.Conv2d outside the task heads."""
     exclude: tuple[str, ...] = field(default_factory=tuple)
-    """Module-name globs (e.g. 'features.0', 'encoder.*') or class names (e.g. 'Conv2d') left unadapted."""
+    """Entries of the same kinds (e.g. 'features.0', 'encoder.*', 'Conv2d') left unadapted, applied after targets."""
+    adapt_bias: bool = False
+    """Adapt biases in the null space too: rows x̃ = [x; 1], a (d+1)² covariance, and the last row of U·V is the
+    bias change Δb, so Eq. 8 bounds xᵀΔW + Δb. False (the paper): biases stay as task 0 left them."""
+    batchnorm: Literal["frozen", "per_task"] = "frozen"
+    """'frozen' (the paper): after task 0 BatchNorm's affine parameters and running statistics never change.
+    'per_task': every task trains its own and keeps them; evaluating task j swaps task j's back in, as task heads."""
     probe_samples: int = 256
     """Layer-input rows kept per layer and task to measure the real max ‖xᵀΔW‖ (0: report bounds only)."""
     max_output_shift: float | None = None
@@ -104,9 +127,18 @@ class NESSConfig:
             raise ValueError(f"NESSConfig.memory must be one of {MEMORIES}, got {self.memory!r}")
         if self.memory_tasks not in MEMORY_TASKS:
             raise ValueError(f"NESSConfig.memory_tasks must be one of {MEMORY_TASKS}, got {self.memory_tasks!r}")
-        if isinstance(self.exclude, str):
-            raise TypeError("NESSConfig.exclude must be a list of patterns, not a single string")
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        for key in ("exclude", "target_modules"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                raise TypeError(f"NESSConfig.{key} must be a list of patterns, not a single string: [{value!r}]")
+            if value is not None:
+                object.__setattr__(self, key, tuple(value))
+        if self.target_modules == ():
+            raise ValueError("NESSConfig.target_modules is empty: give patterns, or None to adapt every layer")
+        if not isinstance(self.adapt_bias, bool):
+            raise TypeError(f"NESSConfig.adapt_bias must be True or False, got {self.adapt_bias!r}")
+        if self.batchnorm not in BATCHNORM_MODES:
+            raise ValueError(f"NESSConfig.batchnorm must be one of {BATCHNORM_MODES}, got {self.batchnorm!r}")
         shift = self.max_output_shift
         if shift is not None and (not is_number(shift) or shift <= 0):
             raise ValueError(
@@ -158,7 +190,18 @@ class NESS(ContinualMethod):
 
     def __init__(self, model: nn.Module, config: NESSConfig | None = None, forward: Forward = call_model) -> None:
         super().__init__(model, config, forward)
-        self.layer_names = subspace_layers(model, self.config.exclude, "NESS")
+        self.layer_names = subspace_layers(
+            model, self.config.exclude, "NESS", self.config.target_modules, kinds=SUPPORTED_LAYERS
+        )
+        # Layers whose bias NESS adapts: with adapt_bias, every adapted layer that has one.
+        self.bias_layers = {
+            name for name in self.layer_names if self.config.adapt_bias and model.get_submodule(name).bias is not None
+        }
+        if self.config.adapt_bias and not self.bias_layers:
+            raise ValueError(
+                f"NESSConfig: adapt_bias=True but no adapted layer has a bias (layers: {self.layer_names}); build the "
+                "model's layers with bias=True, or leave adapt_bias off"
+            )
         for pattern in self.config.layer_rules:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in self.layer_names):
                 raise ValueError(
@@ -170,12 +213,17 @@ class NESS(ContinualMethod):
         self.replay: list[Tensor] = []  # memory='replay': raw model inputs of each finished task
         self.active: dict[str, ActiveLayer] = {}
         self.records: list[dict[str, Any]] = []
+        self.task_deltas: list[dict[str, tuple[Tensor, Tensor]]] = []  # (U, V) per layer, task 1, 2, ... (CPU)
+        self.batchnorm_states: list[BatchNormState] = []  # batchnorm='per_task': each finished task's BatchNorm
         self._probe_generator = torch.Generator().manual_seed(0)
+        self._frozen_momenta: dict[str, float | None] | None = None  # batchnorm='frozen': the momenta to restore
 
     # -- hooks -----------------------------------------------------------------------------------------
     def on_begin_task(self, t: int) -> None:
         if t == 0:
             return
+        if self.config.batchnorm == "frozen":
+            self._frozen_momenta = freeze_running_statistics(self.model)
         if self.config.memory == "replay":
             stats = self._collect(((x, j) for j, x in enumerate(self.replay)), where=f"begin_task({t})")
             covariances = {name: s.covariance for name, s in stats.items()}
@@ -208,7 +256,7 @@ class NESS(ContinualMethod):
             self.records.append(record)
             if basis.rank == 0:  # no direction is quiet enough: the layer does not change in this task
                 continue
-            adapter = NullSpaceAdapter(base, basis.basis, name)
+            adapter = NullSpaceAdapter(base, basis.basis, name, adapt_bias=name in self.bias_layers)
             replace_module(self.model, name, adapter)
             self.active[name] = ActiveLayer(adapter, basis.kept_singular_values, probes[name], record)
 
@@ -216,7 +264,16 @@ class NESS(ContinualMethod):
         if t == 0:
             return super().task_parameters(t)
         own_head, _ = head_parameters(self.model, t)
-        return [layer.adapter.V for layer in self.active.values()] + own_head
+        norms = batchnorm_layers(self.model).values() if self.config.batchnorm == "per_task" else ()
+        norm_parameters = [p for layer in norms for p in layer.parameters(recurse=False)]
+        return [layer.adapter.V for layer in self.active.values()] + own_head + norm_parameters
+
+    def predict(self, x: Tensor, t: int) -> Tensor:
+        """With batchnorm='per_task', an earlier task is evaluated with its own BatchNorm state."""
+        if self.config.batchnorm != "per_task" or t >= len(self.batchnorm_states) or t == self.active_task:
+            return self.forward(self.model, x, t)
+        with batchnorm_swapped(self.model, self.batchnorm_states[t]):
+            return self.forward(self.model, x, t)
 
     def after_step(self, t: int) -> None:
         """With max_output_shift = ε: project each V back onto the ball ‖V‖₂ ≤ √ε/σ_max(U) (Eq. 10)."""
@@ -236,9 +293,18 @@ class NESS(ContinualMethod):
         return math.sqrt(self.config.max_output_shift) / sigma_max
 
     def on_end_task(self, t: int, batches: Iterable[Any]) -> None:
+        deltas = {}
         for name, layer in self.active.items():
             layer.record.update(self._measure(layer))
+            deltas[name] = (layer.adapter.U.detach().cpu().clone(), layer.adapter.V.detach().cpu().clone())
             replace_module(self.model, name, layer.adapter.merged())
+        if t > 0:
+            self.task_deltas.append(deltas)
+        if self._frozen_momenta is not None:
+            restore_momenta(self.model, self._frozen_momenta)
+            self._frozen_momenta = None
+        if self.config.batchnorm == "per_task":
+            self.batchnorm_states.append(batchnorm_state(self.model))
         self.active = {}
         where = f"end_task({t})"
         if self.config.memory_tasks == "first" and t > 0:
@@ -271,6 +337,8 @@ class NESS(ContinualMethod):
 
         def record(name: str, module: nn.Module, x: Tensor) -> None:
             rows = layer_input_rows(module, x)
+            if name in self.bias_layers:
+                rows = with_bias_input(rows)
             s = stats.get(name)
             if s is None:
                 empty = rows[:0].detach().float().cpu()
@@ -288,7 +356,7 @@ class NESS(ContinualMethod):
         device = next(self.model.parameters()).device
         with watch_layer_inputs(self.model, self.layer_names, record):
             for x, task in inputs:
-                self.forward(self.model, x.to(device), task)
+                self.predict(x.to(device), task)
         if not stats:
             raise ValueError(f"{where}: no layer saw any input; the task's loader was empty")
         return stats
@@ -322,6 +390,8 @@ class NESS(ContinualMethod):
             covariances={n: c.cpu() for n, c in self.covariances.items()},
             probes={n: [p.cpu() for p in rows] for n, rows in self.probes.items()},
             replay=list(self.replay),
+            task_deltas=[dict(deltas) for deltas in self.task_deltas],
+            batchnorm_states=list(self.batchnorm_states),
             records=[dict(r) for r in self.records],
             probe_generator=self._probe_generator.get_state(),
             active={
@@ -345,15 +415,40 @@ class NESS(ContinualMethod):
         for name, saved in state["active"].items():
             base = self.model.get_submodule(name)
             # U's values come with the model's state below; only its shape is needed to build the adapter.
-            adapter = NullSpaceAdapter(base, torch.ones(base.weight[0].numel(), saved["rank"]), name)
+            bias = name in self.bias_layers
+            adapter = NullSpaceAdapter(base, torch.ones(input_dim(base) + bias, saved["rank"]), name, adapt_bias=bias)
             replace_module(self.model, name, adapter)
             self.active[name] = ActiveLayer(
                 adapter, saved["kept_singular_values"], saved["probe"], records[(state["active_task"], name)]
             )
         super().load_state_dict(state)
+        if self.active_task and self.config.batchnorm == "frozen":
+            self._frozen_momenta = freeze_running_statistics(self.model)
         device = next(self.model.parameters()).device
         self.covariances = {n: c.to(device) for n, c in state["covariances"].items()}
         self.probes = {n: list(rows) for n, rows in state["probes"].items()}
         self.replay = list(state["replay"])
+        self.task_deltas = [dict(deltas) for deltas in state["task_deltas"]]
+        self.batchnorm_states = list(state["batchnorm_states"])
         self._probe_generator.set_state(state["probe_generator"])
         self.records = list(records.values())
+
+    # -- adapter files (PEFT-style; see ness.adapter_files) --------------------------------------------
+    def save_adapters(self, directory: str | Path) -> Path:
+        """Write adapter_config.json, the tasks' U and V and the statistics to `directory` (safetensors)."""
+        from ness.adapter_files import save_adapters
+
+        return save_adapters(self, directory)
+
+    @classmethod
+    def load_adapters(cls, model: nn.Module, directory: str | Path, forward: Forward = call_model) -> NESS:
+        """The saved method, rebuilt on `model` as it was after task 0 (the base model), ready to continue."""
+        from ness.adapter_files import load_adapters
+
+        return load_adapters(model, directory, forward)
+
+    def merge_and_unload(self) -> nn.Module:
+        """A plain copy of the model with the open task's ΔW merged: no adapters, the same outputs."""
+        from ness.adapter_files import merge_and_unload
+
+        return merge_and_unload(self)

@@ -1,0 +1,560 @@
+"""PEFT-style files for NESS: save a method's adapters and statistics, load them onto the base model, merge.
+
+A directory holds `adapter_config.json` (format, NESSConfig, layers, task counters, records, checksums),
+`adapter_model.safetensors` (each finished task's U and V; the open task's U, V and kept σ; the task heads and
+BatchNorm tensors; a sketch of the base weights) and `adapter_statistics.safetensors` (covariances, probe rows,
+replay inputs, per-task BatchNorm states: what `begin_task` of the next task needs). The base model is the network
+as task 0 left it; adding each finished task's ΔW to it, in order, gives the trained network back.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+from ness.adapters import NullSpaceAdapter
+from ness.methods.base import Forward, replace_module
+from ness.methods.ness import NESS, NESSConfig
+from ness.methods.normalization import batchnorm_layers, restore_momenta
+from ness.models import call_model, task_heads
+from ness.results import atomic_file, write_json_atomic
+from ness.subspace import SUPPORTED_LAYERS, input_dim
+
+FORMAT = "ness-adapters"
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+STATISTICS_FILE = "adapter_statistics.safetensors"
+# The entries of NESS.state_dict() these files hold; "model" is held as the base model plus ΔW's, heads and
+# BatchNorm tensors.
+STATE_KEYS = {
+    "method",
+    "tasks_done",
+    "active_task",
+    "model",
+    "config",
+    "covariances",
+    "probes",
+    "replay",
+    "task_deltas",
+    "batchnorm_states",
+    "records",
+    "probe_generator",
+    "active",
+}
+LAYER_KINDS: dict[str, type[nn.Module]] = {kind.__name__: kind for kind in SUPPORTED_LAYERS}
+
+
+# -- saving ------------------------------------------------------------------------------------------------------
+def save_adapters(method: NESS, directory: str | Path) -> Path:
+    """Write the method's adapters, statistics and config to `directory` (created if needed); returns it.
+
+    Each file is written atomically and the config last, so a directory with a config is complete. The optimiser's
+    state is not saved: training an open task continues with a fresh optimiser."""
+    if not isinstance(method, NESS):
+        raise TypeError(f"save_adapters takes a NESS method, got {type(method).__name__}")
+    if method.tasks_done == 0:
+        raise ValueError(
+            "save_adapters: task 0 has not ended, and NESS's adapters start with task 1; save the model itself "
+            "after task 0 (its state then is the base model that load_adapters needs)"
+        )
+    state = method.state_dict()
+    unknown = set(state) - STATE_KEYS
+    if unknown:  # a new entry of NESS.state_dict() must get a place in these files before they can hold it
+        raise NotImplementedError(f"save_adapters does not know how to save NESS state entries {sorted(unknown)}")
+    directory = Path(directory)
+    model = method.model
+    adapters: dict[str, Tensor] = {}
+    for t, deltas in enumerate(state["task_deltas"], start=1):
+        for name, (u, v) in deltas.items():
+            adapters[f"task{t}.{name}.U"], adapters[f"task{t}.{name}.V"] = u, v
+    for name, layer in method.active.items():
+        adapters[f"active.{name}.U"], adapters[f"active.{name}.V"] = layer.adapter.U, layer.adapter.V
+        adapters[f"active.{name}.kept_singular_values"] = state["active"][name]["kept_singular_values"]
+    modules = _modules_to_save(model)
+    for module_name in modules:
+        for key, value in model.get_submodule(module_name).state_dict().items():
+            adapters[f"modules_to_save.{module_name}.{key}"] = value
+    for name in method.layer_names:
+        direction, sketch, shift = _base_sketch(method, name)
+        adapters[f"base_check.{name}.direction"] = direction
+        adapters[f"base_check.{name}.sketch"], adapters[f"base_check.{name}.shift"] = sketch, shift
+
+    statistics: dict[str, Tensor] = {f"covariance.{n}": c for n, c in state["covariances"].items()}
+    for name, rows in state["probes"].items():
+        statistics.update({f"probe.task{j}.{name}": probe for j, probe in enumerate(rows)})
+    statistics.update({f"active_probe.{n}": active["probe"] for n, active in state["active"].items()})
+    statistics.update({f"replay.task{j}": x for j, x in enumerate(state["replay"])})
+    for j, batchnorm in enumerate(state["batchnorm_states"]):
+        for layer_name, tensors in batchnorm.items():
+            statistics.update({f"batchnorm.task{j}.{layer_name}.{key}": v for key, v in tensors.items()})
+    statistics["probe_generator"] = state["probe_generator"]
+
+    files = {}
+    for file_name, tensors in ((ADAPTER_FILE, adapters), (STATISTICS_FILE, statistics)):
+        data = _tensor_bytes(tensors)
+        with atomic_file(directory / file_name, "wb") as f:
+            f.write(data)
+        files[file_name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": method.name,
+        "config": state["config"],
+        "layers": {
+            name: {
+                "type": type(_layer(model, name)).__name__,
+                "d": input_dim(_layer(model, name)),
+                "out": _layer(model, name).weight.shape[0],
+                "weight_shape": list(_layer(model, name).weight.shape),
+                "adapt_bias": name in method.bias_layers,
+            }
+            for name in method.layer_names
+        },
+        "tasks_done": state["tasks_done"],
+        "active_task": state["active_task"],
+        "tasks": [
+            {"task": t, "ranks": {name: u.shape[1] for name, (u, _) in deltas.items()}}
+            for t, deltas in enumerate(state["task_deltas"], start=1)
+        ],
+        "active": None
+        if state["active_task"] is None
+        else {"task": state["active_task"], "ranks": {n: a["rank"] for n, a in state["active"].items()}},
+        "modules_to_save": modules,
+        "statistics": {
+            "covariance_layers": list(state["covariances"]),
+            "probe_tasks": {name: len(rows) for name, rows in state["probes"].items()},
+            "replay_tasks": len(state["replay"]),
+            "batchnorm_tasks": len(state["batchnorm_states"]),
+        },
+        "files": files,
+        "records": state["records"],
+    }
+    write_json_atomic(directory / CONFIG_FILE, config)
+    return directory
+
+
+def _layer(model: nn.Module, name: str) -> nn.Module:
+    """The layer called `name`, looking through its adapter when the layer is wrapped."""
+    module = model.get_submodule(name)
+    return module.base if isinstance(module, NullSpaceAdapter) else module
+
+
+def _modules_to_save(model: nn.Module) -> list[str]:
+    """Modules whose tensors NESS changes after task 0 outside ΔW, saved whole as PEFT's modules_to_save: the
+    task heads (each task trains its own) and the BatchNorm layers (batchnorm='per_task', or a custom loop)."""
+    return (["task_heads"] if task_heads(model) is not None else []) + list(batchnorm_layers(model))
+
+
+def _weight_rows(weight: Tensor, bias: Tensor | None) -> Tensor:
+    """W̃ = [W as (o, d) | b] in float64 on the CPU: the matrix U·V changes, transposed."""
+    w = weight.detach().reshape(weight.shape[0], -1).to("cpu", torch.float64)
+    return w if bias is None else torch.cat([w, bias.detach().to("cpu", torch.float64)[:, None]], dim=1)
+
+
+def _base_sketch(method: NESS, name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(g, W̃_base·g, Σ_t ΔW̃_t·g) for a fixed random g: enough to tell the base model from another one (e.g. the
+    final one, whose sketch differs by exactly the shift) without keeping the base weights."""
+    layer = _layer(method.model, name)
+    bias = layer.bias if name in method.bias_layers else None
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(input_dim(layer) + (bias is not None), generator=generator, dtype=torch.float64)
+    shift = torch.zeros(layer.weight.shape[0], dtype=torch.float64)
+    for deltas in method.task_deltas:
+        if name in deltas:
+            u, v = deltas[name]
+            shift += v.double().T @ (u.double().T @ direction)  # ΔW̃ g = (U V)ᵀ g
+    return direction, _weight_rows(layer.weight, bias) @ direction - shift, shift
+
+
+def _tensor_bytes(tensors: dict[str, Tensor]) -> bytes:
+    """The safetensors serialisation of CPU, contiguous copies of `tensors`."""
+    cpu = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
+    return safetensors.torch.save(cpu, metadata={"format": "pt", "ness_format": FORMAT})
+
+
+def write_state_dict(path: str | Path, state: dict[str, Tensor]) -> Path:
+    """A model's state dict as one safetensors file, written atomically (the base model, a merged model)."""
+    path = Path(path)
+    with atomic_file(path, "wb") as f:
+        f.write(_tensor_bytes(state))
+    return path
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """A state dict written by `write_state_dict` (or any safetensors file), with a clear error when it is not."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file '{path}'")
+    return _parse_tensors(path.read_bytes(), path)
+
+
+# -- reading -----------------------------------------------------------------------------------------------------
+@dataclass
+class SavedAdapters:
+    """A checked adapter directory: its config and the tensors of both files."""
+
+    directory: Path
+    config: dict[str, Any]
+    adapters: dict[str, Tensor]
+    statistics: dict[str, Tensor]
+
+    def adapter(self, key: str) -> Tensor:
+        return _take(self.adapters, key, self.directory / ADAPTER_FILE)
+
+    def statistic(self, key: str) -> Tensor:
+        return _take(self.statistics, key, self.directory / STATISTICS_FILE)
+
+    def task_deltas(self) -> list[dict[str, tuple[Tensor, Tensor]]]:
+        """(U, V) per layer of each finished task t ≥ 1, in order."""
+        return [
+            {
+                name: (self.adapter(f"task{task['task']}.{name}.U"), self.adapter(f"task{task['task']}.{name}.V"))
+                for name in task["ranks"]
+            }
+            for task in self.config["tasks"]
+        ]
+
+    def active_deltas(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """(U, V) per layer of the open task (V as trained so far); empty between tasks."""
+        active = self.config["active"] or {"ranks": {}}
+        return {name: (self.adapter(f"active.{name}.U"), self.adapter(f"active.{name}.V")) for name in active["ranks"]}
+
+    def saved_modules(self) -> dict[str, dict[str, Tensor]]:
+        """The saved state of each module in modules_to_save (task heads, BatchNorm layers)."""
+        prefixes = {name: f"modules_to_save.{name}." for name in self.config["modules_to_save"]}
+        return {
+            name: {key[len(prefix) :]: value for key, value in self.adapters.items() if key.startswith(prefix)}
+            for name, prefix in prefixes.items()
+        }
+
+
+def read_adapters(directory: str | Path) -> SavedAdapters:
+    """Read and check an adapter directory: its config's format and version, and each file against its checksum."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no adapter directory '{directory}'; write one with method.save_adapters(dir)")
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"'{directory}' has no {CONFIG_FILE}: it is not an adapter directory, or its save did not finish "
+            "(the config is written last); save the adapters again"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}); save the adapters again") from err
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{config_path} is not a NESS adapter config: format {found!r}, expected {FORMAT!r}")
+    version = config.get("format_version")
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(
+            f"{config_path} has format version {version!r}; this ness-cl reads version {FORMAT_VERSION}. "
+            "Upgrade ness-cl to read adapters written by a newer one."
+        )
+    tensors = []
+    for file_name in (ADAPTER_FILE, STATISTICS_FILE):
+        path = directory / file_name
+        if not path.is_file():
+            raise FileNotFoundError(f"'{directory}' has {CONFIG_FILE} but no {file_name}; save the adapters again")
+        data = path.read_bytes()
+        expected = config.get("files", {}).get(file_name)
+        if expected is None:
+            raise ValueError(f"{config_path} lists no checksum for {file_name}; save the adapters again")
+        if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise ValueError(
+                f"{path} does not match its checksum in {CONFIG_FILE} ({len(data)} bytes, {expected['bytes']} "
+                "expected): the file is corrupt, was changed, or comes from another save; save the adapters again"
+            )
+        tensors.append(_parse_tensors(data, path))
+    return SavedAdapters(directory, config, *tensors)
+
+
+def _parse_tensors(data: bytes, path: Path) -> dict[str, Tensor]:
+    try:
+        return safetensors.torch.load(data)
+    except safetensors.SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err})") from err
+
+
+def _take(tensors: dict[str, Tensor], key: str, path: Path) -> Tensor:
+    if key not in tensors:
+        raise ValueError(f"{path} has no tensor {key!r}; it does not belong to {CONFIG_FILE} beside it")
+    return tensors[key]
+
+
+# -- checking a base model ---------------------------------------------------------------------------------------
+def _check_layer(name: str, spec: dict[str, Any], layer: nn.Module | None) -> None:
+    """The base model's layer `name` must be what the adapters were trained on: its kind, d, outputs and bias."""
+    saved = f"{spec['type']} with d={spec['d']} inputs per row and {spec['out']} outputs"
+    if layer is None:
+        raise ValueError(
+            f"layer '{name}' ({saved}) of the saved adapters is not in the model; load them onto the architecture "
+            "they were trained on"
+        )
+    found = type(layer).__name__
+    if found != spec["type"] or input_dim(layer) != spec["d"] or layer.weight.shape[0] != spec["out"]:
+        described = (
+            f"{found} with d={input_dim(layer)}, {layer.weight.shape[0]} outputs" if found in LAYER_KINDS else found
+        )
+        raise ValueError(
+            f"layer '{name}': the adapters expect a {saved}, the model has a {described}; build the model with the "
+            "sizes it was trained with"
+        )
+    if spec["adapt_bias"] and layer.bias is None:
+        raise ValueError(f"layer '{name}': the adapters change its bias (adapt_bias) but the model's layer has none")
+
+
+def _check_base(saved: SavedAdapters, name: str, weight: Tensor, bias: Tensor | None) -> None:
+    """The layer's weights must be the base the adapters were trained from, up to float round-off of the merges."""
+    direction = saved.adapter(f"base_check.{name}.direction")
+    sketch, shift = saved.adapter(f"base_check.{name}.sketch"), saved.adapter(f"base_check.{name}.shift")
+    rows = _weight_rows(weight, bias)
+    given = rows @ direction
+    # Each merge rounds W once (≤ ε|W| per entry), and 1% of the shift allows a ΔW formed at lower precision (TF32).
+    round_off = 8 * torch.finfo(weight.dtype).eps * (len(saved.config["tasks"]) + 1) * (rows.abs() @ direction.abs())
+    tolerance = float(round_off.norm()) + 0.01 * float(shift.norm())
+    diff = float((given - sketch).norm())
+    if diff <= tolerance:
+        return
+    final = float((given - sketch - shift).norm()) <= tolerance
+    raise ValueError(
+        f"layer '{name}': the model's weights are not the base model these adapters were trained from (a sketch of "
+        f"the weights differs by {diff:.3g}, tolerance {tolerance:.3g})"
+        + ("; they are the trained model's, with every task's ΔW already in them" if final else "")
+        + ". Pass the model as it was after task 0 (`ness run --save-adapters` writes it to "
+        "seed_N/base_model.safetensors)."
+    )
+
+
+# -- loading -----------------------------------------------------------------------------------------------------
+def load_adapters(model: nn.Module, directory: str | Path, forward: Forward = call_model) -> NESS:
+    """A NESS method equivalent to the saved one, built on `model`: the base model (the architecture with its
+    weights after task 0). Each finished task's ΔW is merged into it in order, the open task's adapters are
+    re-created with their U and V, and the statistics are restored, so training and `begin_task` continue."""
+    saved = read_adapters(directory)
+    config = saved.config
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, NullSpaceAdapter)]
+    if wrapped:
+        raise ValueError(
+            f"the model holds NullSpaceAdapter layers {wrapped}: pass the plain base model (after task 0), not a "
+            "model a NESS method has wrapped (merge_and_unload gives a plain copy of one)"
+        )
+    for name, spec in config["layers"].items():
+        _check_layer(name, spec, _find(model, name))
+    try:
+        ness_config = NESSConfig(**config["config"])
+    except TypeError as err:
+        raise ValueError(f"{saved.directory / CONFIG_FILE}: its NESSConfig does not fit this ness-cl ({err})") from err
+    method = NESS(model, ness_config, forward)
+    extra = sorted(set(method.layer_names) - set(config["layers"]))
+    if extra:
+        raise ValueError(
+            f"the model has layers {extra} that NESS would adapt but the saved adapters do not cover; load them "
+            "onto the architecture they were trained on"
+        )
+    for name, spec in config["layers"].items():
+        if (name in method.bias_layers) != spec["adapt_bias"]:
+            raise ValueError(f"layer '{name}': the model's layer has a bias, the adapters were saved for one without")
+        layer = model.get_submodule(name)
+        _check_base(saved, name, layer.weight, layer.bias if spec["adapt_bias"] else None)
+    modules = saved.saved_modules()
+    for module_name, state in modules.items():
+        _check_module_state(_find(model, module_name), module_name, state, saved.directory)
+    state = _method_state(saved, method)  # every tensor read (and checked present) before the model changes
+
+    for deltas in state["task_deltas"]:
+        for name, (u, v) in deltas.items():
+            _merge_delta(model.get_submodule(name), u, v, name, name in method.bias_layers)
+    for module_name, tensors in modules.items():
+        model.get_submodule(module_name).load_state_dict(tensors)
+    state["model"] = _state_with_adapters(model, saved.active_deltas(), method.bias_layers)
+    method.load_state_dict(state)
+    return method
+
+
+def _find(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _check_module_state(module: nn.Module | None, name: str, state: dict[str, Tensor], directory: Path) -> None:
+    """A saved head or BatchNorm state must fit the model's module of that name, tensor by tensor."""
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items()} if module is not None else {}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if own != found:
+        raise ValueError(
+            f"module '{name}' saved in {directory / ADAPTER_FILE} has tensors {found}, the model's has "
+            f"{own or 'none'}; build the model with the heads and BatchNorm layers it was trained with"
+        )
+
+
+def _method_state(saved: SavedAdapters, method: NESS) -> dict[str, Any]:
+    """The saved method's NESS.state_dict() from the files, all but its "model" entry."""
+    config, counts = saved.config, saved.config["statistics"]
+    batchnorm_states = []
+    for j in range(counts["batchnorm_tasks"]):
+        prefix, state = f"batchnorm.task{j}.", {}
+        for key, value in saved.statistics.items():
+            if key.startswith(prefix):
+                layer, tensor = key[len(prefix) :].rsplit(".", 1)
+                state.setdefault(layer, {})[tensor] = value
+        batchnorm_states.append(state)
+    ranks = (config["active"] or {"ranks": {}})["ranks"]
+    return {
+        "method": method.name,
+        "tasks_done": config["tasks_done"],
+        "active_task": config["active_task"],
+        "config": asdict(method.config),
+        "covariances": {n: saved.statistic(f"covariance.{n}") for n in counts["covariance_layers"]},
+        "probes": {
+            n: [saved.statistic(f"probe.task{j}.{n}") for j in range(k)] for n, k in counts["probe_tasks"].items()
+        },
+        "replay": [saved.statistic(f"replay.task{j}") for j in range(counts["replay_tasks"])],
+        "task_deltas": saved.task_deltas(),
+        "batchnorm_states": batchnorm_states,
+        "records": config["records"],
+        "probe_generator": saved.statistic("probe_generator"),
+        "active": {
+            name: {
+                "rank": rank,
+                "kept_singular_values": saved.adapter(f"active.{name}.kept_singular_values"),
+                "probe": saved.statistic(f"active_probe.{name}"),
+            }
+            for name, rank in ranks.items()
+        },
+    }
+
+
+def _state_with_adapters(
+    model: nn.Module, active: dict[str, tuple[Tensor, Tensor]], bias_layers: set[str]
+) -> dict[str, Tensor]:
+    """The model's state dict as it reads with the open task's adapters (U, V) in place, as NESS.state_dict()
+    holds it; the model itself is left unwrapped (NESS.load_state_dict wraps it)."""
+    layers = {name: model.get_submodule(name) for name in active}
+    try:
+        for name, (u, v) in active.items():
+            adapter = NullSpaceAdapter(layers[name], u, name, adapt_bias=name in bias_layers)
+            with torch.no_grad():
+                adapter.V.copy_(v)
+            replace_module(model, name, adapter)
+        return model.state_dict()
+    finally:
+        for name, layer in layers.items():
+            replace_module(model, name, layer)
+
+
+def _merge_delta(layer: nn.Module, u: Tensor, v: Tensor, name: str, adapt_bias: bool) -> None:
+    """Fold one task's ΔW = U·V (and Δb) into `layer` in place, through the adapter's own merge (same arithmetic
+    as the method's end_task, so the weights come out bit for bit)."""
+    adapter = NullSpaceAdapter(layer, u, name, adapt_bias=adapt_bias)
+    with torch.no_grad():
+        adapter.V.copy_(v)
+    adapter.merged()
+
+
+# -- merging -----------------------------------------------------------------------------------------------------
+def merge_and_unload(method: NESS) -> nn.Module:
+    """A deep copy of the method's model with the open task's adapters merged into their layers: only ordinary
+    layers, every parameter trainable, outputs those of the wrapped model. The method itself is left as it was.
+
+    With batchnorm='per_task' the copy holds the current task's BatchNorm state (method.predict swaps in others)."""
+    merged = copy.deepcopy(method.model)
+    for name in method.active:
+        replace_module(merged, name, merged.get_submodule(name).merged())
+    if method._frozen_momenta is not None:  # batchnorm='frozen' holds running statistics during a task
+        restore_momenta(merged, method._frozen_momenta)
+    for parameter in merged.parameters():
+        parameter.requires_grad_(True)
+    return merged
+
+
+def merged_state_dict(base_state: dict[str, Tensor], directory: str | Path) -> dict[str, Tensor]:
+    """The state dict of the merged model from the base model's state dict and an adapter directory, without the
+    model's class: every finished task's ΔW (then the open task's) added in order, the saved heads and BatchNorm
+    tensors put in. `ness adapters DIR --merge` writes it."""
+    saved = read_adapters(directory)
+    state = {key: value.clone() for key, value in base_state.items()}
+    layers = {}
+    for name, spec in saved.config["layers"].items():
+        weight, bias = state.get(f"{name}.weight"), state.get(f"{name}.bias")
+        if weight is None or list(weight.shape) != spec["weight_shape"]:
+            found = "no such tensor" if weight is None else f"shape {list(weight.shape)}"
+            raise ValueError(
+                f"the base state dict's '{name}.weight' ({found}) does not fit the adapters' {spec['type']} of shape "
+                f"{spec['weight_shape']}; pass the base model saved with these adapters"
+            )
+        if spec["adapt_bias"] and bias is None:
+            raise ValueError(f"the base state dict has no '{name}.bias', which the adapters change (adapt_bias)")
+        _check_base(saved, name, weight, bias if spec["adapt_bias"] else None)
+        layers[name] = _stand_in(spec["type"], weight, bias)
+    saved_modules = {
+        f"{module}.{key}": value for module, tensors in saved.saved_modules().items() for key, value in tensors.items()
+    }
+    for key, value in saved_modules.items():
+        if key not in state or state[key].shape != value.shape:
+            raise ValueError(
+                f"the base state dict has no '{key}' of shape {list(value.shape)}, which the adapters hold"
+            )
+    for deltas in [*saved.task_deltas(), saved.active_deltas()]:
+        for name, (u, v) in deltas.items():
+            _merge_delta(layers[name], u, v, name, saved.config["layers"][name]["adapt_bias"])
+    state.update(saved_modules)
+    return state
+
+
+def _stand_in(kind: str, weight: Tensor, bias: Tensor | None) -> nn.Module:
+    """A layer of `kind` whose weight and bias share the given tensors' storage, so merging into it writes there."""
+    cls = LAYER_KINDS[kind]
+    size = () if cls is nn.Linear else (tuple(weight.shape[2:]),)  # a convolution's kernel size
+    layer = cls(weight.shape[1], weight.shape[0], *size, bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=False)
+    return layer
+
+
+# -- summary -----------------------------------------------------------------------------------------------------
+def describe_adapters(directory: str | Path) -> str:
+    """A summary of an adapter directory: the settings, each layer's kind, size and rank per task, each file's size."""
+    saved = read_adapters(directory)
+    config = saved.config
+    active = config["active"]
+    columns = [(f"t{task['task']}", task["ranks"]) for task in config["tasks"]]
+    if active is not None:
+        columns.append((f"t{active['task']} (open)", active["ranks"]))
+    settings = config["config"]
+    lines = [
+        f"NESS adapters in '{saved.directory}' ({FORMAT} v{config['format_version']}): {config['tasks_done']} tasks "
+        f"done, " + (f"task {active['task']} open" if active is not None else "no task open"),
+        "settings: "
+        + ", ".join(f"{k}={settings[k]}" for k in ("threshold", "eps1", "memory", "adapt_bias", "batchnorm")),
+        "rank per task ('-': the layer was frozen that task)",
+    ]
+    header = ["layer", "type", "d", "out", "Δb", *(label for label, _ in columns)]
+    rows = [
+        [name, spec["type"], str(spec["d"]), str(spec["out"]), "yes" if spec["adapt_bias"] else "no"]
+        + [str(ranks.get(name, "-")) for _, ranks in columns]
+        for name, spec in config["layers"].items()
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines += [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    files = [CONFIG_FILE, ADAPTER_FILE, STATISTICS_FILE]
+    width = max(map(len, files))
+    lines += [f"{name.ljust(width)}  {(saved.directory / name).stat().st_size:>12,} bytes" for name in files]
+    return "\n".join(lines)

@@ -1,0 +1,522 @@
+"""PEFT-style adapter files: save_adapters → load_adapters on the base model gives the same method (weights, outputs,
+the next task's basis), merge_and_unload gives a plain model with the same outputs, the files hold the method's
+tensors, bad input gets a clear error, and the CLI writes and merges them."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ness import NESS, NESSConfig, NullSpaceAdapter
+from ness.adapter_files import merged_state_dict, save_adapters
+from ness.cli import main
+from ness.data import build_benchmark
+from ness.methods import FineTune
+from ness.models import MultiHeadNet, call_model, multi_head_mlp
+from ness.presets import get_protocol
+from ness.trainer import evaluate
+
+HEADS = (3, 3, 3, 3)
+FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_statistics.safetensors"]
+
+# ---------------------------------------------------------------------------------------------------------------
+# models, data, training
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def mlp() -> nn.Module:
+    return multi_head_mlp(12, [16, 16], HEADS)
+
+
+def mlp_with_biases() -> nn.Module:
+    return multi_head_mlp(12, [16, 16], HEADS, bias=True)
+
+
+def conv2d_batchnorm() -> nn.Module:
+    backbone = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1, bias=False),  # (B, 4, 3, 3)
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(36, 16, bias=False),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+    )
+    return MultiHeadNet(backbone, 16, HEADS)
+
+
+def conv1d_batchnorm() -> nn.Module:
+    backbone = nn.Sequential(
+        nn.Conv1d(3, 5, 3, padding=1),  # (B, 5, 8)
+        nn.BatchNorm1d(5),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(40, 16),
+        nn.ReLU(),
+    )
+    return MultiHeadNet(backbone, 16, HEADS)
+
+
+@dataclass(frozen=True)
+class Case:
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    config: NESSConfig
+
+
+CASES = {
+    "mlp": Case(mlp, (12,), NESSConfig(threshold="rank", rank=5, probe_samples=10)),  # a sample of the rows
+    "mlp_adapt_bias_replay": Case(
+        mlp_with_biases, (12,), NESSConfig(threshold="rank", rank=5, adapt_bias=True, memory="replay")
+    ),
+    "conv2d_batchnorm_per_task_replay": Case(
+        conv2d_batchnorm,
+        (2, 6, 6),
+        NESSConfig(threshold="rank", rank=4, batchnorm="per_task", memory="replay", probe_samples=40),
+    ),
+    "conv1d_adapt_bias_frozen_batchnorm": Case(
+        conv1d_batchnorm, (3, 8), NESSConfig(threshold="rank", rank=4, adapt_bias=True, max_output_shift=0.05)
+    ),
+}
+
+
+def task_data(case: Case, t: int, n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + t)
+    return torch.randn(n, *case.input_shape, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def train(method: NESS, case: Case, t: int, steps: int = 4) -> None:
+    """Plain SGD steps through the method's training_step, with a fresh optimiser (none is saved)."""
+    x, y = task_data(case, t)
+    optimizer = torch.optim.SGD(method.trainable_parameters(t), lr=0.2)
+    method.model.train()
+    for _ in range(steps):
+        method.training_step(t, x, y, optimizer, lambda loss: None)
+
+
+def end(method: NESS, case: Case, t: int) -> None:
+    x, y = task_data(case, t)
+    method.end_task(t, [(x[:12], y[:12]), (x[12:], y[12:])])
+
+
+def trained(case: Case, open_task: bool) -> tuple[NESS, nn.Module]:
+    """(method, base model): tasks 0 and 1 finished, then task 2 trained and left open (open_task) or finished."""
+    torch.manual_seed(0)
+    method = NESS(case.build(), case.config)
+    base = None
+    for t in range(3):
+        method.begin_task(t)
+        train(method, case, t)
+        if t == 2 and open_task:
+            break
+        end(method, case, t)
+        if t == 0:
+            base = copy.deepcopy(method.model)
+    return method, base
+
+
+@torch.no_grad()
+def predictions(method: NESS, case: Case, tasks: range) -> list[torch.Tensor]:
+    """Each task's logits on fixed inputs in eval mode, through method.predict (per-task BatchNorm where set)."""
+    x, _ = task_data(case, 99)
+    was_training = method.model.training
+    method.model.eval()
+    out = [method.predict(x, t) for t in tasks]
+    method.model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def logits(model: nn.Module, x: torch.Tensor, t: int) -> torch.Tensor:
+    model.eval()
+    return call_model(model, x, t)
+
+
+def assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def current_layer(method: NESS, name: str) -> nn.Module:
+    module = method.model.get_submodule(name)
+    return module.base if isinstance(module, NullSpaceAdapter) else module
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# round trip: the loaded method is the saved one
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("open_task", [True, False], ids=["mid_task", "between_tasks"])
+@pytest.mark.parametrize("name", CASES)
+def test_loaded_method_equals_the_saved_one_and_continues_identically(tmp_path, name, open_task):
+    case = CASES[name]
+    method, base = trained(case, open_task)
+    method.save_adapters(tmp_path / "adapters")
+    loaded = NESS.load_adapters(copy.deepcopy(base), tmp_path / "adapters")
+
+    assert (loaded.tasks_done, loaded.active_task) == (method.tasks_done, method.active_task)
+    assert sorted(loaded.active) == sorted(method.active) and (len(method.active) > 0) == open_task
+    assert_same_state(loaded.model, method.model)  # the merges repeat end_task's arithmetic: bit for bit
+    for got, want in zip(predictions(loaded, case, range(3)), predictions(method, case, range(3)), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert loaded.diagnostics() == method.diagnostics()
+
+    # Continue both the same way: finish the open task, then task 3 gets the same bases and trains the same.
+    for m in (method, loaded):
+        if open_task:
+            train(m, case, 2)
+            end(m, case, 2)
+        m.begin_task(3)
+    assert sorted(loaded.active) == sorted(method.active) and method.active
+    for layer in method.active:
+        torch.testing.assert_close(loaded.active[layer].adapter.U, method.active[layer].adapter.U, atol=1e-6, rtol=0)
+    for m in (method, loaded):
+        train(m, case, 3)
+        end(m, case, 3)
+    assert_same_state(loaded.model, method.model)
+    for got, want in zip(predictions(loaded, case, range(4)), predictions(method, case, range(4)), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert loaded.diagnostics() == method.diagnostics()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what the files hold
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp_adapt_bias_replay", "conv2d_batchnorm_per_task_replay"])
+def test_the_files_hold_the_methods_tensors(tmp_path, name):
+    case = CASES[name]
+    method, base = trained(case, open_task=True)
+    directory = method.save_adapters(tmp_path / "adapters")
+    assert sorted(p.name for p in directory.iterdir()) == FILES  # and no temporary file
+    config = json.loads((directory / "adapter_config.json").read_text())
+    adapters = load_file(directory / "adapter_model.safetensors")
+    statistics = load_file(directory / "adapter_statistics.safetensors")
+
+    assert (config["format"], config["format_version"], config["method"]) == ("ness-adapters", 1, "ness")
+    assert config["config"] == json.loads(json.dumps(asdict(method.config)))
+    assert (config["tasks_done"], config["active_task"]) == (2, 2)
+    assert config["records"] == json.loads(json.dumps(method.records))
+    for layer in method.layer_names:
+        module = base.get_submodule(layer)
+        assert config["layers"][layer] == {
+            "type": type(module).__name__,
+            "d": module.weight[0].numel(),
+            "out": module.weight.shape[0],
+            "weight_shape": list(module.weight.shape),
+            "adapt_bias": case.config.adapt_bias and module.bias is not None,
+        }
+    for file_name in FILES[1:]:
+        data = (directory / file_name).read_bytes()
+        assert config["files"][file_name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    # (U, V) of the finished task 1 and of the open task 2, and the open task's kept singular values.
+    assert [task["task"] for task in config["tasks"]] == [1]
+    for layer, (u, v) in method.task_deltas[0].items():
+        assert torch.equal(adapters[f"task1.{layer}.U"], u) and torch.equal(adapters[f"task1.{layer}.V"], v)
+        assert config["tasks"][0]["ranks"][layer] == u.shape[1]
+    assert config["active"] == {"task": 2, "ranks": {n: a.adapter.rank for n, a in method.active.items()}}
+    for layer, active in method.active.items():
+        assert torch.equal(adapters[f"active.{layer}.U"], active.adapter.U)
+        assert torch.equal(adapters[f"active.{layer}.V"], active.adapter.V.detach())
+        assert torch.equal(adapters[f"active.{layer}.kept_singular_values"], active.kept_singular_values)
+        assert torch.equal(statistics[f"active_probe.{layer}"], active.probe)
+    for key, value in method.model.task_heads.state_dict().items():
+        assert torch.equal(adapters[f"modules_to_save.task_heads.{key}"], value)
+
+    # Independently: W now = W after task 0 + (U₁V₁)ᵀ, with the bias as U·V's last row when it is adapted.
+    for layer in method.task_deltas[0]:
+        before, now = base.get_submodule(layer), current_layer(method, layer)
+        delta = (adapters[f"task1.{layer}.U"].double() @ adapters[f"task1.{layer}.V"].double()).T  # (o, d[+1])
+        out = now.weight.shape[0]
+        expected = before.weight.detach().double().reshape(out, -1)
+        if case.config.adapt_bias:
+            expected = torch.cat([expected, before.bias.detach().double()[:, None]], dim=1)
+            torch.testing.assert_close(now.bias.detach().double(), (expected + delta)[:, -1], atol=1e-6, rtol=0)
+            expected = expected[:, :-1] + delta[:, :-1]
+        else:
+            expected = expected + delta
+        torch.testing.assert_close(now.weight.detach().double().reshape(out, -1), expected, atol=1e-6, rtol=0)
+
+    if case.config.memory == "replay":  # the raw inputs of tasks 0 and 1
+        assert config["statistics"]["replay_tasks"] == 2
+        for j in range(2):
+            assert torch.equal(statistics[f"replay.task{j}"], task_data(case, j)[0])
+    else:  # Σxxᵀ of the first layer's inputs over tasks 0 and 1, in float64
+        inputs = torch.cat([task_data(case, j)[0] for j in range(2)]).double()
+        assert statistics["covariance.backbone.0"].dtype == torch.float64
+        torch.testing.assert_close(statistics["covariance.backbone.0"], inputs.T @ inputs)
+        for layer, rows in method.probes.items():
+            assert config["statistics"]["probe_tasks"][layer] == len(rows) == 2
+            for j, probe in enumerate(rows):
+                assert torch.equal(statistics[f"probe.task{j}.{layer}"], probe)
+    assert config["statistics"]["batchnorm_tasks"] == len(method.batchnorm_states)
+    for j, state in enumerate(method.batchnorm_states):
+        for layer, tensors in state.items():
+            for key, value in tensors.items():
+                assert torch.equal(statistics[f"batchnorm.task{j}.{layer}.{key}"], value)
+    if case.config.batchnorm == "per_task":
+        assert len(method.batchnorm_states) == 2
+        assert "modules_to_save.backbone.1.running_mean" in adapters
+
+
+def test_config_is_written_last_and_checksums_catch_a_mixed_directory(tmp_path, monkeypatch):
+    case = CASES["mlp"]
+    method, base = trained(case, open_task=True)
+    real_save = safetensors.torch.save
+    calls = []
+
+    def fail_on_the_statistics(tensors, metadata=None):
+        calls.append(1)
+        if len(calls) % 2 == 0:
+            raise OSError("disk full")
+        return real_save(tensors, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save", fail_on_the_statistics)
+    with pytest.raises(OSError, match="disk full"):
+        method.save_adapters(tmp_path / "interrupted")
+    assert sorted(p.name for p in (tmp_path / "interrupted").iterdir()) == ["adapter_model.safetensors"]
+    with pytest.raises(FileNotFoundError, match="save did not finish"):
+        NESS.load_adapters(copy.deepcopy(base), tmp_path / "interrupted")
+
+    # An interrupted save over a complete one leaves a new adapter file beside the old config: refused.
+    monkeypatch.setattr(safetensors.torch, "save", real_save)
+    method.save_adapters(tmp_path / "resaved")
+    train(method, case, 2)
+    monkeypatch.setattr(safetensors.torch, "save", fail_on_the_statistics)
+    with pytest.raises(OSError):
+        method.save_adapters(tmp_path / "resaved")
+    assert sorted(p.name for p in (tmp_path / "resaved").iterdir()) == FILES
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors does not match its checksum"):
+        NESS.load_adapters(copy.deepcopy(base), tmp_path / "resaved")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# merge_and_unload
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_merge_and_unload_gives_a_plain_model_with_the_same_outputs(tmp_path, name):
+    case = CASES[name]
+    method, base = trained(case, open_task=True)
+    before = {k: v.clone() for k, v in method.model.state_dict().items()}
+    merged = method.merge_and_unload()
+    # The file route (`ness adapters --merge`: base state dict + adapter files, no model class) gives the same.
+    from_files = merged_state_dict(base.state_dict(), method.save_adapters(tmp_path / "adapters"))
+    assert list(from_files) == list(merged.state_dict())
+    for key, value in merged.state_dict().items():
+        assert torch.equal(from_files[key], value), key
+
+    assert not any(isinstance(m, NullSpaceAdapter) for m in merged.modules())
+    assert all(type(m).__module__.startswith("torch.nn") for m in merged.modules() if m is not merged)
+    assert all(p.requires_grad for p in merged.parameters())
+    for layer in merged.modules():  # BatchNorm's momentum as built: a frozen task's 0 stays with the method
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            assert layer.momentum == 0.1
+    x, _ = task_data(case, 99)
+    for t in range(3):
+        torch.testing.assert_close(logits(merged, x, t), logits(method.model, x, t), atol=1e-5, rtol=1e-5)
+    for layer, active in method.active.items():  # W + (U V)ᵀ, by hand
+        w = active.adapter.base.weight.detach().double()
+        delta = (active.adapter.U.double() @ active.adapter.V.detach().double()).T[:, : w[0].numel()]
+        torch.testing.assert_close(
+            merged.get_submodule(layer).weight.double(), w + delta.reshape(w.shape), atol=1e-6, rtol=0
+        )
+
+    # The method is as it was, and still trains and ends its task.
+    assert all(isinstance(method.model.get_submodule(n), NullSpaceAdapter) for n in method.active)
+    for key, value in method.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    v_before = {n: a.adapter.V.detach().clone() for n, a in method.active.items()}
+    train(method, case, 2)
+    assert any(not torch.equal(a.adapter.V, v_before[n]) for n, a in method.active.items())
+    end(method, case, 2)
+    method.begin_task(3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(method after tasks 0–2, its base model, its adapter directory)."""
+    method, base = trained(CASES["mlp"], open_task=False)
+    return method, base, method.save_adapters(tmp_path_factory.mktemp("saved") / "adapters")
+
+
+def edited_copy(directory: Path, target: Path, edit: Callable[[Path], None]) -> Path:
+    shutil.copytree(directory, target)
+    edit(target)
+    return target
+
+
+def set_config(key, value):
+    def edit(directory: Path) -> None:
+        config = json.loads((directory / "adapter_config.json").read_text())
+        config[key] = value
+        (directory / "adapter_config.json").write_text(json.dumps(config))
+
+    return edit
+
+
+def test_bad_directories_and_files_get_clear_errors(saved, tmp_path):
+    _, base, directory = saved
+
+    def load(path):
+        return NESS.load_adapters(copy.deepcopy(base), path)
+
+    with pytest.raises(FileNotFoundError, match="no adapter directory"):
+        load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"has no adapter_config\.json"):
+        load(tmp_path / "empty")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load(edited_copy(directory, tmp_path / "json", lambda d: (d / "adapter_config.json").write_text("{")))
+    with pytest.raises(ValueError, match="not a NESS adapter config: format 'peft'"):
+        load(edited_copy(directory, tmp_path / "format", set_config("format", "peft")))
+    with pytest.raises(ValueError, match=r"format version 2; this ness-cl reads version 1\..*Upgrade"):
+        load(edited_copy(directory, tmp_path / "version", set_config("format_version", 2)))
+    with pytest.raises(FileNotFoundError, match=r"no adapter_statistics\.safetensors"):
+        load(edited_copy(directory, tmp_path / "gone", lambda d: (d / "adapter_statistics.safetensors").unlink()))
+
+    def truncate(d: Path) -> None:
+        path = d / "adapter_model.safetensors"
+        path.write_bytes(path.read_bytes()[:-10])
+
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors does not match its checksum.*corrupt"):
+        load(edited_copy(directory, tmp_path / "truncated", truncate))
+
+    garbage = b"not a safetensors file"
+    files = json.loads((directory / "adapter_config.json").read_text())["files"]
+    files["adapter_model.safetensors"] = {"bytes": len(garbage), "sha256": hashlib.sha256(garbage).hexdigest()}
+
+    def replace(d: Path) -> None:
+        (d / "adapter_model.safetensors").write_bytes(garbage)
+        set_config("files", files)(d)
+
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load(edited_copy(directory, tmp_path / "garbage", replace))
+
+
+def test_models_that_do_not_fit_get_clear_errors_and_stay_unchanged(saved):
+    method, base, directory = saved
+    torch.manual_seed(1)
+    mismatched = {
+        "layer 'backbone.0': the adapters expect a Linear with d=12 inputs per row and 16 outputs, the model has a "
+        "Linear with d=12, 20 outputs": multi_head_mlp(12, [20, 16], HEADS),
+        r"layer 'backbone.2' \(Linear with d=16 inputs per row and 16 outputs\) of the saved adapters is not in the "
+        "model": multi_head_mlp(12, [16], HEADS),
+        r"the model has layers \['backbone.4'\] that NESS would adapt": multi_head_mlp(12, [16, 16, 16], HEADS),
+        "module 'task_heads' saved in .* has tensors": with_backbone(multi_head_mlp(12, [16, 16], (3, 3)), base),
+        "not the base model these adapters were trained from": mlp(),  # right shapes, other weights
+        "they are the trained model's, with every task's ΔW already in them": copy.deepcopy(method.model),
+    }
+    for message, model in mismatched.items():
+        state = copy.deepcopy(model.state_dict())
+        with pytest.raises(ValueError, match=message):
+            NESS.load_adapters(model, directory)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+    wrapped, _ = trained(CASES["mlp"], open_task=True)
+    with pytest.raises(ValueError, match="holds NullSpaceAdapter layers"):
+        NESS.load_adapters(wrapped.model, directory)
+    with pytest.raises(ValueError, match=r"base state dict's 'backbone.0.weight' \(shape \[20, 12\]\) does not fit"):
+        merged_state_dict(multi_head_mlp(12, [20, 16], HEADS).state_dict(), directory)
+
+
+def with_backbone(model: nn.Module, base: nn.Module) -> nn.Module:
+    """`model` with the base model's backbone weights (its heads stay its own)."""
+    model.backbone.load_state_dict(base.backbone.state_dict())
+    return model
+
+
+def test_saving_needs_a_finished_task_0_and_a_ness_method(tmp_path):
+    method = NESS(mlp(), CASES["mlp"].config)
+    with pytest.raises(ValueError, match="task 0 has not ended"):
+        method.save_adapters(tmp_path / "a")
+    method.begin_task(0)
+    with pytest.raises(ValueError, match="task 0 has not ended"):
+        method.save_adapters(tmp_path / "a")
+    with pytest.raises(TypeError, match="takes a NESS method, got FineTune"):
+        save_adapters(FineTune(mlp()), tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_saves_adapters_and_merges_them_into_the_final_model(tmp_path, capsys):
+    run = ["run", "--benchmark", "split_digits", "--method", "ness", "--seeds", "1", "--out", str(tmp_path)]
+    assert main([*run, "--set", "epochs=1", "--quiet", "--save-adapters"]) == 0
+    seed_dir = tmp_path / "split_digits" / "ness" / "seed_1"
+    adapters, base_file = seed_dir / "adapters", seed_dir / "base_model.safetensors"
+    assert sorted(p.name for p in adapters.iterdir()) == FILES and base_file.is_file()
+    config = json.loads((adapters / "adapter_config.json").read_text())
+    assert (config["tasks_done"], config["active_task"], len(config["tasks"])) == (5, None, 4)
+
+    capsys.readouterr()
+    assert main(["adapters", str(adapters)]) == 0
+    summary = capsys.readouterr().out
+    assert "5 tasks done, no task open" in summary
+    for layer, spec in config["layers"].items():
+        ranks = [str(task["ranks"].get(layer, "-")) for task in config["tasks"]]
+        row = next(line for line in summary.splitlines() if line.startswith(layer))
+        assert row.split() == [layer, spec["type"], str(spec["d"]), str(spec["out"]), "no", *ranks]
+    for name in FILES:
+        assert f"{(adapters / name).stat().st_size:,} bytes" in summary
+
+    merged_file = tmp_path / "merged.safetensors"
+    merge = ["adapters", str(adapters), "--merge", "--base", str(base_file), "--out", str(merged_file)]
+    assert main(merge) == 0
+    assert f"to {merged_file}" in capsys.readouterr().out
+
+    # A fresh model with the merged state dict is the run's final model: it reproduces the last accuracy row.
+    results = json.loads((seed_dir / "results.json").read_text())
+    protocol = get_protocol("split_digits", "quick")
+    bench = build_benchmark("split_digits", seed=1, **results["config"]["data"])
+    fresh = protocol.network(bench)
+    fresh.load_state_dict(load_file(merged_file))
+    train_config = results["config"]["train"]
+    for j, task in enumerate(bench.tasks):
+        _, acc = evaluate(
+            fresh, j, task.test, task, train_config["test_batch_size"], "cpu", train_config["eval_passes"], 1
+        )
+        assert acc == results["acc_matrix"][-1][j]
+    # ... and its outputs are those of the final model rebuilt from the base model through load_adapters.
+    base = protocol.network(bench)
+    base.load_state_dict(load_file(base_file))
+    final = NESS.load_adapters(base, adapters)
+    x = bench.tasks[0].transform(bench.tasks[0].test.inputs[:32])
+    for j in range(len(bench)):
+        torch.testing.assert_close(logits(fresh, x, j), logits(final.model, x, j), atol=1e-5, rtol=1e-5)
+
+
+def test_cli_refuses_adapters_for_other_methods_and_a_merge_without_files(tmp_path, capsys):
+    run = ["run", "--benchmark", "split_digits", "--method", "ness", "finetune", "--out", str(tmp_path)]
+    assert main([*run, "--quiet", "--save-adapters"]) == 2
+    assert "--save-adapters works with NESS variants only; 'finetune'" in capsys.readouterr().err
+    assert not tmp_path.joinpath("split_digits").exists()  # refused before any training
+    assert main(["adapters", str(tmp_path), "--merge"]) == 2
+    assert "--merge goes with --base" in capsys.readouterr().err
+    assert main(["adapters", str(tmp_path / "none")]) == 2
+    assert "no adapter directory" in capsys.readouterr().err
