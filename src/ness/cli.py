@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
+import json
 import logging
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
@@ -73,8 +76,102 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+RUN_KEYS: tuple[str, ...] = (
+    "benchmark",
+    "method",
+    "seeds",
+    "preset",
+    "network",
+    "faithful",
+    "download",
+    "data_root",
+    "set",
+    "save_adapters",
+    "checkpoint",
+)
+"""The options of `ness run` that make up a plan; `--resume DIR` reads them back from DIR/.ness/."""
+RUN_DEFAULTS: dict[str, Any] = {
+    "preset": "quick",
+    "faithful": False,
+    "download": False,
+    "save_adapters": False,
+    "checkpoint": "epoch",
+}
+"""The defaults of the plan's options that are not None."""
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError)
+"""Errors that say what the user should change: main() prints their message without a traceback."""
+RESUME_TAKES: tuple[str, ...] = ("quiet", "data_root", "download", "log_dir", "deterministic")
+"""The options `--resume` accepts beside it: where things are and how to show them, not what to run."""
+
+
+def record_plan(args: argparse.Namespace) -> Path:
+    """Write this command's plan to OUT/.ness/plan-<hash>.json (one file per distinct command, so commands
+    sharing an output folder never overwrite each other's), for `ness run --resume OUT`."""
+    plan = {key: getattr(args, key) for key in RUN_KEYS}
+    plan["set"] = [[k, v] for k, v in (args.set or [])]
+    text = json.dumps(plan, sort_keys=True)
+    path = Path(args.out) / ".ness" / f"plan-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
+    write_text_atomic(path, text + "\n")
+    return path
+
+
+def read_plans(folder: Path) -> list[dict[str, Any]]:
+    """Every plan recorded in folder/.ness/, oldest first."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--resume '{folder}': no such folder; give the --out folder of the run to resume")
+    paths = sorted((folder / ".ness").glob("plan-*.json"), key=lambda p: p.stat().st_mtime)
+    if not paths:
+        raise FileNotFoundError(
+            f"--resume '{folder}': no run was recorded there (no .ness/plan-*.json); give the --out folder of a "
+            "`ness run` command"
+        )
+    plans = []
+    for path in paths:
+        try:
+            plans.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--resume: '{path}' is not valid JSON ({err}); delete it or restore it") from err
+    return plans
+
+
+def resume_plans(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """The commands `--resume DIR` continues: each plan in DIR, with the options given beside --resume."""
+    given = [key for key in RUN_KEYS if key not in RESUME_TAKES and getattr(args, key) != RUN_DEFAULTS.get(key)]
+    if given:
+        flags = ", ".join("--" + key.replace("_", "-") for key in given)
+        raise ValueError(
+            f"--resume DIR runs the commands recorded in DIR with their own settings; drop {flags} (only "
+            f"{', '.join('--' + k.replace('_', '-') for k in RESUME_TAKES)} may go with it)"
+        )
+    commands = []
+    for plan in read_plans(Path(args.resume)):
+        command = argparse.Namespace(**vars(args))
+        for key in RUN_KEYS:
+            if key not in RESUME_TAKES or getattr(args, key) in (None, False):
+                setattr(command, key, plan[key])
+        command.set = [tuple(pair) for pair in plan["set"]]
+        command.out = args.resume
+        commands.append(command)
+    return commands
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from ness.experiment import check_saves_adapters, resolve_settings, run_experiment
+    if args.resume is not None:
+        commands = resume_plans(args)
+    else:
+        missing = [flag for flag, value in (("--benchmark", args.benchmark), ("--method", args.method)) if not value]
+        if missing:
+            raise ValueError(f"ness run needs {' and '.join(missing)} (or --resume DIR to continue a run)")
+        commands = [args]
+    status = 0
+    for command in commands:
+        status = max(status, run_command(command, resume=args.resume is not None))
+    return status
+
+
+def run_command(args: argparse.Namespace, resume: bool) -> int:
+    """Every (method, seed) of one command; a failing run is reported with its traceback and the others go on."""
+    from ness.experiment import check_saves_adapters, resolve_settings, run_experiment, run_folder, run_label
 
     overrides = dict(args.set or [])
     protocol = get_protocol(args.benchmark, args.preset)
@@ -84,7 +181,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         if args.save_adapters:
             check_saves_adapters(method, variant.method)
+    check_writable(Path(args.out))
+    if not resume:
+        record_plan(args)
     seeds = args.seeds or list(protocol.seeds)
+
+    def folder(method: str, seed: int) -> Path:
+        return run_folder(
+            args.out, args.benchmark, run_label(args.benchmark, method, args.preset, args.network), args.faithful, seed
+        )
+
     failures = []
     for method in args.method:
         for seed in seeds:
@@ -102,24 +208,45 @@ def cmd_run(args: argparse.Namespace) -> int:
                     progress=not args.quiet,
                     network=args.network,
                     save_adapters=args.save_adapters,
+                    checkpoint=None if args.checkpoint == "none" else args.checkpoint,
+                    resume=resume,
                 )
                 print(
                     f"{args.benchmark} {method} seed {seed}: ACC {r['acc']:.2f}  BWT {r['bwt']:.2f}  "
                     f"({r['timings']['total_seconds']:.1f} s)"
                 )
-            except (ValueError, TypeError, OSError, FloatingPointError):
-                if len(seeds) * len(args.method) == 1:
-                    raise
+            except Exception as err:  # every failure is reported, kept in failure.txt, and fails the command
+                trace = traceback.format_exc()
+                write_text_atomic(folder(method, seed) / "failure.txt", trace)
+                if len(seeds) * len(args.method) == 1 and isinstance(err, USER_ERRORS):
+                    raise  # one run: main() prints the message alone
                 failures.append((method, seed))
-                print(
-                    f"{args.benchmark} {method} seed {seed} FAILED:\n{traceback.format_exc()}",
-                    file=sys.stderr,
-                )
+                print(f"{args.benchmark} {method} seed {seed} FAILED:\n{trace}", file=sys.stderr)
+            else:
+                (folder(method, seed) / "failure.txt").unlink(missing_ok=True)
     if failures:
-        print(f"{len(failures)} run(s) failed: {failures}; they are not in the results", file=sys.stderr)
+        runs = ", ".join(f"{m} seed {s}" for m, s in failures)
+        print(
+            f"{len(failures)} run(s) failed ({runs}); they are not in the results, and each one's traceback is in "
+            "its seed folder's failure.txt. Fix the cause, then `ness run --resume "
+            f"{args.out}` runs what is missing.",
+            file=sys.stderr,
+        )
         return 1
     print(paper_table_markdown(paper_table(load_results(Path(args.out) / args.benchmark))))
     return 0
+
+
+def check_writable(folder: Path) -> None:
+    """The output folder must be creatable and writable before hours of training go into it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test"):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"output folder '{folder}' is not writable ({err.strerror}); choose another with --out"
+        ) from err
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -174,12 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     benchmarks = sorted({b for b, _ in PROTOCOLS})
     run = sub.add_parser("run", help="run methods on a benchmark over seeds; one results.json per run")
-    run.add_argument("--benchmark", required=True, choices=benchmarks)
+    run.add_argument("--benchmark", choices=benchmarks, help="required unless --resume")
     run.add_argument(
         "--method",
         nargs="+",
-        required=True,
-        help="registered methods or the preset's variants, e.g. ness_sam ness_sgdm finetune",
+        help="registered methods or the preset's variants, e.g. ness_sam ness_sgdm finetune (required unless --resume)",
     )
     run.add_argument(
         "--seeds", nargs="+", type=int, default=None, help="default: the preset's (paper: 1 2 3 4 37, quick: 1 2 3)"
@@ -202,6 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--data-root", default=None, help="folder with the dataset files (default: $NESS_DATA_ROOT)")
     run.add_argument("--out", default="runs", help="results folder (default: runs)")
+    run.add_argument(
+        "--checkpoint",
+        default="epoch",
+        choices=("epoch", "task", "none"),
+        help="save each run to <out>/<benchmark>/<variant>/seed_N/checkpoint.pt after every epoch (default) or "
+        "task; deleted once the run's results.json is written",
+    )
+    run.add_argument(
+        "--resume",
+        metavar="DIR",
+        default=None,
+        help="continue the runs of an earlier `ness run --out DIR` where they stopped: finished seeds are skipped, "
+        "killed ones resume from their last checkpoint, the rest start",
+    )
     run.add_argument(
         "--set",
         action="append",
@@ -249,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:
+    except USER_ERRORS as err:
         print(f"ness {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
+import logging
 import platform
 import time
+import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +17,22 @@ import torch
 
 from ness.adapter_files import save_adapters as write_adapters
 from ness.adapter_files import write_state_dict
+from ness.checkpoint import (
+    CHECKPOINT_NAME,
+    EVERY,
+    Checkpointer,
+    CheckpointError,
+    read_header,
+    remove_temporaries,
+    resume_state,
+)
 from ness.data import BENCHMARKS, build_benchmark
 from ness.methods import METHODS, NESS, build_method
 from ness.presets import Protocol, Variant, faithful_settings, get_protocol
 from ness.results import write_json_atomic
-from ness.trainer import TrainConfig, run_continual, seed_everything
+from ness.trainer import RunObserver, RunState, TrainConfig, new_run_state, run_continual, seed_everything
+
+log = logging.getLogger(__name__)
 
 
 def data_options(benchmark: str) -> list[str]:
@@ -90,6 +105,127 @@ def check_saves_adapters(variant: str, method: str) -> None:
         )
 
 
+def run_label(benchmark: str, method: str, preset: str, network: str | None) -> str:
+    """The variant's name in results: `method`, or `method_<network>` when `network` is not the protocol's own."""
+    own = network is None or network == get_protocol(benchmark, preset).network_name
+    return method if own else f"{method}_{network}"
+
+
+def run_folder(out: str | Path, benchmark: str, label: str, faithful: bool, seed: int) -> Path:
+    """Where a run's files go: out/benchmark/<variant>[_faithful]/seed_N."""
+    return Path(out) / benchmark / (f"{label}_faithful" if faithful else label) / f"seed_{seed}"
+
+
+def environment(device: str) -> dict[str, Any]:
+    """What the run ran on, for its results file."""
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+        "threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
+
+
+class Clock(RunObserver):
+    """Keeps the run's elapsed seconds in the state, so that a resumed run reports its whole time."""
+
+    def __init__(self, start: float, before: float = 0.0) -> None:
+        self.start, self.before = start, before
+        """perf_counter() when this process began the run, and the seconds spent on it before (a resumed run)."""
+
+    def tick(self, state: RunState) -> None:
+        state.extras["elapsed_seconds"] = self.before + time.perf_counter() - self.start
+
+    def epoch_end(self, state: RunState, record: dict[str, Any]) -> None:
+        self.tick(state)
+
+    def task_end(self, state: RunState, record: dict[str, Any]) -> None:
+        self.tick(state)
+
+
+class BaseModelKeeper(RunObserver):
+    """Keeps the model as task 0 left it (the base the adapter files apply to) in the state, across resumes."""
+
+    def task_end(self, state: RunState, record: dict[str, Any]) -> None:
+        if record["task"] == 0:
+            model = state.method.model
+            state.extras["base_model"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def run_settings(
+    benchmark: str,
+    label: str,
+    seed: int,
+    preset: str,
+    faithful: bool,
+    network: str,
+    method_config: dict[str, Any],
+    train: TrainConfig,
+    data: dict[str, Any],
+) -> dict[str, Any]:
+    """What makes a run the run it is, in JSON form: a checkpoint resumes only under the same settings. The device
+    is left out (a run may move between machines) and so is `download` (where the files come from)."""
+    settings = {
+        "benchmark": benchmark,
+        "variant": label,
+        "seed": seed,
+        "preset": preset,
+        "faithful": faithful,
+        "network": network,
+        "method": method_config,
+        "train": {k: v for k, v in dataclasses.asdict(train).items() if k != "device"},
+        "data": {k: v for k, v in data.items() if k != "download"},
+    }
+    return json.loads(json.dumps(settings))
+
+
+def flat_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """{'train.epochs': 3, 'seed': 1, ...}: a settings dict flattened one level, for naming what differs."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def check_same_settings(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
+    """Raise CheckpointError naming every setting that differs between a checkpoint and the run resuming it."""
+    old, new = flat_settings(saved), flat_settings(now)
+    missing = object()
+    differ = [
+        f"{key} = {old.get(key, 'unset')!r} in the checkpoint, {new.get(key, 'unset')!r} now"
+        for key in sorted(set(old) | set(new))
+        if old.get(key, missing) != new.get(key, missing)
+    ]
+    if differ:
+        raise CheckpointError(
+            f"cannot resume '{where}': it was written by a run with other settings ({'; '.join(differ)}); resume "
+            "with the command that started it, or delete the checkpoint to start this run afresh"
+        )
+
+
+def finished_run(folder: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The results of the run in `folder` when it finished under `settings`, else None. A checkpoint left beside
+    its results (killed between writing results.json and deleting the checkpoint) is deleted here."""
+    results_path, checkpoint_path = folder / "results.json", folder / CHECKPOINT_NAME
+    if not results_path.is_file():
+        return None
+    results = json.loads(results_path.read_text())
+    if results.get("settings") != settings:
+        log.warning("'%s' holds a run with other settings: running this one afresh over it", results_path)
+        return None
+    if checkpoint_path.is_file():
+        if read_header(checkpoint_path)["meta"].get("run_id") != results.get("run_id"):
+            return None  # a later run of the same settings was under way
+        checkpoint_path.unlink()
+    return results
+
+
 def run_experiment(
     benchmark: str,
     method: str,
@@ -104,6 +240,9 @@ def run_experiment(
     progress: bool = True,
     network: str | None = None,
     save_adapters: bool = False,
+    checkpoint: str | None = "epoch",
+    resume: bool = False,
+    observers: Sequence[RunObserver] = (),
 ) -> dict[str, Any]:
     """Run one seed of a method or variant (e.g. `ness_sam`) on `benchmark`.
 
@@ -112,6 +251,9 @@ def run_experiment(
     (e.g. 'vit') trains that network instead of the protocol's; the run is then labelled `<variant>_<network>`.
     `save_adapters` (NESS variants) also writes `seed_N/base_model.safetensors`, the model as task 0 left it, and
     `seed_N/adapters/` (ness.adapter_files), from which the final model can be rebuilt or merged.
+    With `out`, the run saves `seed_N/checkpoint.pt` after every epoch (`checkpoint="epoch"`) or task ("task"; None:
+    never) and deletes it once results.json is written; `resume=True` continues from that checkpoint when there is
+    one (and its settings are this run's). `observers` also see every epoch and task (logs).
     """
     settings = resolve_settings(benchmark, method, preset, overrides, faithful, download, network)
     protocol, variant, train, data, options = settings
@@ -119,22 +261,44 @@ def run_experiment(
         check_saves_adapters(method, variant.method)
         if out is None:
             raise ValueError("save_adapters needs an `out` folder to write the adapters to")
-    own_network = protocol.network_name == get_protocol(benchmark, preset).network_name
-    label = method if own_network else f"{method}_{protocol.network_name}"
+    if checkpoint is not None and checkpoint not in EVERY:
+        raise ValueError(f"checkpoint={checkpoint!r}: choose one of {EVERY}, or None for no checkpoints")
+    label = run_label(benchmark, method, preset, network)
     faithful_over = faithful_settings(protocol) if faithful else {}
+    folder = None if out is None else run_folder(out, benchmark, label, faithful, seed)
+    checkpoint_path = None if folder is None else folder / CHECKPOINT_NAME
+    method_config = dataclasses.asdict(METHODS[variant.method].config_class(**options))
+    identity = run_settings(benchmark, label, seed, preset, faithful, protocol.network_name, method_config, train, data)
+    if resume and folder is not None:
+        finished = finished_run(folder, identity)
+        if finished is not None:
+            log.info("%s %s seed %d: finished before (%s), skipped", benchmark, label, seed, folder / "results.json")
+            return finished
+    if resume and checkpoint_path is not None and remove_temporaries(checkpoint_path):
+        log.info("removed the temporary file(s) of a checkpoint write that was killed, in %s", folder)
+    resuming = resume and checkpoint_path is not None and checkpoint_path.is_file()
+    if resuming:  # check before building anything: a wrong checkpoint fails in a second
+        check_same_settings(read_header(checkpoint_path)["meta"]["settings"], identity, checkpoint_path)
     start = time.perf_counter()
     seed_everything(seed)
     bench = build_benchmark(benchmark, seed=seed, data_root=data_root, **data)
-    model = protocol.network(bench)
-    runner = build_method(variant.method, model, options)
-    base_state: dict[str, torch.Tensor] = {}  # the model as task 0 left it: the base the adapters apply to
-
-    def keep_base(t: int) -> None:
-        if t == 0:
-            base_state.update({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-
-    outcome = run_continual(model, runner, bench, train, seed, progress, keep_base if save_adapters else None)
+    if resuming:
+        meta, state = resume_state(checkpoint_path, map_location=train.device)
+        runner, run_id = state.method, meta["run_id"]
+        state.extras.setdefault("resumed", []).append(meta["position"])
+        log.info("%s %s seed %d: resuming from %s (%s)", benchmark, label, seed, checkpoint_path, meta["position"])
+    else:
+        runner, run_id = build_method(variant.method, protocol.network(bench), options), uuid.uuid4().hex
+        state = new_run_state(runner, bench, seed)
+    model = runner.model
+    watchers: list[RunObserver] = [Clock(start, state.extras.get("elapsed_seconds", 0.0))]
+    if save_adapters:
+        watchers.append(BaseModelKeeper())
+    if checkpoint_path is not None and checkpoint is not None:
+        watchers.append(Checkpointer(checkpoint_path, {"run_id": run_id, "settings": identity}, checkpoint))
+    outcome = run_continual(model, runner, bench, train, seed, progress, [*watchers, *observers], state)
     spectra = _take_spectra(outcome["diagnostics"])
+    extras = state.extras
     results = {
         "method": variant.method,
         "variant": label,
@@ -143,6 +307,9 @@ def run_experiment(
         "preset": preset,
         "faithful": faithful,
         "seed": seed,
+        "run_id": run_id,
+        "settings": identity,
+        "resumed_from": extras.get("resumed", []),
         "tasks_run": len(bench),
         "config": {
             "method": dataclasses.asdict(runner.config),
@@ -154,25 +321,19 @@ def run_experiment(
             "overrides": overrides or {},
         },
         **outcome,
-        "timings": {"total_seconds": time.perf_counter() - start},
+        "timings": {"total_seconds": extras["elapsed_seconds"]},
         "benchmark_details": bench.details,
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "device": train.device,
-            "device_name": torch.cuda.get_device_name(train.device) if train.device.startswith("cuda") else "cpu",
-            "threads": torch.get_num_threads(),
-        },
+        "environment": environment(train.device),
     }
-    if out is not None:
-        folder = Path(out) / benchmark / (f"{label}_faithful" if faithful else label) / f"seed_{seed}"
+    if folder is not None:
         if save_adapters:  # before results.json, which marks a finished run
-            write_state_dict(folder / "base_model.safetensors", base_state)
+            write_state_dict(folder / "base_model.safetensors", extras["base_model"])
             write_adapters(runner, folder / "adapters")
         write_json_atomic(folder / "results.json", results)
         if spectra:
             write_json_atomic(folder / "spectra.json", {"spectra": spectra})
+        if checkpoint_path is not None:
+            checkpoint_path.unlink(missing_ok=True)  # results.json now holds what it was kept for
     return results
 
 

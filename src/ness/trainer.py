@@ -7,7 +7,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -166,6 +166,27 @@ def training_tasks(method: ContinualMethod, t: int, task: Task, earlier: Sequenc
     return [(i, task if i == t else earlier[i]) for i in ids]
 
 
+@dataclass
+class TaskLoop:
+    """Where the open task's training stands between two epochs; an epoch checkpoint saves it whole."""
+
+    optimizer: Any
+    lr: float
+    patience: int
+    epochs_done: int = 0
+    best_loss: float = math.inf
+    best_state: dict[str, torch.Tensor] | None = None
+    train_loss: float = math.nan
+    finished: bool = False
+    """Training is over (epoch budget spent, or lr fell below lr_min): what remains is the task's end."""
+    train_seconds: float = 0.0
+    preview_seconds: float = 0.0
+    """The method's look at the task before training (TRGP's trust regions): boundary time."""
+
+
+EpochHook = Callable[[TaskLoop, dict[str, Any]], None]
+
+
 def train_task(
     model: nn.Module,
     method: ContinualMethod,
@@ -175,10 +196,14 @@ def train_task(
     generator: torch.Generator,
     progress: bool = True,
     earlier: Sequence[Task] = (),
+    loop: TaskLoop | None = None,
+    after_epoch: EpochHook | None = None,
 ) -> dict[str, Any]:
     """Train task t with the method's trainable parameters; returns what happened (epochs, lr, losses).
 
     `earlier` holds tasks 0..t−1, needed only by methods that train on earlier tasks' data (joint training).
+    `loop` continues a task from a checkpoint (its optimiser, lr schedule and epochs done); `after_epoch(loop,
+    record)` is called after every epoch with the epoch's figures (to checkpoint or log them).
     """
     sources = training_tasks(method, t, task, earlier)
     for i, source in sources:
@@ -190,11 +215,6 @@ def train_task(
                 "set a validation fraction > 0 or turn the schedule off"
             )
         check_labels(model, i, source, config.device)
-    method.preview_task(t, iterate_batches(task.train, task.transform, config.test_batch_size, device=config.device))
-    lr = config.lr
-    optimizer = build_optimizer(method.trainable_parameters(t), config, t)
-    best_loss, best_state, patience = math.inf, None, config.lr_patience
-    epochs_run, train_loss = 0, math.nan
     rows = sum(len(source.train) for _, source in sources)
     batches_per_epoch = rows // config.batch_size if config.drop_last else math.ceil(rows / config.batch_size)
     if batches_per_epoch == 0:
@@ -202,49 +222,80 @@ def train_task(
             f"task {t}: {rows} training rows make no full batch of {config.batch_size} with drop_last; lower "
             "batch_size or turn drop_last off"
         )
-    bar = tqdm(range(config.epochs), desc=f"task {t}", leave=False, disable=not progress, unit="ep")
+    if loop is None:
+        started = time.perf_counter()
+        method.preview_task(
+            t, iterate_batches(task.train, task.transform, config.test_batch_size, device=config.device)
+        )
+        loop = TaskLoop(build_optimizer(method.trainable_parameters(t), config, t), config.lr, config.lr_patience)
+        loop.preview_seconds = time.perf_counter() - started
+    bar = tqdm(
+        total=config.epochs, initial=loop.epochs_done, desc=f"task {t}", leave=False, disable=not progress, unit="ep"
+    )
     model.train()
-    for epoch in bar:
-        total, count = 0.0, 0
-        for step, (x, y, tasks) in enumerate(epoch_batches(sources, config, generator)):
-
-            def check_loss(loss: torch.Tensor, step: int = step, epoch: int = epoch, lr: float = lr) -> None:
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"task {t}, epoch {epoch}, step {step}: the loss is {loss.item()}; "
-                        f"lower the learning rate (now {lr:g}) or check the inputs"
-                    )
-
-            method.begin_step(t, StepProgress(epoch, step, batches_per_epoch, config.epochs))
-            loss = method.training_step(t, x, y, optimizer, check_loss, tasks)
-            total, count = total + loss.item() * y.numel(), count + y.numel()
-        epochs_run, train_loss = epoch + 1, total / count
-        postfix = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.2g}"}
-        if config.lr_schedule:
-            val_loss = validation_loss(method, sources, config)
-            postfix["val"] = f"{val_loss:.3f}"
-            if val_loss < best_loss:
-                best_loss, patience = val_loss, config.lr_patience
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                patience -= 1
-                if patience <= 0:
-                    lr /= config.lr_factor
-                    if lr < config.lr_min:
-                        break
-                    patience = config.lr_patience
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-        bar.set_postfix(postfix)
+    while not loop.finished:
+        started = time.perf_counter()
+        record = train_epoch(method, t, sources, config, generator, loop, batches_per_epoch)
+        loop.train_seconds += time.perf_counter() - started
+        if after_epoch is not None:
+            after_epoch(loop, record)
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "val_loss", "lr")})
     bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if loop.best_state is not None:
+        model.load_state_dict(loop.best_state)
     return {
-        "epochs": epochs_run,
-        "final_lr": lr,
-        "train_loss": train_loss,
-        "best_val_loss": best_loss if best_state is not None else None,
+        "epochs": loop.epochs_done,
+        "final_lr": loop.lr,
+        "train_loss": loop.train_loss,
+        "best_val_loss": loop.best_loss if loop.best_state is not None else None,
+        "train_seconds": loop.train_seconds,
+        "preview_seconds": loop.preview_seconds,
     }
+
+
+def train_epoch(
+    method: ContinualMethod,
+    t: int,
+    sources: list[tuple[int, Task]],
+    config: TrainConfig,
+    generator: torch.Generator,
+    loop: TaskLoop,
+    batches_per_epoch: int,
+) -> dict[str, Any]:
+    """One epoch of task t, then the lr schedule's step; updates `loop` and returns the epoch's figures."""
+    epoch, lr = loop.epochs_done, loop.lr
+    total, count = 0.0, 0
+    for step, (x, y, tasks) in enumerate(epoch_batches(sources, config, generator)):
+
+        def check_loss(loss: torch.Tensor, step: int = step) -> None:
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"task {t}, epoch {epoch}, step {step}: the loss is {loss.item()}; "
+                    f"lower the learning rate (now {lr:g}) or check the inputs"
+                )
+
+        method.begin_step(t, StepProgress(epoch, step, batches_per_epoch, config.epochs))
+        loss = method.training_step(t, x, y, loop.optimizer, check_loss, tasks)
+        total, count = total + loss.item() * y.numel(), count + y.numel()
+    loop.epochs_done, loop.train_loss = epoch + 1, total / count
+    record: dict[str, Any] = {"task": t, "epoch": epoch, "loss": loop.train_loss, "lr": lr}
+    if config.lr_schedule:
+        val_loss = validation_loss(method, sources, config)
+        record["val_loss"] = val_loss
+        if val_loss < loop.best_loss:
+            loop.best_loss, loop.patience = val_loss, config.lr_patience
+            loop.best_state = copy.deepcopy(method.model.state_dict())
+        else:
+            loop.patience -= 1
+            if loop.patience <= 0:
+                loop.lr /= config.lr_factor
+                loop.patience = config.lr_patience
+                loop.finished = loop.lr < config.lr_min
+                for group in loop.optimizer.param_groups:
+                    group["lr"] = loop.lr
+    loop.finished = loop.finished or loop.epochs_done >= config.epochs
+    return record
 
 
 def epoch_batches(
@@ -284,6 +335,40 @@ def validation_loss(method: ContinualMethod, sources: list[tuple[int, Task]], co
     return loss_sum / n
 
 
+@dataclass
+class RunState:
+    """Everything a run carries from one epoch to the next: a checkpoint saves it whole, with the RNG states."""
+
+    method: ContinualMethod
+    """The method, holding the model, its bases, statistics and memories."""
+    generator: torch.Generator
+    """Draws the training data's order."""
+    acc_matrix: list[list[float]]
+    tasks_log: list[dict[str, Any]] = field(default_factory=list)
+    tasks_done: int = 0
+    """Tasks trained, ended and evaluated."""
+    loop: TaskLoop | None = None
+    """The open task's training between two epochs; None between tasks."""
+    extras: dict[str, Any] = field(default_factory=dict)
+    """What observers keep across a resume (the model after task 0, for adapter files)."""
+
+
+class RunObserver:
+    """Called by `run_continual` after every epoch and every task: checkpoints and logs plug in here."""
+
+    def epoch_end(self, state: RunState, record: dict[str, Any]) -> None:
+        """`record`: task, epoch, loss, lr (and val_loss with the lr schedule) of the epoch just trained."""
+
+    def task_end(self, state: RunState, record: dict[str, Any]) -> None:
+        """`record`: the task's log (epochs, losses, seconds) and `acc`, its row of the accuracy matrix."""
+
+
+def new_run_state(method: ContinualMethod, benchmark: Benchmark, seed: int) -> RunState:
+    """A run before its first task: seeds every RNG (Python, NumPy, torch) and the data order."""
+    n = len(benchmark)
+    return RunState(method, seed_everything(seed), [[0.0] * n for _ in range(n)])
+
+
 def run_continual(
     model: nn.Module,
     method: ContinualMethod,
@@ -291,28 +376,45 @@ def run_continual(
     config: TrainConfig,
     seed: int,
     progress: bool = True,
-    after_task: Callable[[int], None] | None = None,
+    observers: Sequence[RunObserver] = (),
+    state: RunState | None = None,
 ) -> dict[str, Any]:
     """Learn the benchmark's tasks in order; R[i][j] = test accuracy on task j after task i (%).
 
-    `after_task(t)` is called once task t has ended and been evaluated (to save the model at that point)."""
-    generator = seed_everything(seed)
+    `state` continues a run from a checkpoint (its method must be `method`); without it the run starts from task 0
+    with every RNG seeded by `seed`. Observers see every epoch and task end (ness.checkpoint.Checkpointer)."""
+    if state is None:
+        state = new_run_state(method, benchmark, seed)
+    elif state.method is not method:
+        raise ValueError("run_continual: the state to continue holds another method object than `method`")
+    if len(state.acc_matrix) != len(benchmark):
+        raise ValueError(
+            f"the run to continue has {len(state.acc_matrix)} tasks but the benchmark has {len(benchmark)}"
+        )
     model.to(config.device)
-    n = len(benchmark)
-    acc_matrix = [[0.0] * n for _ in range(n)]
-    tasks_log = []
-    for t, task in enumerate(benchmark.tasks):
+    for t in range(state.tasks_done, len(benchmark)):
+        task = benchmark.tasks[t]
         start = time.perf_counter()
-        method.begin_task(t)
+        if state.loop is None:
+            method.begin_task(t)
         begun = time.perf_counter()
-        log = train_task(model, method, t, task, config, generator, progress, benchmark.tasks[:t])
+
+        def after_epoch(loop: TaskLoop, record: dict[str, Any]) -> None:
+            state.loop = loop
+            for observer in observers:
+                observer.epoch_end(state, record)
+
+        log = train_task(
+            model, method, t, task, config, state.generator, progress, benchmark.tasks[:t], state.loop, after_epoch
+        )
         trained = time.perf_counter()
         # The statistics pass runs at the evaluation batch size, as the official code does (64).
         method.end_task(t, iterate_batches(task.train, task.transform, config.test_batch_size, device=config.device))
         ended = time.perf_counter()
+        row = state.acc_matrix[t]
         for j in range(t + 1):
             prev = benchmark.tasks[j]
-            _, acc_matrix[t][j] = evaluate(
+            _, row[j] = evaluate(
                 model,
                 j,
                 prev.test,
@@ -326,20 +428,19 @@ def run_continual(
         log.update(
             task=t,
             name=task.name,
-            train_seconds=trained - begun,
-            boundary_seconds=(begun - start) + (ended - trained),
+            boundary_seconds=(begun - start) + log.pop("preview_seconds") + (ended - trained),
             eval_seconds=time.perf_counter() - ended,
         )
-        tasks_log.append(log)
+        state.tasks_log.append(log)
+        state.tasks_done, state.loop = t + 1, None
         if progress:
-            row = " ".join(f"{a:5.1f}" for a in acc_matrix[t][: t + 1])
-            tqdm.write(f"  [{method.name}] after task {t}: {row}")
-        if after_task is not None:
-            after_task(t)
+            tqdm.write(f"  [{method.name}] after task {t}: " + " ".join(f"{a:5.1f}" for a in row[: t + 1]))
+        for observer in observers:
+            observer.task_end(state, {**log, "acc": row[: t + 1]})
     return {
-        "acc_matrix": acc_matrix,
-        "acc": average_accuracy(acc_matrix),
-        "bwt": backward_transfer(acc_matrix),
-        "tasks": tasks_log,
+        "acc_matrix": state.acc_matrix,
+        "acc": average_accuracy(state.acc_matrix),
+        "bwt": backward_transfer(state.acc_matrix),
+        "tasks": state.tasks_log,
         "diagnostics": method.diagnostics(),
     }

@@ -38,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -242,7 +243,8 @@ class HAT(ContinualMethod):
         self._active_gates: dict[str, Tensor] | None = None
         for p in self.gated:
             gate_module = model.get_submodule(p.gate_after)
-            gate_module.register_forward_hook(lambda module, args, out, layer=p.layer: self._apply_gate(layer, out))
+            # a partial of a bound method, not a lambda, so that the model pickles (checkpoints mid-task)
+            gate_module.register_forward_hook(partial(self._gate_hook, p.layer))
 
     # -- gates -------------------------------------------------------------------------------------------
     def embedding(self, t: int) -> nn.Parameter:
@@ -268,6 +270,9 @@ class HAT(ContinualMethod):
             yield
         finally:
             self._active_gates = None
+
+    def _gate_hook(self, layer: str, module: nn.Module, args: Any, out: Tensor) -> Tensor | None:
+        return self._apply_gate(layer, out)
 
     def _apply_gate(self, layer: str, out: Tensor) -> Tensor | None:
         if self._active_gates is None:  # called outside predict/training_loss: the ungated network

@@ -1,0 +1,81 @@
+"""Every method stops twice and resumes from its checkpoints to the result of a run that never stopped.
+
+In process (fast) rather than by SIGKILL (tests/test_resume.py does that for NESS): the run is stopped by an
+exception no `except Exception` catches, raised right after a chosen checkpoint is written, so what continues is
+exactly what the file holds. The first stop is mid-task (after an epoch of task 1: optimiser, lr schedule and the
+method's open-task state such as OWM's projectors or a NESS adapter's V), the second between tasks 2 and 3 (HAT
+draws task 3's embeddings from the global RNG then, so the RNG states must come back too).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ness.checkpoint import CHECKPOINT_NAME, Checkpointer
+from ness.experiment import run_experiment
+from ness.methods import METHODS
+
+SETTINGS = {"epochs": 2}
+SMALL = {  # keep the slow ones small; each method's own tests check its numbers
+    "fsdgpm": {"memories": 32, "mem_batch_size": 16},
+    "agem": {"memory_per_task": 16},
+    "gpm": {"samples": 40},
+    "sgp": {"samples": 40},
+    "trgp": {"samples": 40, "gradient_samples": 40},
+    "dfgp": {"samples": 40},
+}
+
+
+class Stop(BaseException):
+    """Stands for a kill: not an Exception, so nothing on the way catches it."""
+
+
+def stop_after(monkeypatch, position: dict) -> None:
+    save = Checkpointer.save
+
+    def save_then_stop(self, state, where):
+        save(self, state, where)
+        if where == position:
+            raise Stop
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_stop)
+
+
+def comparable(run: dict) -> dict:
+    tasks = [{k: v for k, v in task.items() if not k.endswith("seconds")} for task in run["tasks"]]
+    records = [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in run["diagnostics"]]
+    return nan_as_text({"acc_matrix": run["acc_matrix"], "tasks": tasks, "diagnostics": records})
+
+
+def nan_as_text(value):
+    """NaN → 'nan' throughout, so that == treats two NaN records (FS-DGPM's λ before any basis) as equal."""
+    if isinstance(value, dict):
+        return {k: nan_as_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [nan_as_text(v) for v in value]
+    return "nan" if isinstance(value, float) and math.isnan(value) else value
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_stopped_twice_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, method):
+    overrides = {**SETTINGS, **SMALL.get(method, {})}
+
+    def run(out, resume=False):
+        return run_experiment("split_digits", method, 1, out=out, overrides=overrides, progress=False, resume=resume)
+
+    reference = run(tmp_path / "reference")
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        stop_after(patch, {"task": 1, "epochs_done": 1})
+        with pytest.raises(Stop):
+            run(out)
+    with monkeypatch.context() as patch:
+        stop_after(patch, {"tasks_done": 3})
+        with pytest.raises(Stop):
+            run(out, resume=True)
+    resumed = run(out, resume=True)
+    assert comparable(resumed) == comparable(reference)
+    assert resumed["resumed_from"] == [{"task": 1, "epochs_done": 1}, {"tasks_done": 3}]
+    assert not (out / "split_digits" / method / "seed_1" / CHECKPOINT_NAME).exists()
