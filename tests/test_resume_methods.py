@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from ness.checkpoint import CHECKPOINT_NAME, Checkpointer
 from ness.experiment import run_experiment
@@ -79,3 +80,34 @@ def test_stopped_twice_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, m
     assert comparable(resumed) == comparable(reference)
     assert resumed["resumed_from"] == [{"task": 1, "epochs_done": 1}, {"tasks_done": 3}]
     assert not (out / "split_digits" / method / "seed_1" / CHECKPOINT_NAME).exists()
+
+
+def test_a_failing_seed_is_reported_and_fails_the_command(tmp_path, monkeypatch, capsys):
+    """Seed 2 breaks (a RuntimeError deep in training): seeds 1 and 3 still run, the command exits 1, and the
+    traceback is printed and kept in seed_2/failure.txt, never silently dropped from the mean."""
+    from ness import experiment
+    from ness.cli import main
+
+    build = experiment.build_method
+
+    def breaks_for_seed_2(name, model, options):
+        method = build(name, model, options)
+        if torch.initial_seed() == 2:  # run_experiment seeds every RNG with the run's seed before building
+
+            def broken(*args, **kwargs):
+                raise RuntimeError("simulated CUDA error in seed 2")
+
+            method.training_step = broken
+        return method
+
+    monkeypatch.setattr(experiment, "build_method", breaks_for_seed_2)
+    args = ["run", "--benchmark", "split_digits", "--method", "finetune", "--seeds", "1", "2", "3", "--quiet"]
+    assert main([*args, "--set", "epochs=1", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "split_digits finetune seed 2 FAILED" in err
+    assert "Traceback" in err and "simulated CUDA error in seed 2" in err
+    assert "1 run(s) failed (finetune seed 2)" in err
+    folder = tmp_path / "split_digits" / "finetune"
+    assert (folder / "seed_1" / "results.json").is_file() and (folder / "seed_3" / "results.json").is_file()
+    assert not (folder / "seed_2" / "results.json").exists()
+    assert "simulated CUDA error in seed 2" in (folder / "seed_2" / "failure.txt").read_text()

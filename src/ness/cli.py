@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import hashlib
 import json
 import logging
 import sys
 import tempfile
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
+from ness.logs import RunLog
 from ness.presets import NETWORKS, PRESET_NAMES, PROTOCOLS, get_protocol
 from ness.results import (
     format_matrix,
@@ -22,6 +27,7 @@ from ness.results import (
     paper_table_markdown,
     write_text_atomic,
 )
+from ness.trainer import use_deterministic_algorithms
 
 log = logging.getLogger("ness")
 
@@ -195,22 +201,24 @@ def run_command(args: argparse.Namespace, resume: bool) -> int:
     for method in args.method:
         for seed in seeds:
             try:
-                r = run_experiment(
-                    args.benchmark,
-                    method,
-                    seed,
-                    args.preset,
-                    data_root=args.data_root,
-                    out=args.out,
-                    overrides=overrides,
-                    faithful=args.faithful,
-                    download=args.download,
-                    progress=not args.quiet,
-                    network=args.network,
-                    save_adapters=args.save_adapters,
-                    checkpoint=None if args.checkpoint == "none" else args.checkpoint,
-                    resume=resume,
-                )
+                with run_logs(args, method, seed) as logs:
+                    r = run_experiment(
+                        args.benchmark,
+                        method,
+                        seed,
+                        args.preset,
+                        data_root=args.data_root,
+                        out=args.out,
+                        overrides=overrides,
+                        faithful=args.faithful,
+                        download=args.download,
+                        progress=not args.quiet,
+                        network=args.network,
+                        save_adapters=args.save_adapters,
+                        checkpoint=None if args.checkpoint == "none" else args.checkpoint,
+                        resume=resume,
+                        observers=logs,
+                    )
                 print(
                     f"{args.benchmark} {method} seed {seed}: ACC {r['acc']:.2f}  BWT {r['bwt']:.2f}  "
                     f"({r['timings']['total_seconds']:.1f} s)"
@@ -235,6 +243,22 @@ def run_command(args: argparse.Namespace, resume: bool) -> int:
         return 1
     print(paper_table_markdown(paper_table(load_results(Path(args.out) / args.benchmark))))
     return 0
+
+
+@contextlib.contextmanager
+def run_logs(args: argparse.Namespace, method: str, seed: int) -> Iterator[list[RunLog]]:
+    """The run's --log-dir logger, in LOG_DIR/<benchmark>/<variant>/seed_N (none without --log-dir), closed after."""
+    from ness.experiment import run_folder, run_label
+
+    if args.log_dir is None:
+        yield []
+        return
+    label = run_label(args.benchmark, method, args.preset, args.network)
+    run_log = RunLog(run_folder(args.log_dir, args.benchmark, label, args.faithful, seed))
+    try:
+        yield [run_log]
+    finally:
+        run_log.close()
 
 
 def check_writable(folder: Path) -> None:
@@ -349,7 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a method, training or data option, e.g. --set eps1=1e-2 --set epochs=3",
     )
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
+    run.add_argument(
+        "--log-dir",
+        default=None,
+        help="also log every epoch and task to LOG_DIR/<benchmark>/<variant>/seed_N/: TensorBoard scalars (with "
+        "the tensorboard package), scalars.csv and events.jsonl (losses, lr, accuracy rows, per-layer ranks/bounds)",
+    )
+    run.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic algorithms only (torch.use_deterministic_algorithms, cuDNN deterministic): the same "
+        "seed gives the same numbers on a GPU too, at some cost in speed",
+    )
     run.add_argument(
         "--save-adapters",
         action="store_true",
@@ -384,9 +420,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class ProgressSafeHandler(logging.Handler):
+    """Log lines to the current stderr through tqdm.write, so they never break a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def configure_logging(quiet: bool) -> None:
+    """The `ness` loggers' lines on stderr: INFO and up, or WARNING and up with --quiet."""
+    logger = logging.getLogger("ness")
+    for handler in [h for h in logger.handlers if isinstance(h, ProgressSafeHandler)]:
+        logger.removeHandler(handler)
+    handler = ProgressSafeHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    configure_logging(getattr(args, "quiet", False))
+    if getattr(args, "deterministic", False):
+        use_deterministic_algorithms()
     try:
         return args.func(args)
     except USER_ERRORS as err:

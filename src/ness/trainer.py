@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -21,6 +23,8 @@ from ness.methods import ContinualMethod, StepProgress
 from ness.metrics import average_accuracy, backward_transfer
 from ness.models import call_model
 from ness.optim import SAM
+
+log = logging.getLogger(__name__)
 
 SAM_TASKS: tuple[str, ...] = ("all", "first")
 
@@ -86,6 +90,15 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def use_deterministic_algorithms() -> None:
+    """Deterministic kernels only (an error where an op has none) and cuDNN without autotuning: with the seeds
+    that every run sets, the same command then gives the same numbers on a GPU as well as on the CPU."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def check_labels(model: nn.Module, t: int, task: Task, device: str) -> None:
@@ -404,7 +417,7 @@ def run_continual(
             for observer in observers:
                 observer.epoch_end(state, record)
 
-        log = train_task(
+        task_log = train_task(
             model, method, t, task, config, state.generator, progress, benchmark.tasks[:t], state.loop, after_epoch
         )
         trained = time.perf_counter()
@@ -425,18 +438,17 @@ def run_continual(
                 seed,
                 method.predict,
             )
-        log.update(
+        task_log.update(
             task=t,
             name=task.name,
-            boundary_seconds=(begun - start) + log.pop("preview_seconds") + (ended - trained),
+            boundary_seconds=(begun - start) + task_log.pop("preview_seconds") + (ended - trained),
             eval_seconds=time.perf_counter() - ended,
         )
-        state.tasks_log.append(log)
+        state.tasks_log.append(task_log)
         state.tasks_done, state.loop = t + 1, None
-        if progress:
-            tqdm.write(f"  [{method.name}] after task {t}: " + " ".join(f"{a:5.1f}" for a in row[: t + 1]))
+        log.info("  [%s] after task %d: %s", method.name, t, " ".join(f"{a:5.1f}" for a in row[: t + 1]))
         for observer in observers:
-            observer.task_end(state, {**log, "acc": row[: t + 1]})
+            observer.task_end(state, {**task_log, "acc": row[: t + 1]})
     return {
         "acc_matrix": state.acc_matrix,
         "acc": average_accuracy(state.acc_matrix),
