@@ -15,12 +15,14 @@ import io
 import json
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ness import distributed
 from ness.results import atomic_file
 from ness.trainer import RunObserver, RunState
 
@@ -129,19 +131,28 @@ def remove_temporaries(path: str | Path) -> list[Path]:
 
 
 class Checkpointer(RunObserver):
-    """Saves the run to `path` after every epoch (every="epoch") or only after every task (every="task")."""
+    """Saves the run to `path` after every epoch (every="epoch") or only after every task (every="task").
 
-    def __init__(self, path: str | Path, meta: dict[str, Any], every: str = "epoch") -> None:
+    With `min_seconds` > 0, an epoch's checkpoint is skipped while the last one is younger than that (a large model
+    on a fast GPU: a kill then loses at most `min_seconds` plus an epoch); a task's end is always saved."""
+
+    def __init__(self, path: str | Path, meta: dict[str, Any], every: str = "epoch", min_seconds: float = 0.0) -> None:
         if every not in EVERY:
             raise ValueError(f"checkpoint every {every!r}: choose one of {EVERY}")
-        self.path, self.meta, self.every = Path(path), meta, every
+        if not (isinstance(min_seconds, (int, float)) and min_seconds >= 0):
+            raise ValueError(f"checkpoint interval {min_seconds!r}: a number of seconds ≥ 0 (0: every epoch)")
+        self.path, self.meta, self.every, self.min_seconds = Path(path), meta, every, float(min_seconds)
+        self._last = -float("inf")
 
     def save(self, state: RunState, position: dict[str, Any]) -> None:
+        if not distributed.is_main():  # several processes hold the same state: rank 0 writes it, every rank reads it
+            return
         save_checkpoint(self.path, state, {**self.meta, "position": position})
+        self._last = time.monotonic()
         log.debug("checkpoint %s: %s", self.path, position)
 
     def epoch_end(self, state: RunState, record: dict[str, Any]) -> None:
-        if self.every == "epoch":
+        if self.every == "epoch" and time.monotonic() - self._last >= self.min_seconds:
             self.save(state, {"task": record["task"], "epochs_done": record["epoch"] + 1})
 
     def task_end(self, state: RunState, record: dict[str, Any]) -> None:
