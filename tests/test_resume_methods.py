@@ -111,3 +111,24 @@ def test_a_failing_seed_is_reported_and_fails_the_command(tmp_path, monkeypatch,
     assert (folder / "seed_1" / "results.json").is_file() and (folder / "seed_3" / "results.json").is_file()
     assert not (folder / "seed_2" / "results.json").exists()
     assert "simulated CUDA error in seed 2" in (folder / "seed_2" / "failure.txt").read_text()
+
+
+def test_checkpoint_interval_skips_epoch_checkpoints_but_never_a_task_end(tmp_path, monkeypatch):
+    saved = []
+    save = Checkpointer.save
+
+    def record(self, state, where):
+        saved.append(where)
+        save(self, state, where)
+
+    monkeypatch.setattr(Checkpointer, "save", record)
+    run_experiment("split_digits", "finetune", 1, out=tmp_path, overrides=SETTINGS, progress=False)
+    assert len(saved) == 5 * (SETTINGS["epochs"] + 1)  # every epoch and every task end
+    saved.clear()
+    run_experiment(
+        "split_digits", "finetune", 1, out=tmp_path / "b", overrides=SETTINGS, progress=False, checkpoint_interval=3600
+    )
+    # the first epoch is saved (no checkpoint yet), then only task ends within the hour
+    assert saved == [{"task": 0, "epochs_done": 1}] + [{"tasks_done": t} for t in range(1, 6)]
+    with pytest.raises(ValueError, match="checkpoint interval -1"):
+        Checkpointer(tmp_path / "c.pt", {}, "epoch", -1)

@@ -90,11 +90,17 @@ def read_header(path: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         header = None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise CheckpointError(f"'{path}' is not a ness checkpoint (its first line is not a {FORMAT} header)")
+        raise CheckpointError(
+            f"'{path}' is not a ness checkpoint (its first line is not a {FORMAT} header), so it was not loaded; "
+            "move it away or delete it to start the run again"
+        )
     if header.get("version") != VERSION:
         raise CheckpointError(
-            f"'{path}' is a version {header.get('version')} checkpoint; this ness-cl reads version {VERSION}"
+            f"'{path}' is a version {header.get('version')} checkpoint; this ness-cl reads version {VERSION}, so it "
+            "was not loaded; resume it with the ness-cl that wrote it, or delete it to start the run again"
         )
+    if not isinstance(header.get("payload_bytes"), int) or not isinstance(header.get("sha256"), str):
+        raise CheckpointError(f"'{path}' has a damaged header (no payload size or SHA-256), so it was not loaded")
     return header
 
 
@@ -107,7 +113,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     payload = data[data.index(b"\n") + 1 :]
     if len(payload) != header["payload_bytes"] or hashlib.sha256(payload).hexdigest() != header["sha256"]:
         raise CheckpointError(
-            f"checkpoint '{path}' is corrupt: its payload ({len(payload)} bytes) does not match the size "
+            f"checkpoint '{path}' is corrupt or truncated: its payload ({len(payload)} bytes) does not match the size "
             f"({header['payload_bytes']}) and SHA-256 its header records, so it was not loaded; delete it to start "
             "the run again, or restore the file from a copy"
         )

@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ness import distributed
 from ness.logs import RunLog
 from ness.presets import NETWORKS, PRESET_NAMES, PROTOCOLS, get_protocol
 from ness.results import (
@@ -33,15 +34,21 @@ log = logging.getLogger("ness")
 
 
 def parse_option(text: str) -> tuple[str, Any]:
-    """`key=value` with the value read as a Python literal when it is one (`eps1=1e-3`, `exclude=['fc']`)."""
+    """`key=value` with the value read as a Python literal when it is one (`eps1=1e-3`, `exclude=['fc']`);
+    `nan` and `inf` read as floats, so that the option's check names the bad number."""
     key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE, got {text!r}; e.g. --set epochs=3 (the valid keys are listed when one is wrong)"
+        )
     words = {"true": True, "false": False, "none": None}  # the shell's spellings of Python's literals
     try:
         value = words[raw.strip().lower()] if raw.strip().lower() in words else ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        value = raw
+        try:
+            value = float(raw)  # nan, inf, -inf
+        except ValueError:
+            value = raw
     return key.strip(), value
 
 
@@ -104,9 +111,18 @@ RUN_DEFAULTS: dict[str, Any] = {
     "checkpoint": "epoch",
 }
 """The defaults of the plan's options that are not None."""
+RUN_OUT = "runs"
+"""`ness run`'s default output folder."""
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError)
 """Errors that say what the user should change: main() prints their message without a traceback."""
-RESUME_TAKES: tuple[str, ...] = ("quiet", "data_root", "download", "log_dir", "deterministic")
+RESUME_TAKES: tuple[str, ...] = (
+    "quiet",
+    "data_root",
+    "download",
+    "log_dir",
+    "deterministic",
+    "checkpoint_interval",
+)
 """The options `--resume` accepts beside it: where things are and how to show them, not what to run."""
 
 
@@ -149,6 +165,8 @@ def resume_plans(args: argparse.Namespace) -> list[argparse.Namespace]:
             f"--resume DIR runs the commands recorded in DIR with their own settings; drop {flags} (only "
             f"{', '.join('--' + k.replace('_', '-') for k in RESUME_TAKES)} may go with it)"
         )
+    if args.out != RUN_OUT and Path(args.out) != Path(args.resume):
+        raise ValueError(f"--resume DIR continues the runs in DIR and writes there; drop --out {args.out}")
     commands = []
     for plan in read_plans(Path(args.resume)):
         command = argparse.Namespace(**vars(args))
@@ -162,6 +180,12 @@ def resume_plans(args: argparse.Namespace) -> list[argparse.Namespace]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    with distributed.process_group():  # under torchrun: one data-parallel run over all its processes
+        return run_commands(args)
+
+
+def run_commands(args: argparse.Namespace) -> int:
+    """The commands of `ness run`: the one given, or every plan recorded in the folder of --resume."""
     if args.resume is not None:
         commands = resume_plans(args)
     else:
@@ -177,20 +201,34 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace, resume: bool) -> int:
     """Every (method, seed) of one command; a failing run is reported with its traceback and the others go on."""
-    from ness.experiment import check_saves_adapters, resolve_settings, run_experiment, run_folder, run_label
+    from ness.experiment import (
+        check_data_root,
+        check_saves_adapters,
+        check_seed,
+        resolve_settings,
+        run_experiment,
+        run_folder,
+        run_label,
+    )
 
     overrides = dict(args.set or [])
     protocol = get_protocol(args.benchmark, args.preset)
+    args.method = once_each("--method", args.method)
+    seeds = once_each("--seeds", args.seeds or list(protocol.seeds))
+    for seed in seeds:
+        check_seed(seed)
     for method in args.method:  # fail before any training if a name or a setting is wrong
         _, variant, *_ = resolve_settings(
             args.benchmark, method, args.preset, overrides, args.faithful, args.download, args.network
         )
         if args.save_adapters:
             check_saves_adapters(method, variant.method)
+    check_data_root(args.benchmark, args.data_root)
+    if not args.checkpoint_interval >= 0:  # also NaN
+        raise ValueError(f"--checkpoint-interval {args.checkpoint_interval}: give seconds ≥ 0 (0: every epoch)")
     check_writable(Path(args.out))
-    if not resume:
+    if not resume and distributed.is_main():
         record_plan(args)
-    seeds = args.seeds or list(protocol.seeds)
 
     def folder(method: str, seed: int) -> Path:
         return run_folder(
@@ -216,22 +254,29 @@ def run_command(args: argparse.Namespace, resume: bool) -> int:
                         network=args.network,
                         save_adapters=args.save_adapters,
                         checkpoint=None if args.checkpoint == "none" else args.checkpoint,
+                        checkpoint_interval=args.checkpoint_interval,
                         resume=resume,
                         observers=logs,
                     )
-                print(
-                    f"{args.benchmark} {method} seed {seed}: ACC {r['acc']:.2f}  BWT {r['bwt']:.2f}  "
-                    f"({r['timings']['total_seconds']:.1f} s)"
-                )
+                if distributed.is_main():
+                    print(
+                        f"{args.benchmark} {method} seed {seed}: ACC {r['acc']:.2f}  BWT {r['bwt']:.2f}  "
+                        f"({r['timings']['total_seconds']:.1f} s)"
+                    )
             except Exception as err:  # every failure is reported, kept in failure.txt, and fails the command
                 trace = traceback.format_exc()
-                write_text_atomic(folder(method, seed) / "failure.txt", trace)
+                if distributed.is_main():
+                    write_text_atomic(folder(method, seed) / "failure.txt", trace)
                 if len(seeds) * len(args.method) == 1 and isinstance(err, USER_ERRORS):
                     raise  # one run: main() prints the message alone
+                if distributed.world_size() > 1:
+                    raise  # the other ranks may wait in a collective: this process ends, and torchrun ends them
                 failures.append((method, seed))
-                print(f"{args.benchmark} {method} seed {seed} FAILED:\n{trace}", file=sys.stderr)
+                detail = f" {err}" if isinstance(err, USER_ERRORS) else f"\n{trace}"  # a user error: its message
+                print(f"{args.benchmark} {method} seed {seed} FAILED:{detail}", file=sys.stderr)
             else:
-                (folder(method, seed) / "failure.txt").unlink(missing_ok=True)
+                if distributed.is_main():
+                    (folder(method, seed) / "failure.txt").unlink(missing_ok=True)
     if failures:
         runs = ", ".join(f"{m} seed {s}" for m, s in failures)
         print(
@@ -241,7 +286,8 @@ def run_command(args: argparse.Namespace, resume: bool) -> int:
             file=sys.stderr,
         )
         return 1
-    print(paper_table_markdown(paper_table(load_results(Path(args.out) / args.benchmark))))
+    if distributed.is_main():
+        print(paper_table_markdown(paper_table(load_results(Path(args.out) / args.benchmark))))
     return 0
 
 
@@ -250,7 +296,7 @@ def run_logs(args: argparse.Namespace, method: str, seed: int) -> Iterator[list[
     """The run's --log-dir logger, in LOG_DIR/<benchmark>/<variant>/seed_N (none without --log-dir), closed after."""
     from ness.experiment import run_folder, run_label
 
-    if args.log_dir is None:
+    if args.log_dir is None or not distributed.is_main():  # several processes: rank 0 logs
         yield []
         return
     label = run_label(args.benchmark, method, args.preset, args.network)
@@ -261,15 +307,32 @@ def run_logs(args: argparse.Namespace, method: str, seed: int) -> Iterator[list[
         run_log.close()
 
 
+def once_each(option: str, values: list[Any]) -> list[Any]:
+    """`values` without repeats, in order; a repeat would run (and overwrite) the same run twice, so it is dropped
+    with a warning rather than refused."""
+    unique = list(dict.fromkeys(values))
+    if len(unique) < len(values):
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        log.warning("%s lists %s more than once: each runs once", option, ", ".join(repeated))
+    return unique
+
+
 def check_writable(folder: Path) -> None:
     """The output folder must be creatable and writable before hours of training go into it."""
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        where = "it" if blocker == folder else f"'{blocker}', a folder above it,"
+        raise ValueError(
+            f"output folder '{folder}' cannot be created: {where} is an existing file, not a folder; choose another "
+            "path with --out"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test"):
             pass
     except OSError as err:
         raise ValueError(
-            f"output folder '{folder}' is not writable ({err.strerror}); choose another with --out"
+            f"output folder '{folder}' is not writable ({err.strerror}); choose a folder you can write to with --out"
         ) from err
 
 
@@ -351,13 +414,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--download", action="store_true", help="let torchvision download missing dataset files (needs internet)"
     )
     run.add_argument("--data-root", default=None, help="folder with the dataset files (default: $NESS_DATA_ROOT)")
-    run.add_argument("--out", default="runs", help="results folder (default: runs)")
+    run.add_argument("--out", default=RUN_OUT, help=f"results folder (default: {RUN_OUT})")
     run.add_argument(
         "--checkpoint",
         default="epoch",
         choices=("epoch", "task", "none"),
         help="save each run to <out>/<benchmark>/<variant>/seed_N/checkpoint.pt after every epoch (default) or "
         "task; deleted once the run's results.json is written",
+    )
+    run.add_argument(
+        "--checkpoint-interval",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="skip an epoch's checkpoint while the last one is younger than SECONDS (default 0: every epoch); "
+        "task ends are always saved. For large models on fast GPUs, where writing one takes a sizeable part of "
+        "an epoch",
     )
     run.add_argument(
         "--resume",

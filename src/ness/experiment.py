@@ -9,12 +9,13 @@ import logging
 import platform
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ness import distributed
 from ness.adapter_files import save_adapters as write_adapters
 from ness.adapter_files import write_state_dict
 from ness.checkpoint import (
@@ -26,11 +27,19 @@ from ness.checkpoint import (
     remove_temporaries,
     resume_state,
 )
-from ness.data import BENCHMARKS, build_benchmark
+from ness.data import BENCHMARKS, build_benchmark, resolve_data_root
 from ness.methods import METHODS, NESS, build_method
+from ness.methods.base import is_count, is_integer, is_number
 from ness.presets import Protocol, Variant, faithful_settings, get_protocol
 from ness.results import write_json_atomic
-from ness.trainer import RunObserver, RunState, TrainConfig, new_run_state, run_continual, seed_everything
+from ness.trainer import (
+    RunObserver,
+    RunState,
+    TrainConfig,
+    new_run_state,
+    run_continual,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,55 @@ def split_overrides(
     return routed
 
 
+SEED_LIMIT = 2**32
+"""Seeds are integers in 0..2**32 − 1: NumPy's seeding accepts no others."""
+DATA_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "pc_valid": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1), the share of training images held out"),
+    "train_per_task": (lambda v: v is None or is_count(v), "an integer ≥ 1, or none for every image"),
+    "num_tasks": (is_count, "an integer ≥ 1"),
+    "split_seed": (lambda v: is_integer(v) and 0 <= v < SEED_LIMIT, f"an integer in 0..{SEED_LIMIT - 1}"),
+    "verify_md5": (lambda v: isinstance(v, bool), "true or false"),
+    "download": (lambda v: isinstance(v, bool), "true or false"),
+    "datasets": (lambda v: isinstance(v, (list, tuple)), "a list of dataset names, e.g. \"('mnist', 'svhn')\""),
+}
+"""The type and range of the data options that several benchmarks share, checked before any file is read."""
+
+
+def check_data_options(benchmark: str, data: dict[str, Any]) -> None:
+    """Raise ValueError naming a data option of the wrong type or range, before the benchmark reads any file."""
+    for key, value in data.items():
+        if key not in DATA_RULES:
+            continue  # a benchmark's own option (fashion, ...): its builder checks it before reading files
+        valid, rule = DATA_RULES[key]
+        if not valid(value):
+            raise ValueError(f"{benchmark} data option {key}={value!r}: it must be {rule} (--set {key}=...)")
+
+
+def check_device(device: str) -> None:
+    """The training device must exist on this machine: a clear error now rather than deep inside training."""
+    kind = torch.device(device)
+    if kind.type == "cuda" and (index := kind.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), so there is no cuda:"
+            f"{index}; use --set device=cpu, or a CUDA index below {torch.cuda.device_count()}"
+        )
+    if kind.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r}: Apple's MPS is not available on this machine; use --set device=cpu")
+
+
+def check_data_root(benchmark: str, data_root: str | Path | None) -> None:
+    """A benchmark read from files needs an existing data root (--data-root or $NESS_DATA_ROOT): checked once,
+    before any run, rather than failing every seed."""
+    if "data_root" in inspect.signature(BENCHMARKS[benchmark]).parameters:
+        resolve_data_root(data_root)
+
+
+def check_seed(seed: Any) -> None:
+    """A run's seed must be an integer in 0..2**32 − 1, the range NumPy's seeding accepts."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed {seed!r} is out of range: seeds are integers in 0..{SEED_LIMIT - 1} (--seeds 1 2 3)")
+
+
 def resolve_settings(
     benchmark: str,
     method: str,
@@ -87,13 +145,17 @@ def resolve_settings(
     if protocol.epoch_cap is not None:  # a quick preset caps every variant's epochs
         train = dataclasses.replace(train, epochs=min(train.epochs, protocol.epoch_cap))
     train = dataclasses.replace(train, **train_over)
+    check_device(train.device)
     data = {**protocol.data, **faithful_over.get("data", {}), **data_over}
+    check_data_options(benchmark, data)
     if download:
         if "download" not in data_options(benchmark):
             raise ValueError(f"{benchmark} has no download option; its files are read from the data root only")
         data["download"] = True
     options = {**variant.options, **faithful_over.get(variant.method, {}), **method_over}
     METHODS[variant.method].config_class(**options)  # raises on a bad value, naming the field
+    distributed.check_method(METHODS[variant.method], method)  # under torchrun: refused methods fail here
+    train = dataclasses.replace(train, device=distributed.device_for(train.device))
     return protocol, variant, train, data, options
 
 
@@ -126,6 +188,7 @@ def environment(device: str) -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
         "threads": torch.get_num_threads(),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "processes": distributed.world_size(),
     }
 
 
@@ -215,14 +278,22 @@ def finished_run(folder: Path, settings: dict[str, Any]) -> dict[str, Any] | Non
     results_path, checkpoint_path = folder / "results.json", folder / CHECKPOINT_NAME
     if not results_path.is_file():
         return None
-    results = json.loads(results_path.read_text())
+    try:
+        results = json.loads(results_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"'{results_path}' is damaged (not valid JSON: {err}), so whether this run finished is unknown; delete "
+            "it and resume again to run this seed afresh"
+        ) from err
     if results.get("settings") != settings:
         log.warning("'%s' holds a run with other settings: running this one afresh over it", results_path)
         return None
     if checkpoint_path.is_file():
         if read_header(checkpoint_path)["meta"].get("run_id") != results.get("run_id"):
             return None  # a later run of the same settings was under way
-        checkpoint_path.unlink()
+        distributed.barrier()  # several processes: every rank has read the header before rank 0 deletes the file
+        if distributed.is_main():
+            checkpoint_path.unlink()
     return results
 
 
@@ -241,6 +312,7 @@ def run_experiment(
     network: str | None = None,
     save_adapters: bool = False,
     checkpoint: str | None = "epoch",
+    checkpoint_interval: float = 0.0,
     resume: bool = False,
     observers: Sequence[RunObserver] = (),
 ) -> dict[str, Any]:
@@ -252,9 +324,11 @@ def run_experiment(
     `save_adapters` (NESS variants) also writes `seed_N/base_model.safetensors`, the model as task 0 left it, and
     `seed_N/adapters/` (ness.adapter_files), from which the final model can be rebuilt or merged.
     With `out`, the run saves `seed_N/checkpoint.pt` after every epoch (`checkpoint="epoch"`) or task ("task"; None:
-    never) and deletes it once results.json is written; `resume=True` continues from that checkpoint when there is
+    never; with `checkpoint_interval` seconds, epoch checkpoints at most that often) and deletes it once results.json
+    is written; `resume=True` continues from that checkpoint when there is
     one (and its settings are this run's). `observers` also see every epoch and task (logs).
     """
+    check_seed(seed)
     settings = resolve_settings(benchmark, method, preset, overrides, faithful, download, network)
     protocol, variant, train, data, options = settings
     if save_adapters:
@@ -271,12 +345,14 @@ def run_experiment(
     identity = run_settings(benchmark, label, seed, preset, faithful, protocol.network_name, method_config, train, data)
     if resume and folder is not None:
         finished = finished_run(folder, identity)
+        distributed.agree(finished is not None, f"whether '{folder}' holds this run's results")
         if finished is not None:
             log.info("%s %s seed %d: finished before (%s), skipped", benchmark, label, seed, folder / "results.json")
             return finished
-    if resume and checkpoint_path is not None and remove_temporaries(checkpoint_path):
+    if resume and checkpoint_path is not None and distributed.is_main() and remove_temporaries(checkpoint_path):
         log.info("removed the temporary file(s) of a checkpoint write that was killed, in %s", folder)
     resuming = resume and checkpoint_path is not None and checkpoint_path.is_file()
+    distributed.agree(resuming, f"whether to resume from '{checkpoint_path}'")
     if resuming:  # check before building anything: a wrong checkpoint fails in a second
         check_same_settings(read_header(checkpoint_path)["meta"]["settings"], identity, checkpoint_path)
     start = time.perf_counter()
@@ -290,13 +366,20 @@ def run_experiment(
     else:
         runner, run_id = build_method(variant.method, protocol.network(bench), options), uuid.uuid4().hex
         state = new_run_state(runner, bench, seed)
+    distributed.barrier()  # several processes: every rank has read the checkpoint before rank 0 overwrites it
+    if not distributed.is_main():  # only rank 0 shows progress and feeds the logs
+        progress, observers = False, ()
     model = runner.model
     watchers: list[RunObserver] = [Clock(start, state.extras.get("elapsed_seconds", 0.0))]
     if save_adapters:
         watchers.append(BaseModelKeeper())
     if checkpoint_path is not None and checkpoint is not None:
-        watchers.append(Checkpointer(checkpoint_path, {"run_id": run_id, "settings": identity}, checkpoint))
-    outcome = run_continual(model, runner, bench, train, seed, progress, [*watchers, *observers], state)
+        meta = {"run_id": run_id, "settings": identity}
+        watchers.append(Checkpointer(checkpoint_path, meta, checkpoint, checkpoint_interval))
+    try:
+        outcome = run_continual(model, runner, bench, train, seed, progress, [*watchers, *observers], state)
+    except FloatingPointError as err:  # a diverged loss: say where the last good state is
+        raise FloatingPointError(f"{err}. {last_good_state(checkpoint_path, run_id)}") from err
     spectra = _take_spectra(outcome["diagnostics"])
     extras = state.extras
     results = {
@@ -325,7 +408,7 @@ def run_experiment(
         "benchmark_details": bench.details,
         "environment": environment(train.device),
     }
-    if folder is not None:
+    if folder is not None and distributed.is_main():  # several processes: rank 0 writes for all
         if save_adapters:  # before results.json, which marks a finished run
             write_state_dict(folder / "base_model.safetensors", extras["base_model"])
             write_adapters(runner, folder / "adapters")
@@ -335,6 +418,29 @@ def run_experiment(
         if checkpoint_path is not None:
             checkpoint_path.unlink(missing_ok=True)  # results.json now holds what it was kept for
     return results
+
+
+def last_good_state(checkpoint_path: Path | None, run_id: str) -> str:
+    """For the error that stops a run: where its last checkpoint is and what it holds, or that it has none."""
+    try:
+        header = None if checkpoint_path is None else read_header(checkpoint_path)
+    except CheckpointError:
+        header = None
+    if header is None or header["meta"].get("run_id") != run_id:
+        return (
+            "No checkpoint of this run was written before it (one is written at the end of every epoch or task "
+            "when the run has an output folder)"
+        )
+    position = header["meta"].get("position", {})
+    when = (
+        f"after {position['tasks_done']} finished task(s)"
+        if "tasks_done" in position
+        else f"task {position.get('task')} after {position.get('epochs_done')} epoch(s)"
+    )
+    return (
+        f"The last good state ({when}) is kept in the checkpoint '{checkpoint_path}'; `ness run --resume` continues "
+        "from it with the same settings, so to change them (a lower lr) delete it and start the run again"
+    )
 
 
 def _take_spectra(diagnostics: list[dict[str, Any]]) -> list[dict[str, Any]]:

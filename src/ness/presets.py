@@ -73,7 +73,11 @@ class Protocol:
         if self.network_name == "vit":
             return _vit(benchmark, classes)
         if self.network_name in ("alexnet", "resnet18") and len(benchmark.input_shape) != 3:
-            raise ValueError(f"{self.network_name} needs (channels, height, width) images, not flat inputs")
+            raise ValueError(
+                f"--network {self.network_name} needs (channels, height, width) images, but {self.benchmark} gives "
+                f"flat inputs of {benchmark.input_shape[0]} features; choose one of "
+                f"{', '.join(n for n in NETWORKS if n not in ('alexnet', 'resnet18'))} for it"
+            )
         if self.network_name == "alexnet":
             return alexnet(classes)
         if self.network_name == "resnet18":
@@ -90,7 +94,10 @@ class Protocol:
         if name == self.network_name:
             return self
         if name in MLP_NETWORKS and not self.hidden:
-            raise ValueError(f"network {name!r} needs MLP widths, which the {self.benchmark} protocol does not set")
+            raise ValueError(
+                f"network {name!r} needs MLP widths, which the {self.benchmark} protocol does not set; choose one of "
+                f"{', '.join(n for n in NETWORKS if n not in MLP_NETWORKS)} for {self.benchmark}"
+            )
         source = _VIT_SOURCE if name == "vit" else f"--network {name} instead of the protocol's {self.network_name}"
         if name in MLP_NETWORKS and name != "mlp":
             source = f"ours (--network {name}): the protocol's MLP " + (

@@ -76,7 +76,10 @@ def load_results(root: str | Path) -> list[dict[str, Any]]:
     """Every results.json under `root` (sorted by path), each checked to have what a report needs."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"no results directory at '{root}'")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"no results directory at '{root}': it {what}; give the --out folder of a `ness run` (default: runs)"
+        )
     runs = []
     for path in sorted(root.rglob("results.json")):
         try:
@@ -94,7 +97,10 @@ def check_run(run: Any, where: str) -> None:
         raise ValueError(f"{where}: a run must be a JSON object, got {type(run).__name__}")
     missing = [key for key in REQUIRED_KEYS if key not in run]
     if missing:
-        raise ValueError(f"{where}: missing key(s) {', '.join(repr(k) for k in missing)}")
+        raise ValueError(
+            f"{where}: missing key(s) {', '.join(repr(k) for k in missing)}: not a complete ness results file; "
+            "delete it and re-run that seed"
+        )
     for key in ("benchmark", "method", "variant", "preset"):
         value = run.get(key)
         if (key in ("benchmark", "method") or value is not None) and not (isinstance(value, str) and value):

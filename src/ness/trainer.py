@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ness import distributed
 from ness.data import Benchmark, Split, Task, iterate_batches, iterate_mixed_batches
 from ness.methods import ContinualMethod, StepProgress
+from ness.methods.base import is_count, is_number
 from ness.metrics import average_accuracy, backward_transfer
 from ness.models import call_model
 from ness.optim import SAM
@@ -61,27 +63,42 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        checks = {
-            "epochs": self.epochs >= 1,
-            "lr": self.lr > 0 and math.isfinite(self.lr),
-            "batch_size": self.batch_size >= 1,
-            "test_batch_size": self.test_batch_size >= 1,
-            "momentum": 0 <= self.momentum < 1,
-            "weight_decay": self.weight_decay >= 0,
-            "lr_min": self.lr_min >= 0,
-            "lr_patience": self.lr_patience >= 1,
-            "lr_factor": self.lr_factor > 1,
-            "sam_rho": self.sam_rho >= 0 and math.isfinite(self.sam_rho),
-            "sam_tasks": self.sam_tasks in SAM_TASKS,
-            "eval_passes": isinstance(self.eval_passes, int) and self.eval_passes >= 1,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
+        bad = [
+            f"{name}={getattr(self, name)!r} (must be {rule})"
+            for name, (valid, rule) in TRAIN_RULES.items()
+            if not valid(getattr(self, name))
+        ]
         if bad:
-            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
-            raise ValueError(
-                f"TrainConfig: invalid {values} (epochs/batch sizes/eval_passes ≥ 1, lr > 0, momentum in "
-                f"[0, 1), weight_decay ≥ 0, lr_patience ≥ 1, lr_factor > 1, sam_rho ≥ 0, sam_tasks in {SAM_TASKS})"
-            )
+            raise ValueError(f"TrainConfig: invalid {'; '.join(bad)}")
+
+
+def is_device(value: Any) -> bool:
+    """A string torch reads as a device ('cpu', 'cuda', 'cuda:1', 'mps')."""
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError):
+        return False
+    return isinstance(value, str)
+
+
+TRAIN_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": (is_count, "an integer ≥ 1, the most epochs per task"),
+    "lr": (lambda v: is_number(v) and v > 0, "a finite number > 0"),
+    "batch_size": (is_count, "an integer ≥ 1"),
+    "test_batch_size": (is_count, "an integer ≥ 1"),
+    "momentum": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": (lambda v: is_number(v) and v >= 0, "a finite number ≥ 0"),
+    "lr_schedule": (lambda v: isinstance(v, bool), "true or false"),
+    "lr_min": (lambda v: is_number(v) and v >= 0, "a finite number ≥ 0"),
+    "lr_patience": (is_count, "an integer ≥ 1"),
+    "lr_factor": (lambda v: is_number(v) and v > 1, "a finite number > 1"),
+    "sam_rho": (lambda v: is_number(v) and v >= 0, "a finite number ≥ 0; 0: no SAM"),
+    "sam_tasks": (lambda v: v in SAM_TASKS, f"one of {SAM_TASKS}"),
+    "eval_passes": (is_count, "an integer ≥ 1"),
+    "drop_last": (lambda v: isinstance(v, bool), "true or false"),
+    "device": (is_device, "a torch device name such as 'cpu', 'cuda' or 'cuda:1'"),
+}
+"""Each TrainConfig field's check and, for the error message, what it accepts."""
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -246,14 +263,16 @@ def train_task(
         total=config.epochs, initial=loop.epochs_done, desc=f"task {t}", leave=False, disable=not progress, unit="ep"
     )
     model.train()
-    while not loop.finished:
-        started = time.perf_counter()
-        record = train_epoch(method, t, sources, config, generator, loop, batches_per_epoch)
-        loop.train_seconds += time.perf_counter() - started
-        if after_epoch is not None:
-            after_epoch(loop, record)
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "val_loss", "lr")})
+    trained = [p for group in loop.optimizer.param_groups for p in group["params"]]
+    with distributed.GradientAverager(trained):  # several processes: each pass's gradient is the global batch's
+        while not loop.finished:
+            started = time.perf_counter()
+            record = train_epoch(method, t, sources, config, generator, loop, batches_per_epoch)
+            loop.train_seconds += time.perf_counter() - started
+            if after_epoch is not None:
+                after_epoch(loop, record)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "val_loss", "lr")})
     bar.close()
     if loop.best_state is not None:
         model.load_state_dict(loop.best_state)
@@ -289,8 +308,11 @@ def train_epoch(
                 )
 
         method.begin_step(t, StepProgress(epoch, step, batches_per_epoch, config.epochs))
-        loss = method.training_step(t, x, y, loop.optimizer, check_loss, tasks)
-        total, count = total + loss.item() * y.numel(), count + y.numel()
+        part = distributed.shard(x, y, tasks)  # several processes: this rank's rows of the global batch
+        with distributed.training_step(method.model, part, (t, epoch, step)):
+            loss = method.training_step(t, part.x, part.y, loop.optimizer, check_loss, part.tasks)
+        total, count = total + loss.item() * part.rows, count + part.rows
+    total, count = distributed.sum_over_ranks([total, count])
     loop.epochs_done, loop.train_loss = epoch + 1, total / count
     record: dict[str, Any] = {"task": t, "epoch": epoch, "loss": loop.train_loss, "lr": lr}
     if config.lr_schedule:

@@ -50,6 +50,11 @@ class AGEM(ContinualMethod):
 
     name = "agem"
     config_class = AGEMConfig
+    distributed_ok = False
+    distributed_reason = (
+        "its step takes the memory's gradient with torch.autograd.grad, a second pass the gradient averaging "
+        "would treat as a training pass"
+    )
 
     def __init__(self, model: nn.Module, config: AGEMConfig | None = None, forward: Forward = call_model) -> None:
         super().__init__(model, config, forward)

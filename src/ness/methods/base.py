@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,13 +52,29 @@ class StepProgress:
 
 
 def is_number(value: Any) -> bool:
-    """A finite int or float, not a bool: what the numeric fields of method configs accept."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite real number (Python's or NumPy's), not a bool: what the numeric fields of configs accept."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_integer(value: Any) -> bool:
+    """An integer (Python's or NumPy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def is_count(value: Any) -> bool:
-    """An int ≥ 1, not a bool: sample counts, ranks, sizes."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    """An integer ≥ 1, not a bool: sample counts, ranks, sizes, epochs."""
+    return is_integer(value) and value >= 1
+
+
+def config_tuple(value: Any, where: str, patterns: bool = False) -> tuple[Any, ...]:
+    """A config's list field as a tuple; a TypeError naming the field (`where`, e.g. 'GPMConfig.exclude') for a
+    single value or string, and, with `patterns`, for an entry that is not a string."""
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise TypeError(f"{where} must be a list, got the single value {value!r}; write [{value!r}] for one entry")
+    entries = tuple(value)
+    if patterns and not all(isinstance(entry, str) for entry in entries):
+        raise TypeError(f"{where} must be a list of strings (module-name patterns or class names), got {value!r}")
+    return entries
 
 
 class TaskOrderError(RuntimeError):
@@ -182,6 +199,11 @@ class ContinualMethod:
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    distributed_ok: ClassVar[bool] = True
+    """Whether the method trains data-parallel (ness.distributed): its step uses the batch only through the mean
+    gradient of its loss, and its task-boundary passes give every rank the same result. False refuses it there."""
+    distributed_reason: ClassVar[str] = ""
+    """With distributed_ok False, why: what in its step depends on each rank's own rows."""
 
     def __init__(self, model: nn.Module, config: Any = None, forward: Forward = call_model) -> None:
         self.model = model

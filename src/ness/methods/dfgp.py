@@ -101,6 +101,10 @@ class DFGP(GPM):
 
     name = "dfgp"
     config_class = DFGPConfig
+    distributed_ok = False
+    distributed_reason = (
+        "its step draws mixup pairs within each rank's rows and ascends λ on them with torch.autograd.grad"
+    )
 
     def __init__(self, model: nn.Module, config: DFGPConfig | None = None, forward: Forward = call_model) -> None:
         super().__init__(model, config, forward)

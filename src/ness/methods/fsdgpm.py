@@ -27,6 +27,7 @@ from ness.methods.base import (
     Forward,
     Optimizer,
     StepProgress,
+    config_tuple,
     is_number,
     subspace_layers,
     watch_layer_inputs,
@@ -121,7 +122,7 @@ class FSDGPMConfig:
                 raise TypeError(f"{name}.{field_name} must be True or False, got {getattr(self, field_name)!r}")
         if isinstance(self.exclude, str):
             raise TypeError(f"{name}.exclude must be a sequence, not the single string {self.exclude!r}")
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "exclude", config_tuple(self.exclude, f"{name}.exclude", patterns=True))
 
 
 # -- pure functions -------------------------------------------------------------------------------------------
@@ -183,6 +184,11 @@ class FSDGPM(ContinualMethod):
 
     name = "fsdgpm"
     config_class = FSDGPMConfig
+    distributed_ok = False
+    distributed_reason = (
+        "its step ascends with torch.autograd.grad on each rank's rows, fills its replay buffer from them and "
+        "learns its soft weights from them"
+    )
 
     def __init__(self, model: nn.Module, config: FSDGPMConfig | None = None, forward: Forward = call_model) -> None:
         super().__init__(model, config, forward)

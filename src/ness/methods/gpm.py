@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ness.methods.base import (
     ContinualMethod,
     Forward,
+    config_tuple,
     is_count,
     is_number,
     subspace_layers,
@@ -78,7 +79,8 @@ class GPMConfig:
             if isinstance(value, str):
                 raise TypeError(f"{name}.{field_name} must be a sequence, not the single string {value!r}")
             if value is not None:
-                object.__setattr__(self, field_name, tuple(value))
+                where = f"{name}.{field_name}"
+                object.__setattr__(self, field_name, config_tuple(value, where, patterns=field_name == "exclude"))
         if self.layer_thresholds is not None:
             bad = [v for v in self.layer_thresholds if not is_number(v) or not 0 < v <= 1]
             if bad or not self.layer_thresholds:
@@ -87,7 +89,9 @@ class GPMConfig:
                     f"layer, got {self.layer_thresholds!r}"
                 )
         if self.patch_geometry is not None:
-            geometry = tuple(None if g is None else tuple(g) for g in self.patch_geometry)
+            geometry = tuple(
+                None if g is None else config_tuple(g, f"{name}.patch_geometry entry") for g in self.patch_geometry
+            )
             if not geometry or any(g is not None and (len(g) != 2 or not all(map(is_count, g))) for g in geometry):
                 raise ValueError(
                     f"{name}.patch_geometry must list one (stride, map size) pair of integers ≥ 1 or None per "

@@ -18,10 +18,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ness import distributed
 from ness.adapters import NullSpaceAdapter
 from ness.methods.base import (
     ContinualMethod,
     Forward,
+    config_tuple,
     is_count,
     is_number,
     replace_module,
@@ -132,7 +134,7 @@ class NESSConfig:
             if isinstance(value, str):
                 raise TypeError(f"NESSConfig.{key} must be a list of patterns, not a single string: [{value!r}]")
             if value is not None:
-                object.__setattr__(self, key, tuple(value))
+                object.__setattr__(self, key, config_tuple(value, f"NESSConfig.{key}", patterns=True))
         if self.target_modules == ():
             raise ValueError("NESSConfig.target_modules is empty: give patterns, or None to adapt every layer")
         if not isinstance(self.adapt_bias, bool):
@@ -145,7 +147,7 @@ class NESSConfig:
                 f"NESSConfig.max_output_shift must be a finite number > 0 (the certified ‖xᵀΔW‖² per layer) or "
                 f"None, got {shift!r}"
             )
-        if not isinstance(self.probe_samples, int) or self.probe_samples < 0:
+        if isinstance(self.probe_samples, bool) or not isinstance(self.probe_samples, int) or self.probe_samples < 0:
             raise ValueError(f"NESSConfig.probe_samples must be an integer ≥ 0, got {self.probe_samples!r}")
 
     def for_layer_rule(self, rule: dict[str, Any]) -> NESSConfig:
@@ -331,14 +333,20 @@ class NESS(ContinualMethod):
     # -- statistics ------------------------------------------------------------------------------------
     @torch.no_grad()
     def _collect(self, inputs: Iterable[tuple[Tensor, int]], where: str) -> dict[str, LayerStatistics]:
-        """One forward pass with hooks over `inputs` (eval mode): every layer's Σxxᵀ and a row sample."""
+        """One forward pass with hooks over `inputs` (eval mode): every layer's Σxxᵀ and a row sample.
+
+        Under torchrun each rank passes its rows rank::world of every batch; the sums are then added over the
+        ranks and the row samples merged, so every rank holds what one process would have (ness.distributed)."""
         stats: dict[str, LayerStatistics] = {}
         k = self.config.probe_samples
+        part: distributed.Shard | None = None  # this rank's part of the batch being passed
 
         def record(name: str, module: nn.Module, x: Tensor) -> None:
             rows = layer_input_rows(module, x)
             if name in self.bias_layers:
                 rows = with_bias_input(rows)
+            keys = distributed.shard_keys(rows.shape[0], part, self._probe_generator)
+            rows = rows[: keys.numel()]  # a rank without rows passed a placeholder row: none of its rows count
             s = stats.get(name)
             if s is None:
                 empty = rows[:0].detach().float().cpu()
@@ -346,7 +354,6 @@ class NESS(ContinualMethod):
             s.covariance = s.covariance + input_covariance(rows)
             # Uniform sample without replacement across batches: the k rows with the largest random keys.
             # The overall top k lies within each batch's own top k, so only those rows leave the device.
-            keys = torch.rand(rows.shape[0], generator=self._probe_generator)
             batch_top = keys.topk(min(k, keys.numel())).indices
             pool_keys = torch.cat([s.probe_keys, keys[batch_top]])
             pool_rows = torch.cat([s.probe, rows[batch_top.to(rows.device)].detach().float().cpu()])
@@ -356,9 +363,16 @@ class NESS(ContinualMethod):
         device = next(self.model.parameters()).device
         with watch_layer_inputs(self.model, self.layer_names, record):
             for x, task in inputs:
-                self.predict(x.to(device), task)
+                part = distributed.shard(x)
+                self.predict(part.x.to(device), task)
         if not stats:
             raise ValueError(f"{where}: no layer saw any input; the task's loader was empty")
+        if distributed.world_size() > 1:  # every rank: the sums over all ranks' rows, the top k of all their keys
+            for s in stats.values():
+                s.covariance = distributed.all_reduce_sum(s.covariance)
+                pool_keys, pool_rows = distributed.all_gather_rows(s.probe_keys), distributed.all_gather_rows(s.probe)
+                top = pool_keys.topk(min(k, pool_keys.numel())).indices
+                s.probe, s.probe_keys = pool_rows[top], pool_keys[top]
         return stats
 
     @torch.no_grad()

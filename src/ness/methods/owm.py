@@ -22,6 +22,7 @@ from ness.methods.base import (
     Forward,
     Optimizer,
     StepProgress,
+    config_tuple,
     is_number,
     subspace_layers,
     weights_and_head,
@@ -80,7 +81,8 @@ class OWMConfig:
             if isinstance(value, str):
                 raise TypeError(f"{name}.{field_name} must be a sequence, not the single string {value!r}")
             if value is not None:
-                object.__setattr__(self, field_name, tuple(value))
+                where = f"{name}.{field_name}"
+                object.__setattr__(self, field_name, config_tuple(value, where, patterns=field_name == "exclude"))
         if self.layer_alphas is not None and (not self.layer_alphas or not all(map(_is_alpha, self.layer_alphas))):
             raise ValueError(
                 f"{name}.layer_alphas must be a non-empty list of finite numbers > 0, one per projected layer, "
@@ -181,6 +183,8 @@ class OWM(ContinualMethod):
 
     name = "owm"
     config_class = OWMConfig
+    distributed_ok = False
+    distributed_reason = "its projectors absorb each step's batch-mean layer inputs, which differ from rank to rank"
 
     def __init__(self, model: nn.Module, config: OWMConfig | None = None, forward: Forward = call_model) -> None:
         super().__init__(model, config, forward)
