@@ -10,7 +10,6 @@ that was never stopped (the CPU ops here are deterministic), and no results file
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from ness.checkpoint import CHECKPOINT_NAME, read_header
+from run_compare import comparable
 
 HERE = Path(__file__).parent
 COMMAND = ["run", "--benchmark", "split_digits", "--method", "ness", "--set", "epochs=3", "--quiet"]
@@ -39,22 +39,6 @@ def ness(args: list[str], point: str | None = None, check: bool = True) -> subpr
 
 def results(out: Path, seed: int = 1, variant: str = "ness") -> dict:
     return json.loads((out / "split_digits" / variant / f"seed_{seed}" / "results.json").read_text())
-
-
-def comparable(run: dict) -> dict:
-    """What a resumed run must reproduce exactly: the accuracy matrix, each task's losses, the per-layer records."""
-    tasks = [{k: v for k, v in task.items() if not k.endswith("seconds")} for task in run["tasks"]]
-    records = [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in run["diagnostics"]]
-    return nan_as_text({"acc_matrix": run["acc_matrix"], "tasks": tasks, "diagnostics": records})
-
-
-def nan_as_text(value):
-    """NaN → 'nan' throughout, so that == treats two NaN records (FS-DGPM's λ before any basis) as equal."""
-    if isinstance(value, dict):
-        return {k: nan_as_text(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [nan_as_text(v) for v in value]
-    return "nan" if isinstance(value, float) and math.isnan(value) else value
 
 
 @pytest.fixture(scope="module")

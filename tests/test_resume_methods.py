@@ -9,14 +9,13 @@ draws task 3's embeddings from the global RNG then, so the RNG states must come 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from ness.checkpoint import CHECKPOINT_NAME, Checkpointer
 from ness.experiment import run_experiment
 from ness.methods import METHODS
+from run_compare import comparable
 
 SETTINGS = {"epochs": 2}
 SMALL = {  # keep the slow ones small; each method's own tests check its numbers
@@ -42,21 +41,6 @@ def stop_after(monkeypatch, position: dict) -> None:
             raise Stop
 
     monkeypatch.setattr(Checkpointer, "save", save_then_stop)
-
-
-def comparable(run: dict) -> dict:
-    tasks = [{k: v for k, v in task.items() if not k.endswith("seconds")} for task in run["tasks"]]
-    records = [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in run["diagnostics"]]
-    return nan_as_text({"acc_matrix": run["acc_matrix"], "tasks": tasks, "diagnostics": records})
-
-
-def nan_as_text(value):
-    """NaN → 'nan' throughout, so that == treats two NaN records (FS-DGPM's λ before any basis) as equal."""
-    if isinstance(value, dict):
-        return {k: nan_as_text(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [nan_as_text(v) for v in value]
-    return "nan" if isinstance(value, float) and math.isnan(value) else value
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -196,8 +196,8 @@ class Clock(RunObserver):
     """Keeps the run's elapsed seconds in the state, so that a resumed run reports its whole time."""
 
     def __init__(self, start: float, before: float = 0.0) -> None:
+        # perf_counter() when this process began the run, and the seconds spent on it before (a resumed run)
         self.start, self.before = start, before
-        """perf_counter() when this process began the run, and the seconds spent on it before (a resumed run)."""
 
     def tick(self, state: RunState) -> None:
         state.extras["elapsed_seconds"] = self.before + time.perf_counter() - self.start
