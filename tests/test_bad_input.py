@@ -322,8 +322,8 @@ def test_resume_of_a_folder_without_runs(tmp_path, capsys, no_training):
 
 
 def test_resume_refuses_settings_given_beside_it(tmp_path, capsys, no_training):
-    err = user_error(capsys, ["run", "--resume", str(tmp_path), "--benchmark", "split_digits", "--set", "lr=1"])
-    assert_says(err, "with their own settings; drop --benchmark, --set", "--data-root")
+    err = user_error(capsys, ["run", "--resume", str(tmp_path), "--benchmark", "split_digits", "--set", "eps1=1"])
+    assert_says(err, "with their own settings; drop --benchmark, --set eps1", "--data-root", "training options lr")
     err = user_error(capsys, ["run", "--resume", str(tmp_path), "--out", str(tmp_path / "elsewhere")])
     assert_says(err, "--resume DIR continues the runs in DIR and writes there; drop --out")
 
@@ -461,7 +461,13 @@ def test_diverging_loss_keeps_the_last_good_checkpoint_and_says_where(tmp_path, 
     checkpoint = tmp_path / "split_digits" / "finetune" / "seed_1" / CHECKPOINT_NAME
     lr = resolve_settings("split_digits", "finetune", "quick")[2].lr
     assert_says(err, f"task 1, epoch 0, step 0: the loss is nan; lower the learning rate (now {lr:g})")
-    assert_says(err, "The last good state (after 1 finished task(s))", f"'{checkpoint}'", "--resume", "delete it")
+    assert_says(
+        err,
+        "The last good state (after 1 finished task(s))",
+        f"'{checkpoint}'",
+        "ness run --resume OUT --set lr=",
+        "lower learning rate",
+    )
     assert read_header(checkpoint)["meta"]["position"] == {"tasks_done": 1}
     assert (checkpoint.parent / "failure.txt").is_file()
     with pytest.raises(FloatingPointError) as stopped:

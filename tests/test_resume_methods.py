@@ -9,12 +9,14 @@ draws task 3's embeddings from the global RNG then, so the RNG states must come 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from ness.checkpoint import CHECKPOINT_NAME, Checkpointer
 from ness.experiment import run_experiment
-from ness.methods import METHODS
+from ness.methods import METHODS, ContinualMethod
 from run_compare import comparable
 
 SETTINGS = {"epochs": 2}
@@ -116,3 +118,44 @@ def test_checkpoint_interval_skips_epoch_checkpoints_but_never_a_task_end(tmp_pa
     assert saved == [{"task": 0, "epochs_done": 1}] + [{"tasks_done": t} for t in range(1, 6)]
     with pytest.raises(ValueError, match="checkpoint interval -1"):
         Checkpointer(tmp_path / "c.pt", {}, "epoch", -1)
+
+
+def test_diverged_run_resumes_from_its_last_good_checkpoint_with_a_lower_lr(tmp_path, monkeypatch, capsys):
+    """Task 1's loss turns NaN in its 2nd epoch while lr > 0.02 (a stand-in for a real divergence): the run stops
+    naming the checkpoint of task 1's 1st epoch; `--resume DIR --set lr=0.01` continues from there at the new lr,
+    which the open task's optimiser and every later task use; later resumes keep the change."""
+    from ness.cli import main
+    from ness.methods import FineTune
+
+    used: list[tuple[int, int, float]] = []  # (task, epoch, lr) of every step
+
+    def begin_step(self, t, progress):
+        self.epoch_now = progress.epoch
+
+    def training_step(self, t, x, y, optimizer, check_loss, tasks=None):
+        lr = optimizer.param_groups[0]["lr"]
+        used.append((t, self.epoch_now, lr))
+        if t == 1 and self.epoch_now == 1 and lr > 0.02:
+            check_loss(torch.tensor(float("nan")))
+        return ContinualMethod.training_step(self, t, x, y, optimizer, check_loss, tasks)
+
+    monkeypatch.setattr(FineTune, "begin_step", begin_step)
+    monkeypatch.setattr(FineTune, "training_step", training_step)
+    args = ["run", "--benchmark", "split_digits", "--method", "finetune", "--seeds", "1", "--quiet"]
+    assert main([*args, "--set", "epochs=3", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "task 1, epoch 1, step 0: the loss is nan" in err
+    assert "The last good state (task 1 after 1 epoch(s)) is kept in the checkpoint" in err
+
+    used.clear()
+    assert main(["run", "--resume", str(tmp_path), "--quiet", "--set", "lr=0.01"]) == 0
+    assert {lr for *_, lr in used} == {0.01}, "the open task and the later ones train at the new lr"
+    assert used[0][:2] == (1, 1), "the run goes on with task 1's 2nd epoch"
+    results = json.loads((tmp_path / "split_digits" / "finetune" / "seed_1" / "results.json").read_text())
+    assert results["config"]["train"]["lr"] == 0.01
+    assert results["changed_on_resume"] == [{"position": {"task": 1, "epochs_done": 1}, "train.lr": [0.05, 0.01]}]
+    plans = list((tmp_path / ".ness").glob("plan-*.json"))
+    assert len(plans) == 1 and ["lr", 0.01] in json.loads(plans[0].read_text())["set"]
+    used.clear()
+    assert main(["run", "--resume", str(tmp_path), "--quiet"]) == 0
+    assert used == [], "a finished run is not run again"

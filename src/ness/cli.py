@@ -115,6 +115,9 @@ RUN_OUT = "runs"
 """`ness run`'s default output folder."""
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError)
 """Errors that say what the user should change: main() prints their message without a traceback."""
+RESUME_CHANGEABLE: tuple[str, ...] = ("lr", "lr_min", "lr_patience", "lr_factor", "epochs")
+"""Training options `--resume DIR --set KEY=VALUE` may change: the schedule (a lower lr after a diverged loss,
+more epochs), never what the run is (method, data, network)."""
 RESUME_TAKES: tuple[str, ...] = (
     "quiet",
     "data_root",
@@ -137,8 +140,8 @@ def record_plan(args: argparse.Namespace) -> Path:
     return path
 
 
-def read_plans(folder: Path) -> list[dict[str, Any]]:
-    """Every plan recorded in folder/.ness/, oldest first."""
+def read_plans(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every plan recorded in folder/.ness/ with its file, oldest first."""
     if not folder.is_dir():
         raise FileNotFoundError(f"--resume '{folder}': no such folder; give the --out folder of the run to resume")
     paths = sorted((folder / ".ness").glob("plan-*.json"), key=lambda p: p.stat().st_mtime)
@@ -150,31 +153,43 @@ def read_plans(folder: Path) -> list[dict[str, Any]]:
     plans = []
     for path in paths:
         try:
-            plans.append(json.loads(path.read_text()))
+            plans.append((path, json.loads(path.read_text())))
         except json.JSONDecodeError as err:
             raise ValueError(f"--resume: '{path}' is not valid JSON ({err}); delete it or restore it") from err
     return plans
 
 
 def resume_plans(args: argparse.Namespace) -> list[argparse.Namespace]:
-    """The commands `--resume DIR` continues: each plan in DIR, with the options given beside --resume."""
-    given = [key for key in RUN_KEYS if key not in RESUME_TAKES and getattr(args, key) != RUN_DEFAULTS.get(key)]
+    """The commands `--resume DIR` continues: each plan in DIR, with the options given beside --resume. A `--set`
+    of training options in RESUME_CHANGEABLE (a lower lr after a diverged loss) changes every plan from here on:
+    its plan file is rewritten and its runs continue with the new values."""
+    given = [
+        key for key in RUN_KEYS if key not in (*RESUME_TAKES, "set") and getattr(args, key) != RUN_DEFAULTS.get(key)
+    ]
+    changes = dict(args.set or [])
+    if set(changes) - set(RESUME_CHANGEABLE):
+        given.append("set " + ", ".join(sorted(set(changes) - set(RESUME_CHANGEABLE))))
     if given:
         flags = ", ".join("--" + key.replace("_", "-") for key in given)
         raise ValueError(
             f"--resume DIR runs the commands recorded in DIR with their own settings; drop {flags} (only "
-            f"{', '.join('--' + k.replace('_', '-') for k in RESUME_TAKES)} may go with it)"
+            f"{', '.join('--' + k.replace('_', '-') for k in RESUME_TAKES)} may go with it, and --set of the "
+            f"training options {', '.join(RESUME_CHANGEABLE)})"
         )
     if args.out != RUN_OUT and Path(args.out) != Path(args.resume):
         raise ValueError(f"--resume DIR continues the runs in DIR and writes there; drop --out {args.out}")
     commands = []
-    for plan in read_plans(Path(args.resume)):
+    for path, plan in read_plans(Path(args.resume)):
         command = argparse.Namespace(**vars(args))
         for key in RUN_KEYS:
             if key not in RESUME_TAKES or getattr(args, key) in (None, False):
                 setattr(command, key, plan[key])
-        command.set = [tuple(pair) for pair in plan["set"]]
+        command.set = list({**dict(tuple(pair) for pair in plan["set"]), **changes}.items())
         command.out = args.resume
+        command.resume_changes = tuple(changes)
+        # the plan now runs with the new values, later resumes too
+        if changes and distributed.is_main() and record_plan(command) != path:
+            path.unlink()
         commands.append(command)
     return commands
 
@@ -256,6 +271,7 @@ def run_command(args: argparse.Namespace, resume: bool) -> int:
                         checkpoint=None if args.checkpoint == "none" else args.checkpoint,
                         checkpoint_interval=args.checkpoint_interval,
                         resume=resume,
+                        resume_changes=getattr(args, "resume_changes", ()),
                         observers=logs,
                     )
                 if distributed.is_main():

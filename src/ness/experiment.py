@@ -256,24 +256,30 @@ def flat_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def check_same_settings(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
-    """Raise CheckpointError naming every setting that differs between a checkpoint and the run resuming it."""
+def check_same_settings(
+    saved: dict[str, Any], now: dict[str, Any], where: Path, may_change: Sequence[str] = ()
+) -> dict[str, list[Any]]:
+    """The settings in `may_change` (flat keys, 'train.lr') that differ between a checkpoint and the run resuming
+    it, as {key: [then, now]}; raise CheckpointError naming every other setting that differs."""
     old, new = flat_settings(saved), flat_settings(now)
     missing = object()
-    differ = [
+    differ = [key for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)]
+    refused = [
         f"{key} = {old.get(key, 'unset')!r} in the checkpoint, {new.get(key, 'unset')!r} now"
-        for key in sorted(set(old) | set(new))
-        if old.get(key, missing) != new.get(key, missing)
+        for key in differ
+        if key not in may_change
     ]
-    if differ:
+    if refused:
         raise CheckpointError(
-            f"cannot resume '{where}': it was written by a run with other settings ({'; '.join(differ)}); resume "
+            f"cannot resume '{where}': it was written by a run with other settings ({'; '.join(refused)}); resume "
             "with the command that started it, or delete the checkpoint to start this run afresh"
         )
+    return {key: [old.get(key), new.get(key)] for key in differ}
 
 
 def finished_run(folder: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The results of the run in `folder` when it finished under `settings`, else None. A checkpoint left beside
+    """The results of the run in `folder` when it finished, else None (a finished run is never run over, even when
+    `settings` differ from those it ran with: a resume may have changed the schedule). A checkpoint left beside
     its results (killed between writing results.json and deleting the checkpoint) is deleted here."""
     results_path, checkpoint_path = folder / "results.json", folder / CHECKPOINT_NAME
     if not results_path.is_file():
@@ -285,9 +291,8 @@ def finished_run(folder: Path, settings: dict[str, Any]) -> dict[str, Any] | Non
             f"'{results_path}' is damaged (not valid JSON: {err}), so whether this run finished is unknown; delete "
             "it and resume again to run this seed afresh"
         ) from err
-    if results.get("settings") != settings:
-        log.warning("'%s' holds a run with other settings: running this one afresh over it", results_path)
-        return None
+    if results.get("settings") != settings:  # finished before a resume changed the schedule: kept, never redone
+        log.info("'%s' finished with other settings than the plan's now; kept as it is", results_path)
     if checkpoint_path.is_file():
         if read_header(checkpoint_path)["meta"].get("run_id") != results.get("run_id"):
             return None  # a later run of the same settings was under way
@@ -295,6 +300,15 @@ def finished_run(folder: Path, settings: dict[str, Any]) -> dict[str, Any] | Non
         if distributed.is_main():
             checkpoint_path.unlink()
     return results
+
+
+def apply_schedule_changes(state: RunState, train: TrainConfig, changes: dict[str, list[Any]]) -> None:
+    """Resume with a changed schedule: a task left open takes the new lr at once (its optimiser too); lr_min,
+    patience, factor and epochs are read from `train` at every epoch anyway."""
+    if "train.lr" in changes and state.loop is not None:
+        state.loop.lr = train.lr
+        for group in state.loop.optimizer.param_groups:
+            group["lr"] = train.lr
 
 
 def run_experiment(
@@ -313,6 +327,7 @@ def run_experiment(
     save_adapters: bool = False,
     checkpoint: str | None = "epoch",
     checkpoint_interval: float = 0.0,
+    resume_changes: Sequence[str] = (),
     resume: bool = False,
     observers: Sequence[RunObserver] = (),
 ) -> dict[str, Any]:
@@ -353,8 +368,10 @@ def run_experiment(
         log.info("removed the temporary file(s) of a checkpoint write that was killed, in %s", folder)
     resuming = resume and checkpoint_path is not None and checkpoint_path.is_file()
     distributed.agree(resuming, f"whether to resume from '{checkpoint_path}'")
+    changes: dict[str, list[Any]] = {}
     if resuming:  # check before building anything: a wrong checkpoint fails in a second
-        check_same_settings(read_header(checkpoint_path)["meta"]["settings"], identity, checkpoint_path)
+        saved = read_header(checkpoint_path)["meta"]["settings"]
+        changes = check_same_settings(saved, identity, checkpoint_path, [f"train.{k}" for k in resume_changes])
     start = time.perf_counter()
     seed_everything(seed)
     bench = build_benchmark(benchmark, seed=seed, data_root=data_root, **data)
@@ -362,6 +379,10 @@ def run_experiment(
         meta, state = resume_state(checkpoint_path, map_location=train.device)
         runner, run_id = state.method, meta["run_id"]
         state.extras.setdefault("resumed", []).append(meta["position"])
+        if changes:
+            apply_schedule_changes(state, train, changes)
+            state.extras.setdefault("changed_on_resume", []).append({"position": meta["position"], **changes})
+            log.warning("%s %s seed %d: resuming with %s", benchmark, label, seed, changes)
         log.info("%s %s seed %d: resuming from %s (%s)", benchmark, label, seed, checkpoint_path, meta["position"])
     else:
         runner, run_id = build_method(variant.method, protocol.network(bench), options), uuid.uuid4().hex
@@ -393,6 +414,7 @@ def run_experiment(
         "run_id": run_id,
         "settings": identity,
         "resumed_from": extras.get("resumed", []),
+        "changed_on_resume": extras.get("changed_on_resume", []),
         "tasks_run": len(bench),
         "config": {
             "method": dataclasses.asdict(runner.config),
@@ -438,8 +460,8 @@ def last_good_state(checkpoint_path: Path | None, run_id: str) -> str:
         else f"task {position.get('task')} after {position.get('epochs_done')} epoch(s)"
     )
     return (
-        f"The last good state ({when}) is kept in the checkpoint '{checkpoint_path}'; `ness run --resume` continues "
-        "from it with the same settings, so to change them (a lower lr) delete it and start the run again"
+        f"The last good state ({when}) is kept in the checkpoint '{checkpoint_path}'; `ness run --resume OUT --set "
+        "lr=...` continues from it with a lower learning rate"
     )
 
 
