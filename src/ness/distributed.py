@@ -305,8 +305,8 @@ class GradientAverager:
 def training_step(model: nn.Module, part: Shard, position: tuple[int, ...]) -> Iterator[None]:
     """The block runs one training step on `part`: the gradient hooks weight it by its rows, and dropout draws
     from a stream of its own per rank and step (seeded from `position` and the global RNG without advancing it),
-    so the global RNG stays the same on every rank whatever the shard sizes. The model's buffers (BatchNorm running
-    statistics) are then copied from rank 0, as DDP does, so every rank holds the same model."""
+    so the global RNG stays the same on every rank whatever the shard sizes. The normalisation layers' buffers
+    (BatchNorm running statistics) are then copied from rank 0, as DDP does, so every rank holds the same model."""
     global _step
     if not active():
         yield
@@ -320,5 +320,7 @@ def training_step(model: nn.Module, part: Shard, position: tuple[int, ...]) -> I
             yield
     finally:
         _step = None
-    for buffer in model.buffers():
-        dist.broadcast(buffer, src=0)
+    for module in model.modules():  # only normalisation statistics change in a step; NESS's U buffers never do
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            for buffer in module.buffers(recurse=False):
+                dist.broadcast(buffer, src=0)
