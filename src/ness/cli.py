@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--seeds", nargs="+", type=int, default=None, help="default: the preset's (paper: 1 2 3 4 37, quick: 1 2 3)"
     )
-    run.add_argument("--preset", default="quick", choices=PRESET_NAMES)
+    run.add_argument("--preset", default=RUN_DEFAULTS["preset"], choices=PRESET_NAMES)
     run.add_argument(
         "--network",
         default=None,
@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=RUN_OUT, help=f"results folder (default: {RUN_OUT})")
     run.add_argument(
         "--checkpoint",
-        default="epoch",
+        default=RUN_DEFAULTS["checkpoint"],
         choices=("epoch", "task", "none"),
         help="save each run to <out>/<benchmark>/<variant>/seed_N/checkpoint.pt after every epoch (default) or "
         "task; deleted once the run's results.json is written",
