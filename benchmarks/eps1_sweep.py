@@ -1,7 +1,7 @@
 """Sweep NESS's ε₁ on one benchmark and report validation ACC (for choosing ε₁) next to test ACC/BWT.
 
-Usage: python benchmarks/eps1_sweep.py BENCHMARK PRESET SEED EPS1 [EPS1 ...] [--no-finetune]
-(data root from $NESS_DATA_ROOT)
+Usage: python benchmarks/eps1_sweep.py BENCHMARK PRESET SEED EPS1 [EPS1 ...] [--no-finetune] [--faithful]
+(data root from $NESS_DATA_ROOT; --faithful sweeps ε₁ under the official code's settings: nuclear threshold, replay)
 Choose ε₁ on validation ACC with a seed that is not reported (we use seed 0; results use seeds 1-3).
 """
 
@@ -12,13 +12,16 @@ import time
 
 from ness.data import build_benchmark
 from ness.methods import build_method
-from ness.presets import get_protocol
+from ness.presets import faithful_settings, get_protocol
 from ness.trainer import evaluate, run_continual, seed_everything
 
 
-def main(benchmark: str, preset: str, seed: int, eps1_values: list[float], finetune: bool = True) -> None:
+def main(
+    benchmark: str, preset: str, seed: int, eps1_values: list[float], finetune: bool = True, faithful: bool = False
+) -> None:
     protocol = get_protocol(benchmark, preset)
-    runs = [("finetune", {})] * finetune + [("ness", {"eps1": e}) for e in eps1_values]
+    official = faithful_settings(protocol)["ness"] if faithful else {}
+    runs = [("finetune", {})] * finetune + [("ness", {**official, "eps1": e}) for e in eps1_values]
     print("| method | ε₁ | validation ACC | test ACC | test BWT | final ranks per layer | seconds |")
     print("|---|---|---|---|---|---|---|")
     for method, options in runs:
@@ -38,5 +41,6 @@ def main(benchmark: str, preset: str, seed: int, eps1_values: list[float], finet
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--no-finetune"]
-    main(args[0], args[1], int(args[2]), [float(v) for v in args[3:]], finetune="--no-finetune" not in sys.argv)
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    eps1_values = [float(v) for v in args[3:]]
+    main(args[0], args[1], int(args[2]), eps1_values, "--no-finetune" not in sys.argv, "--faithful" in sys.argv)

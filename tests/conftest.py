@@ -1,5 +1,7 @@
 """Shared test settings."""
 
+import logging
+
 import pytest
 import torch
 
@@ -12,3 +14,13 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def ness_logger_restored():
+    """`ness.cli.main` configures the `ness` logger (its own handler, no propagation); put it back after each test,
+    so that tests reading log records through caplog (which listens at the root logger) see them in any order."""
+    logger = logging.getLogger("ness")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved

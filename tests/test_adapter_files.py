@@ -1,12 +1,15 @@
 """PEFT-style adapter files: save_adapters → load_adapters on the base model gives the same method (weights, outputs,
 the next task's basis), merge_and_unload gives a plain model with the same outputs, the files hold the method's
-tensors, bad input gets a clear error, and the CLI writes and merges them."""
+tensors (modules_to_save included), a model that is not the base (any tensor the files do not carry changed) and
+other bad input get a clear error, and the CLI writes and merges them."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import logging
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -19,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ness import NESS, NESSConfig, NullSpaceAdapter
-from ness.adapter_files import merged_state_dict, save_adapters
+from ness.adapter_files import describe_adapters, merged_state_dict, save_adapters
 from ness.cli import main
 from ness.data import build_benchmark
 from ness.methods import FineTune
@@ -68,6 +71,44 @@ def conv1d_batchnorm() -> nn.Module:
     return MultiHeadNet(backbone, 16, HEADS)
 
 
+class Shift(nn.Module):
+    """Adds a fixed vector, a buffer that is not BatchNorm's, to its input."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("offset", torch.linspace(-1, 1, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.offset
+
+
+class SharedClassifierNet(nn.Module):
+    """One classifier for every task (NESSConfig.modules_to_save), and tensors NESS never adapts: the adapted layers'
+    biases, a LayerNorm, a buffer and an excluded layer (features.6)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Linear(12, 16), nn.LayerNorm(16), nn.ReLU(), Shift(16), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)
+        )
+        self.classifier = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).relu())
+
+
+# What the adapter files of SharedClassifierNet do not carry, so the config records their digests.
+SHARED_UNCARRIED = [
+    "features.0.bias",
+    "features.1.weight",
+    "features.1.bias",
+    "features.3.offset",
+    "features.4.bias",
+    "features.6.weight",
+    "features.6.bias",
+]
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], nn.Module]
@@ -88,7 +129,13 @@ CASES = {
     "conv1d_adapt_bias_frozen_batchnorm": Case(
         conv1d_batchnorm, (3, 8), NESSConfig(threshold="rank", rank=4, adapt_bias=True, max_output_shift=0.05)
     ),
+    "shared_classifier_modules_to_save": Case(
+        SharedClassifierNet,
+        (12,),
+        NESSConfig(threshold="rank", rank=5, exclude=["features.6"], modules_to_save=["classifier"]),
+    ),
 }
+BIASES_NOT_ADAPTED = Case(mlp_with_biases, (12,), NESSConfig(threshold="rank", rank=5))
 
 
 def task_data(case: Case, t: int, n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +255,7 @@ def test_the_files_hold_the_methods_tensors(tmp_path, name):
     adapters = load_file(directory / "adapter_model.safetensors")
     statistics = load_file(directory / "adapter_statistics.safetensors")
 
-    assert (config["format"], config["format_version"], config["method"]) == ("ness-adapters", 1, "ness")
+    assert (config["format"], config["format_version"], config["method"]) == ("ness-adapters", 2, "ness")
     assert config["config"] == json.loads(json.dumps(asdict(method.config)))
     assert (config["tasks_done"], config["active_task"]) == (2, 2)
     assert config["records"] == json.loads(json.dumps(method.records))
@@ -324,7 +371,7 @@ def test_merge_and_unload_gives_a_plain_model_with_the_same_outputs(tmp_path, na
         assert torch.equal(from_files[key], value), key
 
     assert not any(isinstance(m, NullSpaceAdapter) for m in merged.modules())
-    assert all(type(m).__module__.startswith("torch.nn") for m in merged.modules() if m is not merged)
+    assert all(type(m).__module__.startswith(("torch.nn", __name__)) for m in merged.modules() if m is not merged)
     assert all(p.requires_grad for p in merged.parameters())
     for layer in merged.modules():  # BatchNorm's momentum as built: a frozen task's 0 stays with the method
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
@@ -392,8 +439,8 @@ def test_bad_directories_and_files_get_clear_errors(saved, tmp_path):
         load(edited_copy(directory, tmp_path / "json", lambda d: (d / "adapter_config.json").write_text("{")))
     with pytest.raises(ValueError, match="not a NESS adapter config: format 'peft'"):
         load(edited_copy(directory, tmp_path / "format", set_config("format", "peft")))
-    with pytest.raises(ValueError, match=r"format version 2; this ness-cl reads version 1\..*Upgrade"):
-        load(edited_copy(directory, tmp_path / "version", set_config("format_version", 2)))
+    with pytest.raises(ValueError, match=r"format version 3; this ness-cl reads versions 1 to 2\..*Upgrade"):
+        load(edited_copy(directory, tmp_path / "version", set_config("format_version", 3)))
     with pytest.raises(FileNotFoundError, match=r"no adapter_statistics\.safetensors"):
         load(edited_copy(directory, tmp_path / "gone", lambda d: (d / "adapter_statistics.safetensors").unlink()))
 
@@ -440,6 +487,141 @@ def test_models_that_do_not_fit_get_clear_errors_and_stay_unchanged(saved):
         NESS.load_adapters(wrapped.model, directory)
     with pytest.raises(ValueError, match=r"base state dict's 'backbone.0.weight' \(shape \[20, 12\]\) does not fit"):
         merged_state_dict(multi_head_mlp(12, [20, 16], HEADS).state_dict(), directory)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the base model: every tensor the files do not carry is checked; modules_to_save are carried
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def blake2b(tensor: torch.Tensor) -> str:
+    return hashlib.blake2b(tensor.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+
+
+def assert_refused(model: nn.Module, directory: Path, message: str) -> None:
+    """load_adapters refuses `model` with `message`, and leaves it as it was."""
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=message):
+        NESS.load_adapters(model, directory)
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("open_task", [True, False], ids=["mid_task", "between_tasks"])
+def test_a_base_whose_unadapted_bias_is_shifted_is_refused(tmp_path, open_task):
+    # Without the check the shifted base loaded silently, its logits up to 0.47 off the trained model's.
+    method, base = trained(BIASES_NOT_ADAPTED, open_task)
+    directory = method.save_adapters(tmp_path / "adapters")
+    shifted = copy.deepcopy(base)
+    with torch.no_grad():
+        shifted.backbone[2].bias.add_(0.5)
+    message = (
+        r"the model is not the base model these adapters were trained from: 1 of the 2 tensors the adapters do not "
+        r"carry differ from the base's \(backbone\.2\.bias\).*after task 0"
+    )
+    assert_refused(shifted, directory, message)
+    with pytest.raises(ValueError, match=message.replace("the model", "the base state dict")):
+        merged_state_dict(shifted.state_dict(), directory)
+
+    loaded = NESS.load_adapters(copy.deepcopy(base), directory)  # the true base: the trained model's outputs
+    for got, want in zip(
+        predictions(loaded, BIASES_NOT_ADAPTED, range(3)),
+        predictions(method, BIASES_NOT_ADAPTED, range(3)),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def shared_saved(tmp_path_factory):
+    """(method of SharedClassifierNet with task 2 open, its base model, its adapter directory)."""
+    method, base = trained(CASES["shared_classifier_modules_to_save"], open_task=True)
+    return method, base, method.save_adapters(tmp_path_factory.mktemp("shared") / "adapters")
+
+
+def test_the_config_records_each_base_tensor_the_files_do_not_carry_by_its_plain_name(shared_saved):
+    method, base, directory = shared_saved
+    assert {"features.0", "features.4"} <= set(method.active)  # wrapped: features.0.base.bias in the model now
+    config = json.loads((directory / "adapter_config.json").read_text())
+    assert list(config["base_tensors"]) == SHARED_UNCARRIED
+    for name, record in config["base_tensors"].items():
+        value = base.state_dict()[name]
+        assert record == {"shape": list(value.shape), "dtype": "float32", "blake2b": blake2b(value)}
+
+
+@pytest.mark.parametrize("tensor", SHARED_UNCARRIED)
+def test_a_base_with_a_changed_layernorm_buffer_excluded_layer_or_bias_is_refused(shared_saved, tensor):
+    _, base, directory = shared_saved
+    changed = copy.deepcopy(base)
+    changed.state_dict()[tensor].add_(1e-3)  # the state dict's tensors share the model's storage
+    assert_refused(
+        changed, directory, rf"1 of the 7 tensors the adapters do not carry differ .*\({re.escape(tensor)}\)"
+    )
+
+
+def test_a_base_with_other_tensors_or_dtypes_is_refused_with_a_count(shared_saved):
+    _, base, directory = shared_saved
+    everything = copy.deepcopy(base)
+    for name in SHARED_UNCARRIED:
+        everything.state_dict()[name].add_(1.0)
+    listed = ", ".join(re.escape(n) for n in SHARED_UNCARRIED[:6])
+    assert_refused(everything, directory, rf"7 of the 7 tensors .* \({listed}, … \(7 in all\)\)")
+
+    extra = copy.deepcopy(base)
+    extra.features[2].register_buffer("scale", torch.ones(1))
+    assert_refused(extra, directory, r"the model .* has features\.2\.scale, which the base did not have.*architecture")
+    missing = copy.deepcopy(base)
+    del missing.features[3].offset
+    assert_refused(missing, directory, r"the model .* lacks features\.3\.offset.*architecture")
+    with pytest.raises(ValueError, match=r"the base state dict .* lacks features\.3\.offset"):
+        merged_state_dict(missing.state_dict(), directory)
+    double = copy.deepcopy(base)
+    double.features[1].double()
+    assert_refused(double, directory, r"features\.1\.weight \(float64 \[16\], base float32 \[16\]\), features\.1\.bias")
+
+
+def test_modules_to_save_are_carried_and_loading_onto_the_base_gives_the_trained_model(tmp_path):
+    case = CASES["shared_classifier_modules_to_save"]
+    method, base = trained(case, open_task=False)
+    assert method.saved_modules == ["classifier"] and "classifier" not in method.layer_names
+    trained_classifier = {k: v.clone() for k, v in method.model.classifier.state_dict().items()}
+    assert not torch.equal(trained_classifier["weight"], base.classifier.weight)  # tasks 1 and 2 trained it
+    directory = method.save_adapters(tmp_path / "adapters")
+    loaded = NESS.load_adapters(copy.deepcopy(base), directory)
+    x, _ = task_data(case, 99)
+    torch.testing.assert_close(logits(loaded.model, x, 0), logits(method.model, x, 0), atol=1e-5, rtol=1e-5)
+    for key, value in trained_classifier.items():
+        assert torch.equal(loaded.model.classifier.state_dict()[key], value), key
+    merged = merged_state_dict(base.state_dict(), directory)
+    assert torch.equal(merged["classifier.weight"], trained_classifier["weight"])
+
+    config = json.loads((directory / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"]
+    assert "saved whole: classifier; other base tensors checked at load: 7" in describe_adapters(directory)
+
+
+def without_base_tensors(directory: Path) -> None:
+    """The directory as format version 1 wrote it: no digests of the base tensors the files do not carry."""
+    config = json.loads((directory / "adapter_config.json").read_text())
+    del config["base_tensors"]
+    config["format_version"] = 1
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+
+
+def test_format_version_1_loads_without_the_new_check_with_a_warning_but_not_with_modules_to_save(
+    shared_saved, tmp_path, caplog
+):
+    method, base = trained(BIASES_NOT_ADAPTED, open_task=False)
+    old = edited_copy(method.save_adapters(tmp_path / "adapters"), tmp_path / "v1", without_base_tensors)
+    with caplog.at_level(logging.WARNING, logger="ness"):
+        loaded = NESS.load_adapters(copy.deepcopy(base), old)
+    assert "format version 1 records only the adapted weights" in caplog.text and "not checked" in caplog.text
+    assert_same_state(loaded.model, method.model)
+    assert "other base tensors checked at load: none (format version 1)" in describe_adapters(old)
+
+    _, shared_base, directory = shared_saved
+    old = edited_copy(directory, tmp_path / "shared_v1", without_base_tensors)
+    assert_refused(copy.deepcopy(shared_base), old, r"format version 1 does not hold the NESSConfig's modules_to_save")
 
 
 def with_backbone(model: nn.Module, base: nn.Module) -> nn.Module:

@@ -209,6 +209,70 @@ def test_layer_rule_matching_no_layer_names_the_layers(tmp_path, capsys):
     assert_says(err, "pattern 'classifier' matches no adapted layer", "backbone.0", "backbone.2")
 
 
+# Settings refused only once the model exists: with several seeds (and methods) they must still fail once, as a user
+# error before any seed trains, never as one FAILED line per seed with `--resume` advice that replays them.
+MODEL_SETTINGS = [  # (methods, options, words of the message); layer_rules and target_modules are NESS's alone
+    (
+        ["ness"],
+        ["--set", "layer_rules={'backbone.9': {'rank': 3}}"],
+        ["--method ness on split_digits", "pattern 'backbone.9' matches no adapted layer", "backbone.0", "backbone.2"],
+    ),
+    (["ness"], ["--set", "target_modules=['fc']"], ["--method ness on split_digits", "target 'fc' matches no module"]),
+    (
+        ["finetune", "ness"],
+        ["--network", "alexnet"],
+        ["--method finetune on split_digits", "--network alexnet needs (channels, height, width) images", "64", "vit"],
+    ),
+]
+
+
+@pytest.fixture
+def no_seed_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """Starting any seed's run fails that run; the list records every attempt (it must stay empty)."""
+    started: list[tuple] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        started.append(args)
+        raise AssertionError("a seed started: the bad setting was not caught before the runs")
+
+    monkeypatch.setattr(ness.experiment, "run_experiment", refuse)
+    return started
+
+
+def assert_one_error_before_any_seed(err: str, out: Path, started: list[tuple]) -> None:
+    """One `ness run: error:` line, no FAILED lines or resume advice, no seed started, nothing written to `out`."""
+    assert err.count("ness run: error:") == 1 and "FAILED" not in err, err
+    assert "resume" not in err, err
+    assert started == []
+    assert list(out.iterdir()) == []  # no plan (`--resume` would replay it), no seed folder, no failure.txt
+
+
+@pytest.mark.parametrize(
+    ("methods", "options", "words"), MODEL_SETTINGS, ids=["layer_rules", "target_modules", "network"]
+)
+def test_setting_refused_by_the_model_fails_once_before_any_seed(
+    methods, options, words, tmp_path, capsys, no_seed_runs
+):
+    argv = ["run", "--benchmark", "split_digits", "--method", *methods, "--seeds", "1", "2", "--quiet"]
+    err = user_error(capsys, [*argv, "--out", str(tmp_path), *options])
+    assert_says(err, *words)
+    assert_one_error_before_any_seed(err, tmp_path, no_seed_runs)
+
+
+@pytest.mark.parametrize("error", [ValueError, TypeError])
+def test_any_value_or_type_error_building_the_method_is_a_user_error(
+    error, tmp_path, capsys, monkeypatch, no_seed_runs
+):
+    # e.g. NESS's `exclude` entry that matches no module, raised by its constructor
+    def refuse(name: str, model: nn.Module, options: dict) -> None:
+        raise error(f"{name}: the model has no layer 'fc'")
+
+    monkeypatch.setattr(ness.experiment, "build_method", refuse)
+    err = user_error(capsys, [*RUN[:6], "1", "2", "3", "--quiet", "--out", str(tmp_path)])
+    assert_says(err, "--method ness on split_digits: ness: the model has no layer 'fc'")
+    assert_one_error_before_any_seed(err, tmp_path, no_seed_runs)
+
+
 # -- 4. seeds ------------------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,7 +27,10 @@ def test_clip_spectral_norm_lowers_only_the_singular_values_above_the_bound():
     matrix = q1 @ torch.diag(singular) @ q2.T
     expected = q1 @ torch.diag(torch.tensor([1.5, 1.5, 0.7, 0.1], dtype=torch.float64)) @ q2.T
     torch.testing.assert_close(clip_spectral_norm(matrix, 1.5), expected)
-    assert torch.equal(clip_spectral_norm(matrix, 5.0), matrix)  # already inside the ball
+    # Already inside the ball: returned as is. At the exact tie (bound 5) the SVD's σ₁ may come out as 5 + 1 ulp,
+    # so the matrix is rebuilt from its SVD: equal up to round-off only.
+    assert torch.equal(clip_spectral_norm(matrix, 5.0 + 1e-9), matrix)
+    torch.testing.assert_close(clip_spectral_norm(matrix, 5.0), matrix)
     torch.testing.assert_close(clip_spectral_norm(matrix, 0.0), torch.zeros_like(matrix))
     with pytest.raises(ValueError, match="bound must be ≥ 0"):
         clip_spectral_norm(matrix, -1.0)
@@ -107,6 +111,83 @@ def test_without_the_option_nothing_is_clipped():
     bench = synthetic_benchmark()
     _, diagnostics = first_layer_shift(bench, "covariance", None)
     assert all(r.get("certified_shift") is None for r in diagnostics if "v_spectral_norm" in r)
+
+
+# -- the bound is reached, not only respected ------------------------------------------------------------------
+# The tests above check ‖xᵀΔW‖² ≤ ε: a clip to a tighter radius (ε/σ_max(U) for ε < 1, or any fraction of the
+# bound) passes them all. These check that a V beyond the ball lands exactly on ‖V‖₂ = √ε/σ_max(U), with σ_max(U)
+# recomputed here in numpy from the recorded inputs.
+def kept_sigma_max(rows: np.ndarray, eps1: float) -> float:
+    """σ_max(U) in numpy: the largest singular value of a layer's input rows (n, d) that is ≤ ε₁·‖rows‖_F (Eq. 5's
+    Frobenius rule), counting the d − n zero singular values of a wide matrix."""
+    rows = rows.astype(np.float64)
+    sigma = np.linalg.svd(rows, compute_uv=False)
+    sigma = np.concatenate([sigma, np.zeros(rows.shape[1] - sigma.size)])
+    return float(sigma[sigma <= eps1 * np.linalg.norm(rows)].max())
+
+
+def spectral_norm(matrix: torch.Tensor) -> float:
+    return float(np.linalg.norm(matrix.detach().double().numpy(), ord=2))
+
+
+def test_after_step_clips_v_onto_the_sqrt_epsilon_ball_of_each_layer():
+    """V with singular values from 4× to ¼× each layer's √ε/σ_max(U): after the step those above the bound equal it
+    and those below are unchanged. ε = 0.04, so √ε = 0.2 ≠ ε; two layers, each with its own σ_max(U)."""
+    bench = synthetic_benchmark()
+    eps1, epsilon = 0.3, 0.04
+    torch.manual_seed(0)
+    model = multi_head_mlp(DIM, (16, 8), [2, 2])
+    method = NESS(model, NESSConfig(eps1=eps1, max_output_shift=epsilon))
+    inputs = bench.tasks[0].train.inputs
+    method.begin_task(0)
+    method.end_task(0, [inputs[i : i + 50] for i in range(0, len(inputs), 50)])
+    x = inputs.double().numpy()
+    hidden = np.maximum(x @ model.backbone[0].weight.detach().double().numpy().T, 0.0)  # backbone.2's inputs
+    method.begin_task(1)
+    layer_rows = {"backbone.0": x, "backbone.2": hidden}
+    assert set(method.active) == set(layer_rows)
+    gen = torch.Generator().manual_seed(1)
+    expected = {}
+    for name, rows in layer_rows.items():
+        bound = math.sqrt(epsilon) / kept_sigma_max(rows, eps1)
+        v = method.active[name].adapter.V
+        k = min(v.shape)
+        left, _ = torch.linalg.qr(torch.randn(v.shape[0], k, generator=gen, dtype=torch.float64))
+        right, _ = torch.linalg.qr(torch.randn(v.shape[1], k, generator=gen, dtype=torch.float64))
+        singular = bound * torch.linspace(4.0, 0.25, k, dtype=torch.float64)
+        with torch.no_grad():
+            v.copy_((left * singular) @ right.T)
+        expected[name] = np.minimum(singular.numpy(), bound)
+    method.after_step(1)
+    for name, clipped in expected.items():
+        got = np.linalg.svd(method.active[name].adapter.V.detach().double().numpy(), compute_uv=False)
+        np.testing.assert_allclose(got, clipped, rtol=1e-5, err_msg=name)
+
+
+def trained_first_layer_v(bench: Benchmark, shift: float | None) -> tuple[torch.Tensor, list]:
+    """Task 1's V of the first layer after training two tasks, and the diagnostics."""
+    torch.manual_seed(0)
+    model = multi_head_mlp(DIM, (16,), [2, 2])
+    method = NESS(model, NESSConfig(eps1=0.3, max_output_shift=shift))
+    config = TrainConfig(epochs=15, lr=0.5, momentum=0.9, batch_size=16, lr_schedule=False)
+    run_continual(model, method, bench, config, seed=0, progress=False)
+    return method.task_deltas[0]["backbone.0"][1], method.diagnostics()
+
+
+def test_a_clipped_layer_ends_the_task_on_the_bound():
+    """ε set so that √ε/σ_max(U) is a tenth of the unconstrained run's ‖V‖₂: the constrained run ends with ‖V‖₂
+    equal to √ε/σ_max(U), not below it."""
+    bench = synthetic_benchmark()
+    sigma_max = kept_sigma_max(bench.tasks[0].train.inputs.numpy(), 0.3)
+    free, _ = trained_first_layer_v(bench, None)
+    epsilon = (sigma_max * spectral_norm(free) / 10) ** 2
+    assert abs(math.sqrt(epsilon) - epsilon) > 0.1 * epsilon  # ε far from 1: √ε and ε give different radii
+    clipped, diagnostics = trained_first_layer_v(bench, epsilon)
+    bound = math.sqrt(epsilon) / sigma_max
+    assert spectral_norm(clipped) == pytest.approx(bound, rel=1e-5)
+    record = next(r for r in diagnostics if r["layer"] == "backbone.0" and r["task"] == 1)
+    assert record["sigma_max_U"] == pytest.approx(sigma_max, rel=1e-6)
+    assert record["v_spectral_norm"] == pytest.approx(bound, rel=1e-5)
 
 
 # -- the certificate on real MNIST ---------------------------------------------------------------------------------

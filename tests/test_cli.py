@@ -9,8 +9,10 @@ import io
 import json
 import math
 import os
+import re
 import stat
 import statistics
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -299,9 +301,16 @@ def test_report_missing_dir_fails(tmp_path, capsys):
     assert "nothing_here" in capsys.readouterr().err
 
 
-def test_report_empty_dir_fails(tmp_path, capsys):
-    assert main(["report", str(tmp_path)]) == 1
-    assert "no results.json" in capsys.readouterr().err
+@pytest.mark.parametrize("command", ["report", "plot"])
+def test_report_and_plot_of_a_folder_without_results_are_user_errors(command, tmp_path, capsys):
+    (tmp_path / "split_digits" / "ness" / "seed_1").mkdir(parents=True)  # a folder, but no results.json in it
+    assert main([command, str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert err == (
+        f"ness {command}: error: no results.json under '{tmp_path}'; write runs there first with "
+        f"`ness run ... --out {tmp_path}`\n"
+    )
+    assert out == "" and not list(tmp_path.rglob("report.*"))
 
 
 def test_report_corrupt_results_names_the_file(tmp_path, capsys):
@@ -312,6 +321,39 @@ def test_report_corrupt_results_names_the_file(tmp_path, capsys):
     assert str(bad) in capsys.readouterr().err
     with pytest.raises(ValueError):
         load_results(tmp_path)
+
+
+def stderr_of_a_tiny_run(out: Path, terminal: bool) -> str:
+    """stderr of `python -m ness run` (fine-tuning, 1 epoch a task, no --quiet) when stderr is a pipe, or a
+    120-column terminal (a pseudo-terminal, read while the run writes so that it never blocks)."""
+    args = [sys.executable, "-m", "ness", "run", "--benchmark", "split_digits", "--method", "finetune", "--seeds", "1"]
+    args += ["--set", "epochs=1", "--out", str(out)]
+    if not terminal:
+        return subprocess.run(args, capture_output=True, text=True, timeout=300, check=True).stderr
+    fcntl, pty, termios = (pytest.importorskip(name) for name in ("fcntl", "pty", "termios"))
+    reader, writer = pty.openpty()
+    fcntl.ioctl(writer, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # rows, columns (tqdm's width)
+    with subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=writer) as process:
+        os.close(writer)
+        chunks = []
+        with contextlib.suppress(OSError):  # EIO once the run has ended and closed its end
+            while chunk := os.read(reader, 4096):
+                chunks.append(chunk)
+        os.close(reader)
+        assert process.wait(timeout=300) == 0
+    return b"".join(chunks).decode()
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["piped", "terminal"])
+def test_progress_bars_only_on_a_terminal(terminal, tmp_path):
+    # A redrawn tqdm bar is "\rtask 0:  0%|   | 0/1 [...ep/s]"; in a pipe or log file each redraw would be kept.
+    err = stderr_of_a_tiny_run(tmp_path, terminal)
+    bar = re.compile(r"\rtask \d+:\s+\d+%\|")
+    assert "after task 4:" in err  # the log lines are there either way
+    if terminal:
+        assert bar.search(err), err  # the test can see a bar when there is one
+    else:
+        assert not bar.search(err) and "\r" not in err and "ep/s" not in err, err
 
 
 def test_python_dash_m_ness_help():

@@ -537,7 +537,9 @@ def test_covariance_memory_sums_the_tasks_covariances():
 @pytest.mark.parametrize("memory", ["covariance", "replay"])
 def test_memory_tasks_first_keeps_only_task0_inputs(memory):
     """The official 5-datasets scripts store task 0's data only: task 2's basis must come from task 0 alone."""
-    model, method, (x0, _) = run_task0("mlp", NESSConfig(eps1=0.05, memory=memory, memory_tasks="first"))
+    model, method, (x0, _) = run_task0(
+        "mlp", NESSConfig(eps1=0.05, memory=memory, memory_tasks="first"), heads=(3, 3, 3)
+    )
     names = method.layer_names
 
     def task0_rows():

@@ -9,6 +9,7 @@ that was never stopped (the CPU ops here are deterministic), and no results file
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -89,16 +90,16 @@ def test_killed_from_outside_at_any_moment(tmp_path, uninterrupted):
     args = [sys.executable, "-m", "ness", *COMMAND, "--seeds", "1", "--out", str(tmp_path)]
     process = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = tmp_path / "split_digits" / "ness" / "seed_1" / CHECKPOINT_NAME
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if read_header(checkpoint)["meta"]["position"].get("task", 0) >= 2:
-                break
-        except (ValueError, OSError):
-            pass
+    deadline, in_task_2 = time.monotonic() + 300, False
+    while not in_task_2 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.02)
+        with contextlib.suppress(ValueError, OSError):  # no checkpoint yet, or one being replaced
+            in_task_2 = read_header(checkpoint)["meta"]["position"].get("task", 0) >= 2
     process.kill()
-    process.wait()
+    # The kill landed mid-run: in task 2, and it ended the process (not a run that had finished or failed before).
+    assert process.wait() == -signal.SIGKILL, f"the run ended by itself ({process.returncode}) before the kill"
+    assert in_task_2, "the run never reached task 2 in 300 s"
+    assert not (checkpoint.parent / "results.json").exists()
     assert_no_partial_files(tmp_path)
     ness(["run", "--resume", str(tmp_path), "--quiet"])
     assert comparable(results(tmp_path)) == comparable(uninterrupted)

@@ -13,9 +13,11 @@ from ness.subspace import (
     UnsupportedLayerError,
     check_supported,
     covariance_spectrum,
+    energy_rank,
     input_covariance,
     layer_input_rows,
     null_basis,
+    null_rank,
     null_threshold,
 )
 
@@ -263,6 +265,72 @@ def test_eigh_failure_falls_back_to_svd_with_the_same_basis(monkeypatch):
     assert nb.rank == 3
     torch.testing.assert_close(nb.singular_values, expected.singular_values)
     torch.testing.assert_close(projector(nb.basis), projector(q[:, :3]), atol=1e-9, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exact ties: a σ equal to τ, a cumulative energy share equal to δ or ε_th. Every value below is exact in binary
+# (0.6·5 rounds to exactly 3), so the comparison really is an equality and `≤` vs `<` decides the rank.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sigma", "rule", "eps1", "tau", "rank"),
+    [
+        ((3.0, 4.0), "frobenius", 0.6, 3.0, 1),  # τ = 0.6·‖(3, 4)‖ = 0.6·5 = 3 = σ₁
+        ((1.0, 1.0, 1.0, 2.0, 3.0), "frobenius", 0.25, 1.0, 3),  # ‖σ‖ = √16 = 4: three σ = τ = 1
+        ((1.0, 3.0), "nuclear", 0.25, 1.0, 1),  # τ = 0.25·(1 + 3) = 1 = σ₁
+        ((1.0, 1.0, 2.0, 4.0), "nuclear", 0.125, 1.0, 2),  # τ = 0.125·8 = 1
+    ],
+)
+def test_threshold_rules_keep_a_singular_value_equal_to_tau(sigma, rule, eps1, tau, rank):
+    """Eq. 5 keeps σᵢ ≤ τ: a σ exactly at τ is in U."""
+    assert rank == sum(1 for s in sigma if s <= tau)  # the table, by hand
+    values = torch.tensor(sigma, dtype=torch.float64)
+    assert null_threshold(values, eps1, rule) == tau  # the tie is exact
+    assert null_rank(values, rule, eps1) == (rank, tau)
+    # Through the covariance: diag(σ²) has exactly these eigenvalues, so the tie survives eigh.
+    nb = null_basis(torch.diag(values**2), eps1, rule)
+    assert nb.singular_values.tolist() == list(sigma) and nb.threshold == tau
+    assert nb.rank == rank
+    torch.testing.assert_close(projector(nb.basis), torch.diag((values <= tau).double()), atol=1e-12, rtol=0)
+
+
+# σ = 1, 1, 1, 1, 2, 2, 2: energies 1, 1, 1, 1, 4, 4, 4 (total 16), cumulative 1, 2, 3, 4, 8, 12, 16.
+TIED_SIGMA = (1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0)
+
+
+@pytest.mark.parametrize(("delta", "rank"), [(0.0625, 1), (0.25, 4), (0.5, 5), (0.75, 6)])
+def test_energy_rule_keeps_the_directions_whose_share_equals_delta(delta, rank):
+    """The energy rule keeps the smallest directions whose cumulative energy is ≤ δ of the total: δ·16 lands
+    exactly on a cumulative sum, and the direction that reaches it is kept."""
+    cumulative, by_hand = 0.0, 0
+    for s in TIED_SIGMA:  # smallest first, stop before the first that would exceed δ·Σσ²
+        if cumulative + s * s > delta * 16.0:
+            break
+        cumulative, by_hand = cumulative + s * s, by_hand + 1
+    assert by_hand == rank
+    values = torch.tensor(TIED_SIGMA, dtype=torch.float64)
+    assert null_rank(values, "energy", 0.5, delta=delta) == (rank, TIED_SIGMA[rank - 1])
+    nb = null_basis(torch.diag(values**2), 0.5, "energy", delta=delta)
+    assert nb.singular_values.tolist() == list(TIED_SIGMA)
+    assert nb.rank == rank
+
+
+# GPM energies s² = 8, 4, 2, 1, 1 (descending, total 16): cumulative shares 0.5, 0.75, 0.875, 0.9375, 1.
+@pytest.mark.parametrize(("threshold", "rank"), [(0.5, 0), (0.75, 1), (0.875, 2), (0.9375, 3), (1.0, 4)])
+def test_gpm_first_task_rule_leaves_out_the_direction_that_reaches_the_threshold(threshold, rank):
+    """First task: r = #{k : Σ_{i≤k} s_i²/Σs² < ε_th}, strict: a share exactly at ε_th is not counted."""
+    assert energy_rank(torch.tensor([8.0, 4.0, 2.0, 1.0, 1.0], dtype=torch.float64), threshold) == rank
+
+
+# Later task, ‖R‖²_F = 32 and residual energies 8, 4, 2, 1, 1: half is captured already, then 0.75, 0.875, 0.9375,
+# 0.96875, 1.
+@pytest.mark.parametrize(("threshold", "rank"), [(0.5, 0), (0.75, 1), (0.875, 2), (0.9375, 3), (1.0, 5)])
+def test_gpm_later_task_rule_includes_the_direction_that_reaches_the_threshold(threshold, rank):
+    """Later tasks: directions are added while the captured share is below ε_th, so the one that brings it exactly
+    to ε_th is included and the loop stops there."""
+    energies = torch.tensor([8.0, 4.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    assert energy_rank(energies, threshold, total=32.0) == rank
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -487,6 +487,22 @@ def test_evaluate_passes_average_seeded_test_orders(bench):
     assert len(accs) > 1
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluate_restores_the_models_mode_when_a_batch_fails(bench, training):
+    model = new_model(bench).train(training)
+    task = bench.tasks[0]
+    seen = []
+
+    def failing(x: torch.Tensor, t: int) -> torch.Tensor:
+        seen.append(model.training)
+        raise RuntimeError("simulated failure in a predict batch")
+
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        trainer.evaluate(model, 0, task.test, task, 16, "cpu", predict=failing)
+    assert seen == [False]  # it ran in eval mode
+    assert model.training is training and all(m.training is training for m in model.modules())
+
+
 def test_run_continual_with_sam_trains_and_differs_from_sgd(bench):
     results = {}
     for rho in (0.0, 0.05):
@@ -498,3 +514,24 @@ def test_run_continual_with_sam_trains_and_differs_from_sgd(bench):
     # Same seed and data order: only the SAM update differs, so the training losses must differ.
     losses = {rho: [log["train_loss"] for log in r["tasks"]] for rho, r in results.items()}
     assert all(a != b for a, b in zip(losses[0.0], losses[0.05], strict=True))
+
+
+class TrainsNothingAfterTaskZero(FineTune):
+    """A method that, from task 1 on, trains no parameter (as NESS with every layer at rank 0 and a shared head)."""
+
+    def task_parameters(self, t: int) -> list[torch.nn.Parameter]:
+        return super().task_parameters(t) if t == 0 else []
+
+
+def test_a_task_with_nothing_to_train_is_evaluated_untrained_with_a_warning(bench, caplog):
+    model = new_model(bench)
+    method = TrainsNothingAfterTaskZero(model)
+    with caplog.at_level("WARNING", logger="ness"):
+        result = run_continual(model, method, bench, small_config(epochs=2), seed=3, progress=False)
+    assert "task 1: finetune trains no parameter in it; the task is evaluated untrained" in caplog.text
+    assert [log["epochs"] for log in result["tasks"]] == [2, 0, 0]
+    assert result["tasks"][1]["train_loss"] is None
+    assert not any(p.requires_grad for p in model.parameters())
+    # Untrained heads 1 and 2: their accuracy is what the model gives, read here with an explicit argmax.
+    for j, task in enumerate(bench.tasks):
+        assert result["acc_matrix"][2][j] == pytest.approx(own_test_accuracy(model, j, task))

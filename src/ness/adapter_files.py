@@ -1,10 +1,11 @@
 """PEFT-style files for NESS: save a method's adapters and statistics, load them onto the base model, merge.
 
-A directory holds `adapter_config.json` (format, NESSConfig, layers, task counters, records, checksums),
-`adapter_model.safetensors` (each finished task's U and V; the open task's U, V and kept σ; the task heads and
-BatchNorm tensors; a sketch of the base weights) and `adapter_statistics.safetensors` (covariances, probe rows,
-replay inputs, per-task BatchNorm states: what `begin_task` of the next task needs). The base model is the network
-as task 0 left it; adding each finished task's ΔW to it, in order, gives the trained network back.
+A directory holds `adapter_config.json` (format, NESSConfig, layers, task counters, records, checksums, and a digest
+of every base tensor the files do not carry), `adapter_model.safetensors` (each finished task's U and V; the open
+task's U, V and kept σ; the modules saved whole: task heads, BatchNorm layers, NESSConfig.modules_to_save; a sketch
+of the base weights) and `adapter_statistics.safetensors` (covariances, probe rows, replay inputs, per-task BatchNorm
+states: what `begin_task` of the next task needs). The base model is the network as task 0 left it; adding each
+finished task's ΔW to it, in order, and putting the saved modules in gives the trained network back.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ness.adapters import NullSpaceAdapter
-from ness.methods.base import Forward, replace_module
+from ness.methods.base import Forward, replace_module, short_list, tensor_digest
 from ness.methods.ness import NESS, NESSConfig
 from ness.methods.normalization import batchnorm_layers, restore_momenta
 from ness.models import call_model, task_heads
@@ -30,7 +32,9 @@ from ness.results import atomic_file, write_json_atomic
 from ness.subspace import SUPPORTED_LAYERS, input_dim
 
 FORMAT = "ness-adapters"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 added `base_tensors` to the config and NESSConfig.modules_to_save to the saved modules. Version 1 files
+are read without the base-tensor check (with a warning), unless their NESSConfig has modules_to_save (refused)."""
 CONFIG_FILE = "adapter_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 STATISTICS_FILE = "adapter_statistics.safetensors"
@@ -52,6 +56,10 @@ STATE_KEYS = {
     "active",
 }
 LAYER_KINDS: dict[str, type[nn.Module]] = {kind.__name__: kind for kind in SUPPORTED_LAYERS}
+BASE_MODEL_HINT = (
+    "Pass the model as it was after task 0 (`ness run --save-adapters` writes it to seed_N/base_model.safetensors)."
+)
+log = logging.getLogger(__name__)
 
 
 # -- saving ------------------------------------------------------------------------------------------------------
@@ -80,7 +88,7 @@ def save_adapters(method: NESS, directory: str | Path) -> Path:
     for name, layer in method.active.items():
         adapters[f"active.{name}.U"], adapters[f"active.{name}.V"] = layer.adapter.U, layer.adapter.V
         adapters[f"active.{name}.kept_singular_values"] = state["active"][name]["kept_singular_values"]
-    modules = _modules_to_save(model)
+    modules = _modules_to_save(method)
     for module_name in modules:
         for key, value in model.get_submodule(module_name).state_dict().items():
             adapters[f"modules_to_save.{module_name}.{key}"] = value
@@ -130,6 +138,12 @@ def save_adapters(method: NESS, directory: str | Path) -> Path:
         if state["active_task"] is None
         else {"task": state["active_task"], "ranks": {n: a["rank"] for n, a in state["active"].items()}},
         "modules_to_save": modules,
+        "base_tensors": {
+            name: _tensor_record(tensor)
+            for name, tensor in _uncarried_tensors(
+                model, {name: name in method.bias_layers for name in method.layer_names}, modules
+            ).items()
+        },
         "statistics": {
             "covariance_layers": list(state["covariances"]),
             "probe_tasks": {name: len(rows) for name, rows in state["probes"].items()},
@@ -149,10 +163,49 @@ def _layer(model: nn.Module, name: str) -> nn.Module:
     return module.base if isinstance(module, NullSpaceAdapter) else module
 
 
-def _modules_to_save(model: nn.Module) -> list[str]:
-    """Modules whose tensors NESS changes after task 0 outside ΔW, saved whole as PEFT's modules_to_save: the
-    task heads (each task trains its own) and the BatchNorm layers (batchnorm='per_task', or a custom loop)."""
-    return (["task_heads"] if task_heads(model) is not None else []) + list(batchnorm_layers(model))
+def _modules_to_save(method: NESS) -> list[str]:
+    """Modules whose tensors change after task 0 outside ΔW, saved whole as PEFT's modules_to_save: the task heads
+    (each task trains its own), the BatchNorm layers (batchnorm='per_task', or a custom loop) and the config's
+    modules_to_save (they train fully in every task). The outermost of nested ones, in the model's order."""
+    model = method.model
+    chosen = {*batchnorm_layers(model), *method.saved_modules}
+    if task_heads(model) is not None:
+        chosen.add("task_heads")
+    return [
+        name
+        for name, _ in model.named_modules()
+        if name in chosen and not any(name.startswith(f"{outer}.") for outer in chosen)
+    ]
+
+
+def _uncarried_tensors(model: nn.Module, layers: dict[str, bool], modules: list[str]) -> dict[str, Tensor]:
+    """The model's state-dict tensors that the adapter files do not carry, by their names in the plain base model
+    (`x.base.bias` of a wrapped layer is `x.bias`): all but the adapted weights (and biases, where `layers[name]`
+    says adapt_bias), the saved modules' tensors and the adapters' U and V. These must equal the base model's."""
+    carried = {id(t) for name in modules for t in model.get_submodule(name).state_dict(keep_vars=True).values()}
+    wrapped: dict[str, str] = {}  # "x.base." → "x." for each layer an adapter wraps
+    for name, adapt_bias in layers.items():
+        module, layer = model.get_submodule(name), _layer(model, name)
+        if isinstance(module, NullSpaceAdapter):
+            carried.update((id(module.U), id(module.V)))
+            wrapped[f"{name}.base."] = f"{name}."
+        carried.update(id(t) for t in (layer.weight, layer.bias if adapt_bias else None) if t is not None)
+    tensors: dict[str, Tensor] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in carried:
+            prefix = next((p for p in wrapped if key.startswith(p)), "")
+            tensors[wrapped[prefix] + key[len(prefix) :] if prefix else key] = tensor.detach()
+    return tensors
+
+
+def _tensor_record(tensor: Tensor) -> dict[str, Any]:
+    """What the config keeps of a base tensor it does not carry: shape, dtype and an exact digest of its bytes."""
+    return {"shape": list(tensor.shape), "dtype": _dtype_name(tensor), "blake2b": tensor_digest(tensor).hex()}
+
+
+def _dtype_name(tensor: Tensor) -> str:
+    """'float32' for torch.float32: how the config names a dtype."""
+    return str(tensor.dtype).removeprefix("torch.")
 
 
 def _weight_rows(weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -230,7 +283,7 @@ class SavedAdapters:
         return {name: (self.adapter(f"active.{name}.U"), self.adapter(f"active.{name}.V")) for name in active["ranks"]}
 
     def saved_modules(self) -> dict[str, dict[str, Tensor]]:
-        """The saved state of each module in modules_to_save (task heads, BatchNorm layers)."""
+        """The saved state of each module saved whole (task heads, BatchNorm layers, NESSConfig.modules_to_save)."""
         prefixes = {name: f"modules_to_save.{name}." for name in self.config["modules_to_save"]}
         return {
             name: {key[len(prefix) :]: value for key, value in self.adapters.items() if key.startswith(prefix)}
@@ -259,7 +312,7 @@ def read_adapters(directory: str | Path) -> SavedAdapters:
     version = config.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise ValueError(
-            f"{config_path} has format version {version!r}; this ness-cl reads version {FORMAT_VERSION}. "
+            f"{config_path} has format version {version!r}; this ness-cl reads versions 1 to {FORMAT_VERSION}. "
             "Upgrade ness-cl to read adapters written by a newer one."
         )
     tensors = []
@@ -332,17 +385,76 @@ def _check_base(saved: SavedAdapters, name: str, weight: Tensor, bias: Tensor | 
         f"layer '{name}': the model's weights are not the base model these adapters were trained from (a sketch of "
         f"the weights differs by {diff:.3g}, tolerance {tolerance:.3g})"
         + ("; they are the trained model's, with every task's ΔW already in them" if final else "")
-        + ". Pass the model as it was after task 0 (`ness run --save-adapters` writes it to "
-        "seed_N/base_model.safetensors)."
+        + f". {BASE_MODEL_HINT}"
     )
+
+
+def _check_format_version(saved: SavedAdapters) -> None:
+    """Version 1 files carry no digests of the other base tensors (a warning: they are not checked) and not the
+    NESSConfig's modules_to_save (refused: the trained values of those modules are not in the files)."""
+    if saved.config["format_version"] >= 2:
+        return
+    where = saved.directory / CONFIG_FILE
+    if saved.config["config"].get("modules_to_save"):
+        raise ValueError(
+            f"{where}: format version 1 does not hold the NESSConfig's modules_to_save "
+            f"{saved.config['config']['modules_to_save']} (their trained values are missing); save the adapters "
+            "again with this ness-cl"
+        )
+    log.warning(
+        "%s: format version 1 records only the adapted weights of the base model, so its other tensors (unadapted "
+        "biases, excluded layers, LayerNorms, buffers) are not checked; save the adapters again to check them",
+        where,
+    )
+
+
+def _check_uncarried(saved: SavedAdapters, tensors: dict[str, Tensor], what: str) -> None:
+    """Every base tensor the files do not carry must be in `tensors` (`what`: the model or state dict passed) with
+    the shape, dtype and exact bytes recorded at save time: the adapters only reproduce the trained model on top
+    of the very base they were trained from."""
+    recorded: dict[str, dict[str, Any]] | None = saved.config.get("base_tensors")
+    if recorded is None:  # format version 1 (_check_format_version warned)
+        return
+    missing = [name for name in recorded if name not in tensors]
+    extra = [name for name in tensors if name not in recorded]
+    if missing or extra:
+        found = ([f"lacks {short_list(missing)}"] if missing else []) + (
+            [f"has {short_list(extra)}, which the base did not have"] if extra else []
+        )
+        raise ValueError(
+            f"{what} does not have the tensors of the base model these adapters were trained from: it "
+            f"{' and '.join(found)} (among the tensors the adapters do not carry: unadapted biases, excluded and "
+            "other layers, buffers); build the model with the architecture it was trained with"
+        )
+    reshaped = [
+        f"{name} ({_dtype_name(tensors[name])} {list(tensors[name].shape)}, base {r['dtype']} {r['shape']})"
+        for name, r in recorded.items()
+        if list(tensors[name].shape) != r["shape"] or _dtype_name(tensors[name]) != r["dtype"]
+    ]
+    if reshaped:
+        raise ValueError(
+            f"{what}: tensors differ in shape or dtype from the base model these adapters were trained from: "
+            f"{short_list(reshaped, most=4)}; build the model with the sizes and dtype it was trained with"
+        )
+    differ = [name for name, r in recorded.items() if tensor_digest(tensors[name]).hex() != r["blake2b"]]
+    if differ:
+        raise ValueError(
+            f"{what} is not the base model these adapters were trained from: {len(differ)} of the {len(recorded)} "
+            f"tensors the adapters do not carry differ from the base's ({short_list(differ)}), and the loaded model "
+            f"would not give the trained model's outputs. {BASE_MODEL_HINT} If a listed tensor is a buffer the model "
+            "updates while it trains, list its module in NESSConfig.modules_to_save so the adapters carry it."
+        )
 
 
 # -- loading -----------------------------------------------------------------------------------------------------
 def load_adapters(model: nn.Module, directory: str | Path, forward: Forward = call_model) -> NESS:
     """A NESS method equivalent to the saved one, built on `model`: the base model (the architecture with its
-    weights after task 0). Each finished task's ΔW is merged into it in order, the open task's adapters are
-    re-created with their U and V, and the statistics are restored, so training and `begin_task` continue."""
+    weights after task 0). Each finished task's ΔW is merged into it in order, the modules saved whole are put
+    back, the open task's adapters are re-created with their U and V, and the statistics are restored, so training
+    and `begin_task` continue. Before changing anything, the model is checked to be that base: its adapted weights
+    through a sketch, every other tensor exactly against the digests saved with the adapters."""
     saved = read_adapters(directory)
+    _check_format_version(saved)
     config = saved.config
     wrapped = [name for name, m in model.named_modules() if isinstance(m, NullSpaceAdapter)]
     if wrapped:
@@ -371,6 +483,8 @@ def load_adapters(model: nn.Module, directory: str | Path, forward: Forward = ca
     modules = saved.saved_modules()
     for module_name, state in modules.items():
         _check_module_state(_find(model, module_name), module_name, state, saved.directory)
+    layers = {name: spec["adapt_bias"] for name, spec in config["layers"].items()}
+    _check_uncarried(saved, _uncarried_tensors(model, layers, list(modules)), "the model")
     state = _method_state(saved, method)  # every tensor read (and checked present) before the model changes
 
     for deltas in state["task_deltas"]:
@@ -397,7 +511,8 @@ def _check_module_state(module: nn.Module | None, name: str, state: dict[str, Te
     if own != found:
         raise ValueError(
             f"module '{name}' saved in {directory / ADAPTER_FILE} has tensors {found}, the model's has "
-            f"{own or 'none'}; build the model with the heads and BatchNorm layers it was trained with"
+            f"{own or 'none'}; build the model with the heads, BatchNorm layers and modules_to_save it was trained "
+            "with"
         )
 
 
@@ -483,9 +598,11 @@ def merge_and_unload(method: NESS) -> nn.Module:
 
 def merged_state_dict(base_state: dict[str, Tensor], directory: str | Path) -> dict[str, Tensor]:
     """The state dict of the merged model from the base model's state dict and an adapter directory, without the
-    model's class: every finished task's ΔW (then the open task's) added in order, the saved heads and BatchNorm
-    tensors put in. `ness adapters DIR --merge` writes it."""
+    model's class: every finished task's ΔW (then the open task's) added in order, the modules saved whole (heads,
+    BatchNorm, modules_to_save) put in, after checking the state dict is the base's. `ness adapters DIR --merge`
+    writes it."""
     saved = read_adapters(directory)
+    _check_format_version(saved)
     state = {key: value.clone() for key, value in base_state.items()}
     layers = {}
     for name, spec in saved.config["layers"].items():
@@ -508,6 +625,10 @@ def merged_state_dict(base_state: dict[str, Tensor], directory: str | Path) -> d
             raise ValueError(
                 f"the base state dict has no '{key}' of shape {list(value.shape)}, which the adapters hold"
             )
+    carried = {*saved_modules}
+    carried.update(f"{name}.weight" for name in layers)
+    carried.update(f"{name}.bias" for name, spec in saved.config["layers"].items() if spec["adapt_bias"])
+    _check_uncarried(saved, {k: v for k, v in base_state.items() if k not in carried}, "the base state dict")
     for deltas in [*saved.task_deltas(), saved.active_deltas()]:
         for name, (u, v) in deltas.items():
             _merge_delta(layers[name], u, v, name, saved.config["layers"][name]["adapt_bias"])
@@ -528,7 +649,8 @@ def _stand_in(kind: str, weight: Tensor, bias: Tensor | None) -> nn.Module:
 
 # -- summary -----------------------------------------------------------------------------------------------------
 def describe_adapters(directory: str | Path) -> str:
-    """A summary of an adapter directory: the settings, each layer's kind, size and rank per task, each file's size."""
+    """A summary of an adapter directory: the settings, each layer's kind, size and rank per task, the modules saved
+    whole, the number of base tensors checked at load, each file's size."""
     saved = read_adapters(directory)
     config = saved.config
     active = config["active"]
@@ -554,6 +676,11 @@ def describe_adapters(directory: str | Path) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in [header, *rows]
     ]
+    checked = config.get("base_tensors")
+    lines.append(
+        f"saved whole: {', '.join(config['modules_to_save']) or 'none'}; other base tensors checked at load: "
+        + (str(len(checked)) if checked is not None else "none (format version 1)")
+    )
     files = [CONFIG_FILE, ADAPTER_FILE, STATISTICS_FILE]
     width = max(map(len, files))
     lines += [f"{name.ljust(width)}  {(saved.directory / name).stat().st_size:>12,} bytes" for name in files]

@@ -23,6 +23,7 @@ from ness.presets import NETWORKS, PRESET_NAMES, PROTOCOLS, get_protocol
 from ness.results import (
     format_matrix,
     load_results,
+    no_results,
     paper_table,
     paper_table_csv,
     paper_table_markdown,
@@ -68,11 +69,17 @@ def side_by_side(left: dict[str, Any], right: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def shows_progress(quiet: bool) -> bool:
+    """Whether to draw progress bars: not with --quiet, and not when stderr (where tqdm draws) is no terminal, as
+    in a log file or a pipe, where every redraw would become a line of its own."""
+    return not quiet and sys.stderr.isatty()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ness.experiment import run_experiment
 
     runs = {
-        m: run_experiment("split_digits", m, args.seed, "quick", out=args.out, progress=not args.quiet)
+        m: run_experiment("split_digits", m, args.seed, "quick", out=args.out, progress=shows_progress(args.quiet))
         for m in ("finetune", "ness")
     }
     ness, ft = runs["ness"], runs["finetune"]
@@ -217,6 +224,7 @@ def run_commands(args: argparse.Namespace) -> int:
 def run_command(args: argparse.Namespace, resume: bool) -> int:
     """Every (method, seed) of one command; a failing run is reported with its traceback and the others go on."""
     from ness.experiment import (
+        check_builds,
         check_data_root,
         check_saves_adapters,
         check_seed,
@@ -242,6 +250,19 @@ def run_command(args: argparse.Namespace, resume: bool) -> int:
     if not args.checkpoint_interval >= 0:  # also NaN
         raise ValueError(f"--checkpoint-interval {args.checkpoint_interval}: give seconds ≥ 0 (0: every epoch)")
     check_writable(Path(args.out))
+    # a setting refused only once the model exists (a layer pattern, target_modules, a network the data cannot feed)
+    # is the user's error too: it fails here, once, rather than in every seed
+    check_builds(
+        args.benchmark,
+        args.method,
+        seeds[0],
+        args.preset,
+        data_root=args.data_root,
+        overrides=overrides,
+        faithful=args.faithful,
+        download=args.download,
+        network=args.network,
+    )
     if not resume and distributed.is_main():
         record_plan(args)
 
@@ -265,7 +286,7 @@ def run_command(args: argparse.Namespace, resume: bool) -> int:
                         overrides=overrides,
                         faithful=args.faithful,
                         download=args.download,
-                        progress=not args.quiet,
+                        progress=shows_progress(args.quiet),
                         network=args.network,
                         save_adapters=args.save_adapters,
                         checkpoint=None if args.checkpoint == "none" else args.checkpoint,
@@ -355,8 +376,7 @@ def check_writable(folder: Path) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     runs = load_results(args.dir)
     if not runs:
-        print(f"no results.json under '{args.dir}'", file=sys.stderr)
-        return 1
+        raise no_results(args.dir)
     rows = paper_table(runs, include_missing=args.missing)
     table = paper_table_markdown(rows)
     print(table)

@@ -27,8 +27,8 @@ from ness.checkpoint import (
     remove_temporaries,
     resume_state,
 )
-from ness.data import BENCHMARKS, build_benchmark, resolve_data_root
-from ness.methods import METHODS, NESS, build_method
+from ness.data import BENCHMARKS, Benchmark, build_benchmark, resolve_data_root
+from ness.methods import METHODS, NESS, ContinualMethod, build_method
 from ness.methods.base import is_count, is_integer, is_number
 from ness.presets import Protocol, Variant, faithful_settings, get_protocol
 from ness.results import write_json_atomic
@@ -165,6 +165,54 @@ def check_saves_adapters(variant: str, method: str) -> None:
         raise ValueError(
             f"--save-adapters works with NESS variants only; {variant!r} runs {method!r}, which learns no adapters"
         )
+
+
+class SettingsError(ValueError):
+    """A setting refused once the network and the method are built (a layer pattern that matches no layer, a
+    network the data cannot feed): the user's to fix, and every seed would fail on it the same way."""
+
+
+def build_runner(
+    method: str, benchmark: str, protocol: Protocol, variant: Variant, bench: Benchmark, options: dict[str, Any]
+) -> ContinualMethod:
+    """The variant's method on the protocol's network for `bench`. A ValueError or TypeError raised while building
+    them comes from the settings, so it is raised again as a SettingsError naming the method and benchmark."""
+    try:
+        return build_method(variant.method, protocol.network(bench), options)
+    except (ValueError, TypeError) as err:
+        raise SettingsError(f"--method {method} on {benchmark}: {err}") from err
+
+
+def check_builds(
+    benchmark: str,
+    methods: Sequence[str],
+    seed: int,
+    preset: str = "quick",
+    *,
+    data_root: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    faithful: bool = False,
+    download: bool = False,
+    network: str | None = None,
+) -> None:
+    """Build the benchmark (with `seed`) and each method on its network once, as a run would, then drop them: a
+    setting refused only once the model exists fails here as a SettingsError, once, before any seed trains.
+    A benchmark that cannot be built (missing files) is left to the runs: the data is at fault, not the settings,
+    so each seed reports it as before, and `--resume` runs the same settings once the files are there."""
+    benches: dict[str, Benchmark | None] = {}  # one benchmark per distinct data options; None: it failed
+    for method in methods:
+        protocol, variant, _, data, options = resolve_settings(
+            benchmark, method, preset, overrides, faithful, download, network
+        )
+        key = json.dumps(data, sort_keys=True, default=repr)
+        if key not in benches:
+            try:
+                benches[key] = build_benchmark(benchmark, seed=seed, data_root=data_root, **data)
+            except Exception as err:  # the runs build it again and report the error, with its traceback
+                log.debug("the check of the settings skips %s: its benchmark failed (%s)", method, err)
+                benches[key] = None
+        if (bench := benches[key]) is not None:
+            build_runner(method, benchmark, protocol, variant, bench, options)
 
 
 def run_label(benchmark: str, method: str, preset: str, network: str | None) -> str:
@@ -385,7 +433,7 @@ def run_experiment(
             log.warning("%s %s seed %d: resuming with %s", benchmark, label, seed, changes)
         log.info("%s %s seed %d: resuming from %s (%s)", benchmark, label, seed, checkpoint_path, meta["position"])
     else:
-        runner, run_id = build_method(variant.method, protocol.network(bench), options), uuid.uuid4().hex
+        runner, run_id = build_runner(method, benchmark, protocol, variant, bench, options), uuid.uuid4().hex
         state = new_run_state(runner, bench, seed)
     distributed.barrier()  # several processes: every rank has read the checkpoint before rank 0 overwrites it
     if not distributed.is_main():  # only rank 0 shows progress and feeds the logs

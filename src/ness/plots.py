@@ -21,7 +21,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
 
 from ness.metrics import average_accuracy, backward_transfer
-from ness.results import atomic_file
+from ness.results import atomic_file, no_results
 
 ACCURACY_COLOR = "#4c72b0"
 IMPROVED_COLOR = "#2ca02c"
@@ -420,9 +420,7 @@ def plot_results(root: str | Path) -> list[Path]:
         raise FileNotFoundError(f"no results directory at '{root}'")
     paths = sorted(root.rglob("results.json"))
     if not paths:
-        raise FileNotFoundError(
-            f"no results.json under '{root}'; write runs there first with `ness run ... --out {root}`"
-        )
+        raise no_results(root)
     written = []
     for path in paths:
         for name, fig in _run_figures(path).items():

@@ -91,6 +91,11 @@ def load_results(root: str | Path) -> list[dict[str, Any]]:
     return runs
 
 
+def no_results(root: str | Path) -> FileNotFoundError:
+    """The error of `ness report` and `ness plot` on a folder that holds no results.json: where runs come from."""
+    return FileNotFoundError(f"no results.json under '{root}'; write runs there first with `ness run ... --out {root}`")
+
+
 def check_run(run: Any, where: str) -> None:
     """Raise ValueError naming `where` and the key when `run` lacks what a report needs or has it of the wrong type."""
     if not isinstance(run, dict):

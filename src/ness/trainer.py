@@ -159,16 +159,18 @@ def evaluate(
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
-    for p in range(passes):
-        generator = None if order_seed is None else torch.Generator().manual_seed(order_seed * 1_000_003 + p)
-        for x, y in iterate_batches(
-            split, task.transform, batch_size, shuffle=generator is not None, generator=generator, device=device
-        ):
-            logits = predict(x, t)
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(dim=1) == y).sum())
-            n += y.numel()
-    model.train(was_training)
+    try:  # the model's mode is restored even when a batch fails: a caller that catches the error trains on
+        for p in range(passes):
+            generator = None if order_seed is None else torch.Generator().manual_seed(order_seed * 1_000_003 + p)
+            for x, y in iterate_batches(
+                split, task.transform, batch_size, shuffle=generator is not None, generator=generator, device=device
+            ):
+                logits = predict(x, t)
+                loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+                correct += int((logits.argmax(dim=1) == y).sum())
+                n += y.numel()
+    finally:
+        model.train(was_training)
     if n == 0:
         raise ValueError(f"task {t} ('{task.name}'): cannot evaluate on an empty split")
     return loss_sum / n, 100.0 * correct / n
@@ -257,14 +259,19 @@ def train_task(
         method.preview_task(
             t, iterate_batches(task.train, task.transform, config.test_batch_size, device=config.device)
         )
-        loop = TaskLoop(build_optimizer(method.trainable_parameters(t), config, t), config.lr, config.lr_patience)
+        params = method.trainable_parameters(t)
+        if params:
+            loop = TaskLoop(build_optimizer(params, config, t), config.lr, config.lr_patience)
+        else:  # e.g. NESS with every layer at rank 0 and one shared output: the task is evaluated as it stands
+            log.warning("task %d: %s trains no parameter in it; the task is evaluated untrained", t, method.name)
+            loop = TaskLoop(None, config.lr, config.lr_patience, finished=True)
         loop.preview_seconds = time.perf_counter() - started
     bar = tqdm(
         total=config.epochs, initial=loop.epochs_done, desc=f"task {t}", leave=False, disable=not progress, unit="ep"
     )
     model.train()
-    trained = [p for group in loop.optimizer.param_groups for p in group["params"]]
-    with distributed.GradientAverager(trained):  # several processes: each pass's gradient is the global batch's
+    trained = [p for group in loop.optimizer.param_groups for p in group["params"]] if loop.optimizer else []
+    with bar, distributed.GradientAverager(trained):  # several processes: each pass's gradient is the global batch's
         while not loop.finished:
             started = time.perf_counter()
             record = train_epoch(method, t, sources, config, generator, loop, batches_per_epoch)
@@ -273,13 +280,12 @@ def train_task(
                 after_epoch(loop, record)
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "val_loss", "lr")})
-    bar.close()
     if loop.best_state is not None:
         model.load_state_dict(loop.best_state)
     return {
         "epochs": loop.epochs_done,
         "final_lr": loop.lr,
-        "train_loss": loop.train_loss,
+        "train_loss": loop.train_loss if loop.epochs_done else None,
         "best_val_loss": loop.best_loss if loop.best_state is not None else None,
         "train_seconds": loop.train_seconds,
         "preview_seconds": loop.preview_seconds,

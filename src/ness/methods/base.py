@@ -10,6 +10,7 @@ the hooks it needs and never sees the trainer.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import math
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -91,20 +92,49 @@ def _matches(name: str, module: nn.Module, patterns: Sequence[str]) -> bool:
     )
 
 
+def matching_modules(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Names of the modules of `model` that an entry of `patterns` matches (see `adaptable_layers`), in order."""
+    return [name for name, module in model.named_modules() if name and _matches(name, module, patterns)]
+
+
+def check_patterns_match(model: nn.Module, patterns: Sequence[str], where: str) -> None:
+    """A ValueError naming each entry of `patterns` that matches no module of the model (a misspelt name)."""
+    for pattern in patterns:
+        if not matching_modules(model, [pattern]):
+            top = [name for name, _ in model.named_children()]
+            raise ValueError(
+                f"{where}: entry {pattern!r} matches no module of the model; entries are module-name globs, names "
+                f"matched against the end of a module name, or class names (the model's top-level modules: {top})"
+            )
+
+
+def unreachable_layers(model: nn.Module) -> dict[str, str]:
+    """Layers whose parent never calls their forward, with why. nn.MultiheadAttention hands its out_proj's weight to
+    F.multi_head_attention_forward itself, so no hook sees the layer's inputs and no adapter in its place would run."""
+    return {
+        f"{name}.out_proj" if name else "out_proj": f"it is the out_proj of nn.MultiheadAttention '{name}', which "
+        "uses its weight directly and never calls its forward (nor does it call its packed q/k/v as layers)"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+    }
+
+
 def adaptable_layers(
     model: nn.Module,
     exclude: Sequence[str] = (),
     targets: Sequence[str] | None = None,
     kinds: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
 ) -> dict[str, nn.Module]:
-    """Every layer of one of `kinds` in `model`, in registration order, minus declared task heads; with `targets`
-    only those a target matches, then minus those `exclude` matches. Entries are module-name globs ('features.0',
-    'encoder.*'), bare names matched against the end of the module name ('q_proj'), or class names ('Conv2d')."""
+    """Every layer of one of `kinds` in `model`, in registration order, minus declared task heads and the layers
+    whose forward is never called (`unreachable_layers`); with `targets` only those a target matches, then minus
+    those `exclude` matches. Entries are module-name globs ('features.0', 'encoder.*'), bare names matched against
+    the end of the module name ('q_proj'), or class names ('Conv2d')."""
     heads = task_heads(model)
     head_ids = {id(m) for m in heads.modules()} if heads is not None else set()
+    unreachable = unreachable_layers(model)
     chosen: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, kinds) or id(module) in head_ids:
+        if not isinstance(module, kinds) or id(module) in head_ids or name in unreachable:
             continue
         if targets is not None and not _matches(name, module, targets):
             continue
@@ -125,11 +155,20 @@ def subspace_layers(
     an error when there is none, or when a target names no layer the method can work on."""
     names = [f"nn.{k.__name__}" for k in kinds]
     kind_names = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+    check_patterns_match(model, exclude, f"{method}: exclude")
+    unreachable = unreachable_layers(model)
     for target in targets or ():
         hits = [(n, m) for n, m in model.named_modules() if n and _matches(n, m, [target])]
         if not hits:
-            raise ValueError(f"{method}: target {target!r} matches no module of the model")
-        if not any(isinstance(m, kinds) for _, m in hits):
+            layers = list(adaptable_layers(model, (), None, kinds))
+            raise ValueError(
+                f"{method}: target {target!r} matches no module of the model; the layers it can adapt are {layers}"
+            )
+        reachable = [(n, m) for n, m in hits if n not in unreachable]
+        if not reachable:
+            why = "; ".join(f"'{n}': {unreachable[n]}" for n, _ in hits)
+            raise ValueError(f"{method}: target {target!r} matches only layers it cannot adapt ({why})")
+        if not any(isinstance(m, kinds) for _, m in reachable):
             found = ", ".join(f"{n} ({type(m).__name__})" for n, m in hits[:5])
             raise ValueError(f"{method}: target {target!r} matches only {found}; {method} adapts {kind_names} layers")
     layers = adaptable_layers(model, exclude, targets, kinds)
@@ -145,6 +184,18 @@ def weights_and_head(model: nn.Module, names: Iterable[str], t: int) -> list[nn.
     (BatchNorm and biases stay as task 0 left them)."""
     own_head, _ = head_parameters(model, t)
     return [model.get_submodule(name).weight for name in names] + own_head
+
+
+def short_list(names: Sequence[str], most: int = 6) -> str:
+    """'a, b, c' for a few names; the first `most` and the count for more, so a message stays readable."""
+    shown = ", ".join(names[:most])
+    return shown if len(names) <= most else f"{shown}, … ({len(names)} in all)"
+
+
+def tensor_digest(tensor: Tensor) -> bytes:
+    """A digest of the tensor's bytes: two digests are equal only if the values are (bar a 2⁻¹²⁸ collision)."""
+    data = tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
+    return hashlib.blake2b(data.numpy().tobytes(), digest_size=16).digest()
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

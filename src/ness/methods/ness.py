@@ -9,26 +9,34 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ness import distributed
 from ness.adapters import NullSpaceAdapter
 from ness.methods.base import (
     ContinualMethod,
     Forward,
+    adaptable_layers,
+    check_patterns_match,
     config_tuple,
     is_count,
     is_number,
+    matching_modules,
     replace_module,
+    short_list,
     subspace_layers,
     task_inputs,
+    tensor_digest,
+    unreachable_layers,
     watch_layer_inputs,
 )
 from ness.methods.normalization import (
@@ -39,7 +47,7 @@ from ness.methods.normalization import (
     freeze_running_statistics,
     restore_momenta,
 )
-from ness.models import call_model, head_parameters
+from ness.models import call_model, head_parameters, task_heads
 from ness.subspace import (
     SUPPORTED_LAYERS,
     THRESHOLD_RULES,
@@ -51,6 +59,8 @@ from ness.subspace import (
     null_basis,
     with_bias_input,
 )
+
+log = logging.getLogger(__name__)
 
 Memory = Literal["covariance", "replay"]
 MEMORIES: tuple[str, ...] = ("covariance", "replay")
@@ -77,6 +87,10 @@ class NESSConfig:
     memory: Memory = "covariance"
     """'covariance' keeps only running d×d sums Σxxᵀ (the paper's Eq. 7, no data kept); 'replay' keeps earlier
     tasks' raw inputs and recomputes every covariance through the current model, as the official code does."""
+    replay_batch_size: int = 64
+    """memory='replay': the batch size in which the stored inputs pass through the model at each task start (the
+    official code's DataLoader batch of 64, §2.3); it bounds the pass's memory, and batch-statistics BatchNorm
+    normalises each such batch on its own."""
     memory_tasks: Literal["all", "first"] = "all"
     """Which finished tasks define the null space: 'all' (the paper), or 'first' as the official 5-datasets
     scripts, which store only task 0's data (METHODS_SPEC §2.7, a bug kept for --faithful runs)."""
@@ -85,7 +99,12 @@ class NESSConfig:
     bare names matched against the end of a module name ('q'), or class names ('Linear', 'Conv1d'). None: every
     nn.Linear / nn.Conv1d / nn.Conv2d outside the task heads."""
     exclude: tuple[str, ...] = field(default_factory=tuple)
-    """Entries of the same kinds (e.g. 'features.0', 'encoder.*', 'Conv2d') left unadapted, applied after targets."""
+    """Entries of the same kinds (e.g. 'features.0', 'encoder.*', 'Conv2d') left unadapted, applied after targets:
+    from task 1 on they are frozen (a warning names them). Each entry must match a module of the model."""
+    modules_to_save: tuple[str, ...] = field(default_factory=tuple)
+    """Modules that keep training fully in every task, as PEFT's modules_to_save: a shared classifier, heads the
+    model does not declare as `task_heads`, LayerNorms, embeddings. They are never adapted, and their changes are
+    not confined to a null space: NESS does not protect earlier tasks from them. Entries as in `exclude`."""
     adapt_bias: bool = False
     """Adapt biases in the null space too: rows x̃ = [x; 1], a (d+1)² covariance, and the last row of U·V is the
     bias change Δb, so Eq. 8 bounds xᵀΔW + Δb. False (the paper): biases stay as task 0 left them."""
@@ -129,7 +148,7 @@ class NESSConfig:
             raise ValueError(f"NESSConfig.memory must be one of {MEMORIES}, got {self.memory!r}")
         if self.memory_tasks not in MEMORY_TASKS:
             raise ValueError(f"NESSConfig.memory_tasks must be one of {MEMORY_TASKS}, got {self.memory_tasks!r}")
-        for key in ("exclude", "target_modules"):
+        for key in ("exclude", "target_modules", "modules_to_save"):
             value = getattr(self, key)
             if isinstance(value, str):
                 raise TypeError(f"NESSConfig.{key} must be a list of patterns, not a single string: [{value!r}]")
@@ -147,6 +166,8 @@ class NESSConfig:
                 f"NESSConfig.max_output_shift must be a finite number > 0 (the certified ‖xᵀΔW‖² per layer) or "
                 f"None, got {shift!r}"
             )
+        if not is_count(self.replay_batch_size):
+            raise ValueError(f"NESSConfig.replay_batch_size must be an integer ≥ 1, got {self.replay_batch_size!r}")
         if isinstance(self.probe_samples, bool) or not isinstance(self.probe_samples, int) or self.probe_samples < 0:
             raise ValueError(f"NESSConfig.probe_samples must be an integer ≥ 0, got {self.probe_samples!r}")
 
@@ -184,6 +205,36 @@ class ActiveLayer:
     record: dict[str, Any]
 
 
+class TrainingLoopError(RuntimeError):
+    """A training loop broke what NESS relies on: it changed a parameter NESS froze, left the V's out of its
+    optimiser, or skipped `after_step` under certified stability. `end_task` raises it before changing anything."""
+
+
+@dataclass(frozen=True)
+class LayerRole:
+    """What happens to one module's parameters in a task: adapted (only V trains), trains fully, or frozen."""
+
+    module: str
+    kind: str
+    """The module's class name."""
+    status: Literal["adapted", "trains", "frozen"]
+    reason: str
+    """Why, as a code: adapted, rank0, modules_to_save, head, other_head, batchnorm, excluded, unreachable,
+    not_adaptable."""
+    detail: str
+    """Why, in words."""
+    trainable: int
+    """Parameters the task trains here (V's entries for an adapted layer)."""
+
+
+SURPRISING_FREEZES = ("rank0", "excluded", "unreachable", "not_adaptable")
+"""Reasons a module is frozen that a user may not expect: `begin_task` warns about each once."""
+PROTECTS_LITTLE = 0.5
+"""U's share of the earlier inputs' energy Σ‖x‖² from which `begin_task` warns that an adapted layer protects little:
+old inputs then put at least half their energy through the directions the task trains (e.g. ε₁ of the Frobenius
+scale under the nuclear rule keeps 783 of MNIST's 784 pixel directions)."""
+
+
 class NESS(ContinualMethod):
     """NESS on any model made of nn.Linear / nn.Conv2d layers (declared task heads are never adapted)."""
 
@@ -192,9 +243,22 @@ class NESS(ContinualMethod):
 
     def __init__(self, model: nn.Module, config: NESSConfig | None = None, forward: Forward = call_model) -> None:
         super().__init__(model, config, forward)
-        self.layer_names = subspace_layers(
-            model, self.config.exclude, "NESS", self.config.target_modules, kinds=SUPPORTED_LAYERS
+        check_patterns_match(model, self.config.modules_to_save, "NESSConfig.modules_to_save")
+        saved = matching_modules(model, self.config.modules_to_save)
+        # The outermost matched modules: everything inside them trains fully and is never adapted.
+        self.saved_modules = [n for n in saved if not any(n.startswith(f"{m}.") for m in saved)]
+        layers = subspace_layers(
+            model,
+            (*self.config.exclude, *self.saved_modules),
+            "NESS",
+            self.config.target_modules,
+            kinds=SUPPORTED_LAYERS,
         )
+        self.layer_names = [name for name in layers if self._saved_module(name) is None]
+        if not self.layer_names:
+            raise ValueError(f"NESS: every adaptable layer lies inside modules_to_save {self.saved_modules}")
+        candidates = adaptable_layers(model, (), self.config.target_modules, SUPPORTED_LAYERS)
+        self.excluded_layers = [n for n in candidates if n not in layers and self._saved_module(n) is None]
         # Layers whose bias NESS adapts: with adapt_bias, every adapted layer that has one.
         self.bias_layers = {
             name for name in self.layer_names if self.config.adapt_bias and model.get_submodule(name).bias is not None
@@ -217,17 +281,28 @@ class NESS(ContinualMethod):
         self.records: list[dict[str, Any]] = []
         self.task_deltas: list[dict[str, tuple[Tensor, Tensor]]] = []  # (U, V) per layer, task 1, 2, ... (CPU)
         self.batchnorm_states: list[BatchNormState] = []  # batchnorm='per_task': each finished task's BatchNorm
+        self.roles: list[LayerRole] = []  # the open task's `layer_roles`
         self._probe_generator = torch.Generator().manual_seed(0)
         self._frozen_momenta: dict[str, float | None] | None = None  # batchnorm='frozen': the momenta to restore
+        self._digests: dict[str, bytes] = {}  # the open task's parameters (all but the V's) as it began
+        self._trainable: set[str] = set()  # names of the parameters the open task trains
+        self._warned: set[tuple[str, str]] = set()  # (module, reason) of the surprising freezes already reported
+
+    def _saved_module(self, name: str) -> str | None:
+        """The module of modules_to_save that holds (or is) module `name`, if any."""
+        return next((m for m in self.saved_modules if name == m or name.startswith(f"{m}.")), None)
 
     # -- hooks -----------------------------------------------------------------------------------------
     def on_begin_task(self, t: int) -> None:
+        heads = task_heads(self.model)
+        if heads is not None and t >= len(heads):
+            raise IndexError(f"begin_task({t}): task {t} has no head, the model declares {len(heads)} task_heads")
         if t == 0:
             return
         if self.config.batchnorm == "frozen":
             self._frozen_momenta = freeze_running_statistics(self.model)
         if self.config.memory == "replay":
-            stats = self._collect(((x, j) for j, x in enumerate(self.replay)), where=f"begin_task({t})")
+            stats = self._collect(self._replay_batches(), where=f"begin_task({t})")
             covariances = {name: s.covariance for name, s in stats.items()}
             probes = {name: s.probe for name, s in stats.items()}
         else:
@@ -239,6 +314,8 @@ class NESS(ContinualMethod):
                 covariances[name], rule.eps1, rule.threshold, name=name, delta=rule.delta, rank=rule.rank
             )
             base = self.model.get_submodule(name)
+            energies = basis.singular_values.double() ** 2
+            total_energy = float(energies.sum())
             record: dict[str, Any] = {
                 "task": t,
                 "layer": name,
@@ -250,6 +327,8 @@ class NESS(ContinualMethod):
                 "threshold": basis.threshold,
                 "sigma_max_U": float(basis.kept_singular_values.max()) if basis.rank else 0.0,
                 "sigma_max_all": float(basis.singular_values.max()),
+                # U's share of the earlier inputs' energy Σ‖x‖²: what old inputs put through the adapted directions.
+                "energy_share_U": float(energies[: basis.rank].sum()) / total_energy if total_energy > 0 else 0.0,
                 "eigh_fallback": basis.fallback,
                 "memory_bytes": self.memory_bytes(),
                 # The whole spectrum, descending: experiment.py moves it to spectra.json for the figures.
@@ -261,6 +340,113 @@ class NESS(ContinualMethod):
             adapter = NullSpaceAdapter(base, basis.basis, name, adapt_bias=name in self.bias_layers)
             replace_module(self.model, name, adapter)
             self.active[name] = ActiveLayer(adapter, basis.kept_singular_values, probes[name], record)
+        self._guard_task(t)
+        self._report_roles(t)
+
+    def _guard_task(self, t: int) -> None:
+        """Freeze what task t does not train (so a loop that skips `trainable_parameters` trains nothing else) and
+        take a digest of every parameter but the V's, which `end_task` compares to catch a loop that changed them."""
+        trainable = {id(p) for p in self.trainable_parameters(t)}
+        adapters = {id(layer.adapter.V) for layer in self.active.values()}
+        self._trainable = {n for n, p in self.model.named_parameters() if id(p) in trainable}
+        self._digests = {n: tensor_digest(p) for n, p in self.model.named_parameters() if id(p) not in adapters}
+
+    def layer_roles(self, t: int) -> list[LayerRole]:
+        """Per module with parameters, what task t does with them: adapted (rank r of d), trains fully, or frozen
+        and why; PEFT's print_trainable_parameters, per layer. `begin_task` logs it."""
+        self._check_active(t, "layer_roles")
+        trainable = {id(p) for p in self.task_parameters(t)}
+        records = {r["layer"]: r for r in self.records if r["task"] == t}
+        heads = task_heads(self.model)
+        head_modules = {id(m): i for i, head in enumerate(heads or ()) for m in head.modules()}
+        unreachable = unreachable_layers(self.model)
+        roles = []
+        for name, module in self.model.named_modules():
+            own = list(module.parameters(recurse=False))
+            if isinstance(module, NullSpaceAdapter):
+                own = list(module.parameters())  # V, and the base layer's frozen weight and bias
+            elif not own or isinstance(self.model.get_submodule(name.rpartition(".")[0]), NullSpaceAdapter):
+                continue  # no parameters of its own, or the base layer inside an adapter (reported with it)
+            count = sum(p.numel() for p in own if id(p) in trainable)
+            kind = type(module.base if isinstance(module, NullSpaceAdapter) else module).__name__
+            status, reason, detail = self._role(name, module, records, head_modules, unreachable, t, count)
+            roles.append(LayerRole(name, kind, status, reason, detail, count))
+        return roles
+
+    def _role(
+        self,
+        name: str,
+        module: nn.Module,
+        records: dict[str, dict[str, Any]],
+        head_modules: dict[int, int],
+        unreachable: dict[str, str],
+        t: int,
+        trainable: int,
+    ) -> tuple[Literal["adapted", "trains", "frozen"], str, str]:
+        """(status, reason code, words) of one module in task t; see `layer_roles`."""
+        if name in records:
+            r = records[name]
+            if r["rank"] == 0:
+                return (
+                    "frozen",
+                    "rank0",
+                    (
+                        f"rank 0 of {r['d']}: no direction of the earlier inputs has σ ≤ τ = {r['threshold']:.3g} "
+                        f"({r['rule']} rule); raise ε₁ (or δ) to let it learn"
+                    ),
+                )
+            bias = (
+                "bias adapted too"
+                if name in self.bias_layers
+                else "bias frozen"
+                if module.base.bias is not None
+                else ""
+            )
+            detail = f"rank {r['rank']} of {r['d']}; only V trains{'; ' + bias if bias else ''}"
+            if r["energy_share_U"] >= PROTECTS_LITTLE:
+                detail += (
+                    f"; U carries {100 * r['energy_share_U']:.0f}% of the earlier inputs' energy, so it protects "
+                    f"little: lower ε₁ (or δ) for this layer"
+                )
+            return "adapted", "adapted", detail
+        saved = self._saved_module(name)
+        if saved is not None:
+            return "trains", "modules_to_save", f"modules_to_save ('{saved}'): trains fully, not protected"
+        if id(module) in head_modules:
+            if head_modules[id(module)] == t:
+                return "trains", "head", f"head of task {t}"
+            return "frozen", "other_head", "another task's head"
+        if isinstance(module, _BatchNorm):
+            if trainable:
+                return "trains", "batchnorm", "batchnorm='per_task': this task's own copy"
+            return "frozen", "batchnorm", "batchnorm='frozen': as task 0 left it"
+        if name in self.excluded_layers:
+            return "frozen", "excluded", "excluded by NESSConfig.exclude; list it in modules_to_save to train it fully"
+        if name in unreachable:
+            return "frozen", "unreachable", f"not adaptable: {unreachable[name]}"
+        return (
+            "frozen",
+            "not_adaptable",
+            (
+                f"NESS adapts only Linear / Conv1d / Conv2d layers, not a {type(module).__name__}; list it in "
+                "modules_to_save to train it fully"
+            ),
+        )
+
+    def _report_roles(self, t: int) -> None:
+        """Log task t's `layer_roles` (INFO), and warn once per module about a freeze a user may not expect and about
+        an adapted layer whose U carries so much of the earlier inputs' energy that it protects little."""
+        self.roles = self.layer_roles(t)
+        log.info("NESS, task %d: what trains\n%s", t, format_roles(self.roles, self.model))
+        shares = {r["layer"]: r["energy_share_U"] for r in self.records if r["task"] == t}
+        frozen = [r for r in self.roles if r.reason in SURPRISING_FREEZES]
+        unprotected = [r for r in self.roles if r.reason == "adapted" and shares[r.module] >= PROTECTS_LITTLE]
+        for roles, what in ((frozen, "are frozen from now on"), (unprotected, "protect the earlier tasks little")):
+            new = [r for r in roles if (r.module, r.reason) not in self._warned]
+            if new:
+                self._warned.update((r.module, r.reason) for r in new)
+                lines = "\n".join(f"  {r.module} ({r.kind}): {r.detail}" for r in new)
+                log.warning("NESS, task %d: these modules %s:\n%s", t, what, lines)
 
     def task_parameters(self, t: int) -> list[nn.Parameter]:
         if t == 0:
@@ -268,7 +454,9 @@ class NESS(ContinualMethod):
         own_head, _ = head_parameters(self.model, t)
         norms = batchnorm_layers(self.model).values() if self.config.batchnorm == "per_task" else ()
         norm_parameters = [p for layer in norms for p in layer.parameters(recurse=False)]
-        return [layer.adapter.V for layer in self.active.values()] + own_head + norm_parameters
+        saved = [p for name in self.saved_modules for p in self.model.get_submodule(name).parameters()]
+        params = [layer.adapter.V for layer in self.active.values()] + own_head + norm_parameters + saved
+        return list({id(p): p for p in params}.values())  # a saved module may hold the head: each parameter once
 
     def predict(self, x: Tensor, t: int) -> Tensor:
         """With batchnorm='per_task', an earlier task is evaluated with its own BatchNorm state."""
@@ -295,11 +483,33 @@ class NESS(ContinualMethod):
         return math.sqrt(self.config.max_output_shift) / sigma_max
 
     def on_end_task(self, t: int, batches: Iterable[Any]) -> None:
+        """Check the task's training, merge each ΔW into W and record the task's inputs: all of it, or nothing (an
+        error, in the checks or while reading `batches`, leaves the task open and the method as it was)."""
+        if t > 0:
+            self._check_training(t)
+        measured = {name: self._measure(layer) for name, layer in self.active.items()}
+        merged: dict[str, tuple[Tensor, Tensor | None]] = {}  # the base weights before the merge, to roll back
+        generator_state = self._probe_generator.get_state()
+        try:
+            for name, layer in self.active.items():
+                base = layer.adapter.base
+                merged[name] = (base.weight.detach().clone(), None if base.bias is None else base.bias.detach().clone())
+                replace_module(self.model, name, layer.adapter.merged())
+            memory = self._task_memory(t, batches)
+        except BaseException:
+            with torch.no_grad():
+                for name, (weight, bias) in merged.items():
+                    adapter = self.active[name].adapter
+                    adapter.base.weight.copy_(weight)
+                    if bias is not None:
+                        adapter.base.bias.copy_(bias)
+                    replace_module(self.model, name, adapter)
+            self._probe_generator.set_state(generator_state)
+            raise
         deltas = {}
         for name, layer in self.active.items():
-            layer.record.update(self._measure(layer))
+            layer.record.update(measured[name])
             deltas[name] = (layer.adapter.U.detach().cpu().clone(), layer.adapter.V.detach().cpu().clone())
-            replace_module(self.model, name, layer.adapter.merged())
         if t > 0:
             self.task_deltas.append(deltas)
         if self._frozen_momenta is not None:
@@ -307,17 +517,77 @@ class NESS(ContinualMethod):
             self._frozen_momenta = None
         if self.config.batchnorm == "per_task":
             self.batchnorm_states.append(batchnorm_state(self.model))
-        self.active = {}
+        self.active, self.roles, self._digests, self._trainable = {}, [], {}, set()
+        if isinstance(memory, Tensor):
+            self.replay.append(memory)
+        elif memory is not None:
+            for name, s in memory.items():
+                self.covariances[name] = self.covariances.get(name, 0) + s.covariance
+                self.probes[name].append(s.probe)
+
+    def _task_memory(self, t: int, batches: Iterable[Any]) -> Tensor | dict[str, LayerStatistics] | None:
+        """What the memory keeps of task t's inputs (read through the merged model): the raw inputs (replay), each
+        layer's statistics (covariance), or None when only the first task is kept."""
         where = f"end_task({t})"
         if self.config.memory_tasks == "first" and t > 0:
-            return
+            return None
         if self.config.memory == "replay":
-            self.replay.append(torch.cat([x.detach().cpu() for x in task_inputs(batches, where)]))
+            return torch.cat([x.detach().cpu() for x in task_inputs(batches, where)])
+        return self._collect(((x, t) for x in task_inputs(batches, where)), where=where)
+
+    def _replay_batches(self) -> Iterator[tuple[Tensor, int]]:
+        """The stored inputs of every finished task, in batches of replay_batch_size (views, no copies)."""
+        for j, inputs in enumerate(self.replay):
+            for batch in inputs.split(self.config.replay_batch_size):
+                yield batch, j
+
+    def _check_training(self, t: int) -> None:
+        """Raise TrainingLoopError, before anything changes, when the task's training broke what NESS relies on."""
+        shift = self.config.max_output_shift
+        over = []
+        for name, layer in self.active.items():
+            bound = self._v_bound(layer)
+            norm = float(torch.linalg.matrix_norm(layer.adapter.V.detach().double(), ord=2))
+            if bound is not None and norm > bound * (1 + 1e-5):
+                over.append(f"{name}: ‖V‖₂ = {norm:.4g} > √ε/σ_max(U) = {bound:.4g}")
+        if over:
+            raise TrainingLoopError(
+                f"end_task({t}): certified stability (max_output_shift={shift:g}) does not hold for "
+                f"{'; '.join(over)}. after_step({t}) must follow every optimiser step, as the trainer does; call "
+                f"method.after_step({t}) now to project each V onto its certified ball, then end_task({t}) again."
+            )
+        changed = [
+            n for n, p in self.model.named_parameters() if n in self._digests and tensor_digest(p) != self._digests[n]
+        ]
+        frozen_changed = [n for n in changed if n not in self._trainable]
+        if frozen_changed:
+            raise TrainingLoopError(
+                f"end_task({t}): parameters NESS froze for task {t} changed during it: {short_list(frozen_changed)}. "
+                f"NESS confines task {t}'s change to ΔW = U·V, so these changes are not protected and the "
+                f"diagnostics do not see them. Build the optimiser after begin_task({t}) from "
+                f"method.trainable_parameters({t}) and leave requires_grad as NESS sets it; to train a module "
+                "fully on purpose, list it in NESSConfig.modules_to_save."
+            )
+        if not self.active or any(bool(layer.adapter.V.detach().any()) for layer in self.active.values()):
             return
-        stats = self._collect(((x, t) for x in task_inputs(batches, where)), where=where)
-        for name, s in stats.items():
-            self.covariances[name] = self.covariances.get(name, 0) + s.covariance
-            self.probes[name].append(s.probe)
+        with_gradient = [
+            n
+            for n, layer in self.active.items()
+            if layer.adapter.V.grad is not None and bool(layer.adapter.V.grad.any())
+        ]
+        trained = [n for n in changed if n in self._trainable]
+        if with_gradient or trained:
+            evidence = (
+                f"their gradients were computed ({short_list(with_gradient)})"
+                if with_gradient
+                else f"the task trained ({short_list(trained)} changed)"
+            )
+            raise TrainingLoopError(
+                f"end_task({t}): no adapter's V moved during task {t} although {evidence}: the optimiser does not "
+                f"hold the V's, so nothing of the task was learnt in the adapted layers. An optimiser made before "
+                f"begin_task({t}) cannot hold them: build one after begin_task({t}) from "
+                f"method.trainable_parameters({t})."
+            )
 
     def memory_bytes(self) -> int:
         """Bytes the method keeps between tasks to build null spaces: the d×d sums (memory='covariance') or the raw
@@ -436,7 +706,7 @@ class NESS(ContinualMethod):
                 adapter, saved["kept_singular_values"], saved["probe"], records[(state["active_task"], name)]
             )
         super().load_state_dict(state)
-        if self.active_task and self.config.batchnorm == "frozen":
+        if self.active_task is not None and self.active_task > 0 and self.config.batchnorm == "frozen":
             self._frozen_momenta = freeze_running_statistics(self.model)
         device = next(self.model.parameters()).device
         self.covariances = {n: c.to(device) for n, c in state["covariances"].items()}
@@ -446,6 +716,8 @@ class NESS(ContinualMethod):
         self.batchnorm_states = list(state["batchnorm_states"])
         self._probe_generator.set_state(state["probe_generator"])
         self.records = list(records.values())
+        if self.active_task is not None and self.active_task > 0:
+            self._guard_task(self.active_task)  # the open task goes on from here: check its training from now on
 
     # -- adapter files (PEFT-style; see ness.adapter_files) --------------------------------------------
     def save_adapters(self, directory: str | Path) -> Path:
@@ -466,3 +738,24 @@ class NESS(ContinualMethod):
         from ness.adapter_files import merge_and_unload
 
         return merge_and_unload(self)
+
+
+def format_roles(roles: list[LayerRole], model: nn.Module) -> str:
+    """`layer_roles` as text: one line per adapted (or rank-0) layer, the other modules grouped by what happens to
+    them, and the trainable share of the model's parameters."""
+    lines = []
+    groups: dict[tuple[str, str], list[LayerRole]] = {}
+    width = max((len(r.module) for r in roles), default=0)
+    for role in roles:
+        if role.reason in ("adapted", "rank0"):
+            trains = f" ({role.trainable:,} trainable)" if role.trainable else ""
+            lines.append(f"  {role.module:<{width}}  {role.kind}: {role.status}, {role.detail}{trains}")
+        else:
+            groups.setdefault((role.status, role.detail), []).append(role)
+    for (status, detail), members in groups.items():
+        names = short_list([f"{m.module} ({m.kind})" for m in members], most=4)
+        lines.append(f"  {names}: {status}, {detail}")
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(r.trainable for r in roles)
+    lines.append(f"  trainable: {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
+    return "\n".join(lines)
