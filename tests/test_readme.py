@@ -103,3 +103,63 @@ def test_own_loop_snippet_with_the_classifier_in_modules_to_save_trains_it_unpro
     overall, own = accuracies(model, digit_tasks)
     assert overall[2] > 0.95 and max(overall[:2]) < 0.2 and min(own) > 0.85
     assert "classifier" not in caplog.text
+
+
+def test_save_load_snippet_runs_and_brings_back_the_trained_model(tmp_path, monkeypatch):
+    from ness import NESS, NESSConfig
+    from ness.models import call_model, multi_head_mlp
+
+    def build_model() -> nn.Module:
+        torch.manual_seed(0)
+        return multi_head_mlp(16, [24, 24], [2, 2, 2])
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 16, generator=g), torch.randint(0, 2, (64,), generator=g)
+    loader = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+
+    def train_task(t: int) -> None:  # what the snippet's "tasks 1, 2, ..." stands for
+        method = scope["method"]
+        method.begin_task(t)
+        optimizer = torch.optim.SGD(method.trainable_parameters(t), lr=0.5)
+        for xb, yb in loader * 5:
+            optimizer.zero_grad()
+            F.cross_entropy(call_model(scope["model"], xb + t, t), yb).backward()
+            optimizer.step()
+        if t < 2:
+            method.end_task(t, loader)  # task 2 stays open: "mid-task is fine too"
+
+    code = snippet("save-load")
+    tasks_line = next(line for line in code.splitlines() if line.startswith("...") and "tasks 1, 2" in line)
+    for as_written in (True, False):
+        folder = tmp_path / ("as_written" if as_written else "trained")
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        model = build_model()
+        scope = {"model": model, "method": NESS(model, NESSConfig(eps1=0.1)), "loader": loader}
+        scope.update(build_model=build_model, NESS=NESS, train_task=train_task)
+        exec(
+            compile(code if as_written else code.replace(tasks_line, "train_task(1); train_task(2)"), "README", "exec"),
+            scope,
+        )
+        with torch.no_grad():
+            for t in range(3):
+                torch.testing.assert_close(scope["plain"](x, t), model(x, t))
+        assert scope["method"].active_task == (None if as_written else 2)
+
+
+def test_checkpoint_snippet_resumes_the_run_it_saved(tmp_path, monkeypatch):
+    import ness.trainer
+    from ness.data import build_benchmark
+    from ness.methods import build_method
+    from ness.models import multi_head_mlp
+
+    results = []
+    real = ness.trainer.run_continual
+    monkeypatch.setattr(ness.trainer, "run_continual", lambda *a, **k: results.append(real(*a, **k)))
+    monkeypatch.chdir(tmp_path)
+    benchmark = build_benchmark("split_digits", seed=1, pc_valid=0.1)
+    model = multi_head_mlp(64, [32, 32], [t.num_classes for t in benchmark.tasks])
+    config = ness.trainer.TrainConfig(epochs=2, lr=0.05, batch_size=32, lr_schedule=False)
+    scope = {"model": model, "method": build_method("ness", model, {"eps1": 0.05}), "benchmark": benchmark}
+    exec(compile(snippet("checkpoint"), "README.md", "exec"), {**scope, "config": config})
+    assert len(results) == 2 and results[0]["acc_matrix"] == results[1]["acc_matrix"]
