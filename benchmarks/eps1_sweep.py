@@ -1,7 +1,7 @@
 """Sweep NESS's ε₁ on one benchmark and report validation ACC (for choosing ε₁) next to test ACC/BWT.
 
-Usage: python benchmarks/eps1_sweep.py BENCHMARK PRESET SEED EPS1 [EPS1 ...] [--no-finetune] [--faithful]
-(data root from $NESS_DATA_ROOT; --faithful sweeps ε₁ under the official code's settings: nuclear threshold, replay)
+Usage: python benchmarks/eps1_sweep.py BENCHMARK PRESET SEED EPS1 [EPS1 ...] [--no-finetune] [--set KEY=VALUE ...]
+(data root from $NESS_DATA_ROOT; each --set is a NESS option for every ε₁, e.g. --set threshold=nuclear)
 Choose ε₁ on validation ACC with a seed that is not reported (we use seed 0; results use seeds 1-3).
 """
 
@@ -10,18 +10,23 @@ from __future__ import annotations
 import sys
 import time
 
+from ness.cli import parse_option
 from ness.data import build_benchmark
 from ness.methods import build_method
-from ness.presets import faithful_settings, get_protocol
+from ness.presets import get_protocol
 from ness.trainer import evaluate, run_continual, seed_everything
 
 
 def main(
-    benchmark: str, preset: str, seed: int, eps1_values: list[float], finetune: bool = True, faithful: bool = False
+    benchmark: str,
+    preset: str,
+    seed: int,
+    eps1_values: list[float],
+    finetune: bool = True,
+    extra: dict | None = None,
 ) -> None:
     protocol = get_protocol(benchmark, preset)
-    official = faithful_settings(protocol)["ness"] if faithful else {}
-    runs = [("finetune", {})] * finetune + [("ness", {**official, "eps1": e}) for e in eps1_values]
+    runs = [("finetune", {})] * finetune + [("ness", {**(extra or {}), "eps1": e}) for e in eps1_values]
     print("| method | ε₁ | validation ACC | test ACC | test BWT | final ranks per layer | seconds |")
     print("|---|---|---|---|---|---|---|")
     for method, options in runs:
@@ -41,6 +46,8 @@ def main(
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    eps1_values = [float(v) for v in args[3:]]
-    main(args[0], args[1], int(args[2]), eps1_values, "--no-finetune" not in sys.argv, "--faithful" in sys.argv)
+    argv = sys.argv[1:]
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    args = [a for i, a in enumerate(argv) if not a.startswith("--") and (i == 0 or argv[i - 1] != "--set")]
+    options = dict(parse_option(text) for text in sets)
+    main(args[0], args[1], int(args[2]), [float(v) for v in args[3:]], "--no-finetune" not in argv, options)

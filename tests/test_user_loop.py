@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from method_steps import batches
-from ness import NESS, NESSConfig, NullSpaceAdapter
-from ness.methods.ness import TrainingLoopError
+from ness import NESS, NESSConfig, NullSpaceAdapter, TrainingLoopError
 
 IN, HIDDEN, CLASSES = 16, 32, 6
 
@@ -418,3 +417,21 @@ def test_a_layer_whose_u_carries_most_of_the_old_inputs_energy_is_flagged(eps1, 
     assert record["rank"] == r and abs(record["energy_share_U"] - share) < 1e-9
     assert (share >= 0.5) == flagged
     assert ("features.0 (Linear): rank" in caplog.text and "protects little" in caplog.text) == flagged
+
+
+def test_a_failed_begin_task_changes_nothing_and_can_be_retried():
+    torch.manual_seed(0)
+    model = SharedClassifierNet()
+    method = NESS(model, NESSConfig(eps1=0.05))
+    method.begin_task(0)
+    method.end_task(0, batches(*task_data(0), 32))
+    before = snapshot(method)
+    good = method.covariances["features.2"].clone()
+    method.covariances["features.2"][0, 0] = float("nan")  # the second layer's basis cannot be computed
+    with pytest.raises(ValueError, match=r"features\.2: the input covariance holds NaN"):
+        method.begin_task(1)
+    method.covariances["features.2"] = good
+    assert_same(before, snapshot(method))  # the first layer was not wrapped, no record was added, no task is open
+    assert all(p.requires_grad for p in model.parameters())
+    method.begin_task(1)
+    assert method.active_task == 1 and isinstance(model.features[0], NullSpaceAdapter)

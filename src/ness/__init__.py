@@ -2,6 +2,7 @@
 
 from ness.adapters import NullSpaceAdapter
 from ness.methods import METHODS, NESS, ContinualMethod, FineTune, NESSConfig, build_method
+from ness.methods.ness import TrainingLoopError
 from ness.metrics import average_accuracy, backward_transfer
 
 __version__ = "0.1.0"
@@ -13,6 +14,7 @@ __all__ = [
     "FineTune",
     "NESSConfig",
     "NullSpaceAdapter",
+    "TrainingLoopError",
     "average_accuracy",
     "backward_transfer",
     "build_method",

@@ -278,7 +278,11 @@ class ContinualMethod:
                 f"so the next is task {self.tasks_done}"
             )
         self.active_task = t
-        self.on_begin_task(t)
+        try:
+            self.on_begin_task(t)
+        except BaseException:
+            self.active_task = None  # the task did not begin: begin_task(t) may be called again
+            raise
 
     def trainable_parameters(self, t: int) -> list[nn.Parameter]:
         """What the optimiser updates in task t; everything else gets requires_grad=False."""

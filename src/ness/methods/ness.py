@@ -51,6 +51,7 @@ from ness.models import call_model, head_parameters, task_heads
 from ness.subspace import (
     SUPPORTED_LAYERS,
     THRESHOLD_RULES,
+    NullBasis,
     ThresholdRule,
     clip_spectral_norm,
     input_covariance,
@@ -294,54 +295,67 @@ class NESS(ContinualMethod):
 
     # -- hooks -----------------------------------------------------------------------------------------
     def on_begin_task(self, t: int) -> None:
+        """Every layer's null basis (Eq. 5) from the earlier tasks' inputs, then the adapters: the bases are all
+        computed before the model changes, so an error (a non-finite covariance, say) leaves it as it was."""
         heads = task_heads(self.model)
         if heads is not None and t >= len(heads):
             raise IndexError(f"begin_task({t}): task {t} has no head, the model declares {len(heads)} task_heads")
         if t == 0:
             return
+        generator_state = self._probe_generator.get_state()
+        try:
+            if self.config.memory == "replay":
+                stats = self._collect(self._replay_batches(), where=f"begin_task({t})")
+                covariances = {name: s.covariance for name, s in stats.items()}
+                probes = {name: s.probe for name, s in stats.items()}
+            else:
+                covariances = self.covariances
+                probes = {name: torch.cat(rows) for name, rows in self.probes.items()}
+            bases = {name: self._null_basis(name, covariances[name]) for name in self.layer_names}
+        except BaseException:
+            self._probe_generator.set_state(generator_state)
+            raise
         if self.config.batchnorm == "frozen":
             self._frozen_momenta = freeze_running_statistics(self.model)
-        if self.config.memory == "replay":
-            stats = self._collect(self._replay_batches(), where=f"begin_task({t})")
-            covariances = {name: s.covariance for name, s in stats.items()}
-            probes = {name: s.probe for name, s in stats.items()}
-        else:
-            covariances = self.covariances
-            probes = {name: torch.cat(rows) for name, rows in self.probes.items()}
-        for name in self.layer_names:
-            rule = self.config.layer_config(name)
-            basis = null_basis(
-                covariances[name], rule.eps1, rule.threshold, name=name, delta=rule.delta, rank=rule.rank
-            )
-            base = self.model.get_submodule(name)
-            energies = basis.singular_values.double() ** 2
-            total_energy = float(energies.sum())
-            record: dict[str, Any] = {
-                "task": t,
-                "layer": name,
-                "d": basis.singular_values.numel(),
-                "out": base.weight.shape[0],
-                "rank": basis.rank,
-                "frozen": basis.rank == 0,
-                "rule": rule.threshold,
-                "threshold": basis.threshold,
-                "sigma_max_U": float(basis.kept_singular_values.max()) if basis.rank else 0.0,
-                "sigma_max_all": float(basis.singular_values.max()),
-                # U's share of the earlier inputs' energy Σ‖x‖²: what old inputs put through the adapted directions.
-                "energy_share_U": float(energies[: basis.rank].sum()) / total_energy if total_energy > 0 else 0.0,
-                "eigh_fallback": basis.fallback,
-                "memory_bytes": self.memory_bytes(),
-                # The whole spectrum, descending: experiment.py moves it to spectra.json for the figures.
-                "singular_values": basis.singular_values.flip(0).tolist(),
-            }
+        for name, basis in bases.items():
+            record = self._basis_record(t, name, basis)
             self.records.append(record)
             if basis.rank == 0:  # no direction is quiet enough: the layer does not change in this task
                 continue
+            base = self.model.get_submodule(name)
             adapter = NullSpaceAdapter(base, basis.basis, name, adapt_bias=name in self.bias_layers)
             replace_module(self.model, name, adapter)
             self.active[name] = ActiveLayer(adapter, basis.kept_singular_values, probes[name], record)
         self._guard_task(t)
         self._report_roles(t)
+
+    def _null_basis(self, name: str, covariance: Tensor) -> NullBasis:
+        """Layer `name`'s U under its rule (the config's, or the first matching layer rule)."""
+        rule = self.config.layer_config(name)
+        return null_basis(covariance, rule.eps1, rule.threshold, name=name, delta=rule.delta, rank=rule.rank)
+
+    def _basis_record(self, t: int, name: str, basis: NullBasis) -> dict[str, Any]:
+        """The diagnostics record of layer `name`'s basis in task t; `end_task` adds what V did."""
+        energies = basis.singular_values.double() ** 2
+        total_energy = float(energies.sum())
+        return {
+            "task": t,
+            "layer": name,
+            "d": basis.singular_values.numel(),
+            "out": self.model.get_submodule(name).weight.shape[0],
+            "rank": basis.rank,
+            "frozen": basis.rank == 0,
+            "rule": self.config.layer_config(name).threshold,
+            "threshold": basis.threshold,
+            "sigma_max_U": float(basis.kept_singular_values.max()) if basis.rank else 0.0,
+            "sigma_max_all": float(basis.singular_values.max()),
+            # U's share of the earlier inputs' energy Σ‖x‖²: what old inputs put through the adapted directions.
+            "energy_share_U": float(energies[: basis.rank].sum()) / total_energy if total_energy > 0 else 0.0,
+            "eigh_fallback": basis.fallback,
+            "memory_bytes": self.memory_bytes(),
+            # The whole spectrum, descending: experiment.py moves it to spectra.json for the figures.
+            "singular_values": basis.singular_values.flip(0).tolist(),
+        }
 
     def _guard_task(self, t: int) -> None:
         """Freeze what task t does not train (so a loop that skips `trainable_parameters` trains nothing else) and
