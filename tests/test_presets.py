@@ -188,3 +188,21 @@ def test_every_row_of_the_papers_table_has_its_variant_on_its_benchmark():
             assert variant.method in METHODS and variant.sources, (entry.benchmark, entry.variant)
             if entry.variant.startswith("dfgp_mixup"):
                 assert variant.options["mixup_weight"] == float(entry.variant.removeprefix("dfgp_mixup"))
+
+
+@pytest.mark.parametrize(
+    ("benchmark", "eps1"), [("split_mnist", 0.01), ("permuted_mnist", 1e-3), ("split_cifar100", 1e-3)]
+)
+def test_faithful_takes_a_nuclear_scale_eps1_on_mnist_and_the_scripts_elsewhere(benchmark, eps1):
+    """The official code's nuclear τ = ε₁·Σσᵢ with the Frobenius-scale ε₁ of our MNIST presets (0.1, 0.03) keeps
+    nearly every direction: --faithful uses a nuclear-scale ε₁ there, with its source, and the scripts' elsewhere."""
+    protocol, _, _, _, options = resolve_settings(benchmark, "ness", "paper", faithful=True)
+    assert (options["threshold"], options["eps1"]) == ("nuclear", eps1)
+    _, _, _, _, corrected = resolve_settings(benchmark, "ness", "paper")
+    assert corrected["threshold"] == "frobenius"
+    if benchmark.endswith("mnist"):
+        assert corrected["eps1"] >= 10 * eps1  # the Frobenius-scale value the default keeps
+        assert (
+            "nuclear" in protocol.sources["faithful.ness.eps1"]
+            and "validation" in protocol.sources["faithful.ness.eps1"]
+        )

@@ -306,7 +306,9 @@ def test_certified_stability_is_refused_at_end_task_when_the_loop_skips_after_st
     first = method.active["features.0"].adapter
     unclipped = ((x0.double() @ (first.U @ first.V).double()).norm(dim=1) ** 2).max()
     assert unclipped > 10 * epsilon  # what would have been merged (0.014)
-    with pytest.raises(TrainingLoopError, match=r"certified stability \(max_output_shift=0.001\) does not hold"):
+    with pytest.raises(
+        TrainingLoopError, match=r"the constraint on V \(max_output_shift=0.001, output_budget=None\) does not hold"
+    ):
         method.end_task(1, batches(*task_data(1), 32))
     method.after_step(1)  # what the message says to do
     method.end_task(1, batches(*task_data(1), 32))

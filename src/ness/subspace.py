@@ -383,3 +383,51 @@ def clip_spectral_norm(matrix: Tensor, bound: float) -> Tensor:
     if singular.numel() == 0 or float(singular[0]) <= bound:
         return matrix
     return ((left * singular.clamp(max=bound)) @ right_t).to(matrix.dtype)
+
+
+def project_to_output_budget(v: Tensor, sigma: Tensor, budget: float, iterations: int = 60) -> Tensor:
+    """The V' nearest to V (Frobenius) with ‖diag(σ)·V'‖²_F ≤ budget; V unchanged when it already fits.
+
+    For U the eigenvectors of C = Σxxᵀ with singular values σ, ‖diag(σ)·V‖²_F = Σ_x ‖xᵀUV‖², the summed squared
+    output change of every input the covariance recorded, so this holds the old inputs' total change to `budget`.
+    The minimiser scales each row, v'ᵢ = vᵢ/(1 + μσᵢ²), with μ ≥ 0 the root of h(μ) = √budget, where
+    h(μ)² = Σ σᵢ²‖vᵢ‖²/(1 + μσᵢ²)². Newton's method on 1/h (concave and increasing, as in the trust-region
+    subproblem of Moré and Sorensen) approaches that root from below, so every iterate is feasible or short of it.
+    """
+    if not budget >= 0:
+        raise ValueError(f"project_to_output_budget: the budget must be ≥ 0, got {budget}")
+    w = sigma.to(torch.float64) ** 2
+    n = (v.detach().to(torch.float64) ** 2).sum(dim=1)
+    if float((w * n).sum()) <= budget:
+        return v
+    if budget == 0:
+        return v * (w == 0).to(v.dtype)[:, None]
+    # Aim a few units of V's precision inside the boundary, so that rounding V' to its dtype cannot step past it.
+    target, mu = math.sqrt(budget) * (1 - 4 * torch.finfo(v.dtype).eps), 0.0
+    for _ in range(iterations):
+        s = 1 + mu * w
+        h = float((w * n / s**2).sum().sqrt())
+        if abs(h - target) <= 1e-12 * target:
+            break
+        slope = float((w**2 * n / s**3).sum()) / h**3  # d(1/h)/dμ
+        mu += (1 / target - 1 / h) / slope
+    scaled = v.to(torch.float64) / (1 + mu * w)[:, None]
+    excess = float((w * (scaled**2).sum(dim=1)).sum().sqrt()) / target
+    if excess > 1:  # round-off past the root: shrink onto the boundary
+        scaled = scaled / excess
+    return scaled.to(v.dtype)
+
+
+def output_change(v: Tensor, sigma: Tensor) -> float:
+    """‖diag(σ)·V‖²_F: with U the eigenvectors of C = Σxxᵀ for the singular values σ, the exact Σ_x ‖xᵀUV‖² over
+    every input C recorded (each direction's price is its σᵢ²)."""
+    return float(((sigma.to(v.device, torch.float64) ** 2)[:, None] * v.detach().to(torch.float64) ** 2).sum())
+
+
+def old_output_energy(covariance: Tensor, layer: nn.Module, bias: bool = False) -> float:
+    """Σ_x ‖x̃ᵀW̃‖² = tr(W̃ C W̃ᵀ) over the inputs C = Σx̃x̃ᵀ recorded: what the old inputs put out through the layer.
+    W̃ is the weight as (o, d) rows, with the bias as a last column when `bias` (rows x̃ = [x; 1])."""
+    weight = layer.weight.detach().reshape(layer.weight.shape[0], -1).to(covariance.device, torch.float64)
+    if bias:
+        weight = torch.cat([weight, layer.bias.detach().to(weight)[:, None]], dim=1)
+    return float(((weight @ covariance.to(torch.float64)) * weight).sum())

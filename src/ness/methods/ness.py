@@ -58,6 +58,9 @@ from ness.subspace import (
     input_dim,
     layer_input_rows,
     null_basis,
+    old_output_energy,
+    output_change,
+    project_to_output_budget,
     with_bias_input,
 )
 
@@ -112,6 +115,11 @@ class NESSConfig:
     batchnorm: Literal["frozen", "per_task"] = "frozen"
     """'frozen' (the paper): after task 0 BatchNorm's affine parameters and running statistics never change.
     'per_task': every task trains its own and keeps them; evaluating task j swaps task j's back in, as task heads."""
+    output_budget: float | None = None
+    """β, a budget on what each task may change for the earlier inputs, relative to what they produce: after every
+    step each adapted layer's V is projected (in `after_step`) so that its squared output change summed over every
+    recorded earlier input, Σ‖x̃ᵀΔW‖² = ‖diag(σ_U)·V‖²_F, stays ≤ β·Σ‖x̃ᵀW̃‖², β times the old outputs' energy
+    through the layer. Scale-free: one β fits every layer. None: no budget (the paper)."""
     probe_samples: int = 256
     """Layer-input rows kept per layer and task to measure the real max ‖xᵀΔW‖ (0: report bounds only)."""
     max_output_shift: float | None = None
@@ -161,6 +169,12 @@ class NESSConfig:
             raise TypeError(f"NESSConfig.adapt_bias must be True or False, got {self.adapt_bias!r}")
         if self.batchnorm not in BATCHNORM_MODES:
             raise ValueError(f"NESSConfig.batchnorm must be one of {BATCHNORM_MODES}, got {self.batchnorm!r}")
+        budget = self.output_budget
+        if budget is not None and (not is_number(budget) or budget <= 0):
+            raise ValueError(
+                f"NESSConfig.output_budget must be a finite number > 0 (β: the earlier inputs' squared output change "
+                f"per layer, relative to their output energy) or None, got {budget!r}"
+            )
         shift = self.max_output_shift
         if shift is not None and (not is_number(shift) or shift <= 0):
             raise ValueError(
@@ -204,6 +218,7 @@ class ActiveLayer:
     kept_singular_values: Tensor  # σᵢ of U's directions
     probe: Tensor  # earlier tasks' layer-input rows, for the measured shift
     record: dict[str, Any]
+    budget: float | None = None  # output_budget: the largest ‖diag(σ_U)·V‖²_F, β·Σ‖x̃ᵀW̃‖² over old inputs
 
 
 class TrainingLoopError(RuntimeError):
@@ -323,9 +338,13 @@ class NESS(ContinualMethod):
             if basis.rank == 0:  # no direction is quiet enough: the layer does not change in this task
                 continue
             base = self.model.get_submodule(name)
+            budget = None
+            if self.config.output_budget is not None:
+                record["old_output_energy"] = old_output_energy(covariances[name], base, name in self.bias_layers)
+                budget = record["output_budget"] = self.config.output_budget * record["old_output_energy"]
             adapter = NullSpaceAdapter(base, basis.basis, name, adapt_bias=name in self.bias_layers)
             replace_module(self.model, name, adapter)
-            self.active[name] = ActiveLayer(adapter, basis.kept_singular_values, probes[name], record)
+            self.active[name] = ActiveLayer(adapter, basis.kept_singular_values, probes[name], record, budget)
         self._guard_task(t)
         self._report_roles(t)
 
@@ -480,14 +499,19 @@ class NESS(ContinualMethod):
             return self.forward(self.model, x, t)
 
     def after_step(self, t: int) -> None:
-        """With max_output_shift = ε: project each V back onto the ball ‖V‖₂ ≤ √ε/σ_max(U) (Eq. 10)."""
-        if self.config.max_output_shift is None:
+        """With max_output_shift = ε: project each V back onto the ball ‖V‖₂ ≤ √ε/σ_max(U) (Eq. 10); with
+        output_budget: onto the ellipsoid ‖diag(σ_U)·V‖²_F ≤ its budget (row scaling, which keeps ‖V‖₂ within the
+        ball, so both hold)."""
+        if self.config.max_output_shift is None and self.config.output_budget is None:
             return
         with torch.no_grad():
             for layer in self.active.values():
                 bound = self._v_bound(layer)
                 if bound is not None:
                     layer.adapter.V.copy_(clip_spectral_norm(layer.adapter.V, bound))
+                if layer.budget is not None:
+                    sigma = layer.kept_singular_values.to(layer.adapter.V.device)
+                    layer.adapter.V.copy_(project_to_output_budget(layer.adapter.V, sigma, layer.budget))
 
     def _v_bound(self, layer: ActiveLayer) -> float | None:
         """√ε/σ_max(U) for the layer, or None without a constraint (or when U carries no energy at all)."""
@@ -564,11 +588,16 @@ class NESS(ContinualMethod):
             norm = float(torch.linalg.matrix_norm(layer.adapter.V.detach().double(), ord=2))
             if bound is not None and norm > bound * (1 + 1e-5):
                 over.append(f"{name}: ‖V‖₂ = {norm:.4g} > √ε/σ_max(U) = {bound:.4g}")
+        for name, layer in self.active.items():
+            change = output_change(layer.adapter.V, layer.kept_singular_values)
+            if layer.budget is not None and change > layer.budget * (1 + 1e-5):
+                over.append(f"{name}: the old inputs' output change {change:.4g} > its budget {layer.budget:.4g}")
         if over:
             raise TrainingLoopError(
-                f"end_task({t}): certified stability (max_output_shift={shift:g}) does not hold for "
+                f"end_task({t}): the constraint on V (max_output_shift={shift}, output_budget="
+                f"{self.config.output_budget}) does not hold for "
                 f"{'; '.join(over)}. after_step({t}) must follow every optimiser step, as the trainer does; call "
-                f"method.after_step({t}) now to project each V onto its certified ball, then end_task({t}) again."
+                f"method.after_step({t}) now to project each V onto its constraint, then end_task({t}) again."
             )
         changed = [
             n for n, p in self.model.named_parameters() if n in self._digests and tensor_digest(p) != self._digests[n]
@@ -676,6 +705,8 @@ class NESS(ContinualMethod):
             "v_spectral_norm": v_norm,
             "eq8_bound": float(sigma_u.max()) * v_norm,
             "covariance_bound": covariance_bound,
+            # Σ over every recorded earlier input of ‖x̃ᵀΔW‖², exact from the covariance (output_budget's measure).
+            "predicted_output_change": output_change(layer.adapter.V, layer.kept_singular_values),
             "measured_max_shift": measured,
             "probe_rows": probe.shape[0],
         }
