@@ -127,3 +127,27 @@ def test_a_loop_that_skips_after_step_is_refused_at_end_task():
         method.end_task(1, batches(x1, y1, 32))
     method.after_step(1)
     method.end_task(1, batches(x1, y1, 32))
+
+
+def test_the_budget_survives_save_and_load_mid_task(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 2))
+    method = NESS(model, NESSConfig(threshold="rank", rank=12, output_budget=1e-4))
+    x0, y0 = task(0)
+    method.begin_task(0)
+    method.end_task(0, batches(x0, y0, 32))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    method.begin_task(1)
+    budgets = {name: layer.budget for name, layer in method.active.items()}
+    state = method.state_dict()
+    method.save_adapters(tmp_path / "adapters")
+
+    fresh = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 2))
+    restored = NESS(fresh, NESSConfig(threshold="rank", rank=12, output_budget=1e-4))
+    restored.load_state_dict(state)
+    plain = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 2))
+    plain.load_state_dict(base)
+    loaded = NESS.load_adapters(plain, tmp_path / "adapters")
+    for other in (restored, loaded):
+        assert {name: layer.budget for name, layer in other.active.items()} == budgets
+        assert all(b is not None for b in budgets.values())

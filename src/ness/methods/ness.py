@@ -747,9 +747,9 @@ class NESS(ContinualMethod):
             bias = name in self.bias_layers
             adapter = NullSpaceAdapter(base, torch.ones(input_dim(base) + bias, saved["rank"]), name, adapt_bias=bias)
             replace_module(self.model, name, adapter)
-            self.active[name] = ActiveLayer(
-                adapter, saved["kept_singular_values"], saved["probe"], records[(state["active_task"], name)]
-            )
+            record = records[(state["active_task"], name)]
+            budget = record.get("output_budget")  # set by begin_task when the config has an output_budget
+            self.active[name] = ActiveLayer(adapter, saved["kept_singular_values"], saved["probe"], record, budget)
         super().load_state_dict(state)
         if self.active_task is not None and self.active_task > 0 and self.config.batchnorm == "frozen":
             self._frozen_momenta = freeze_running_statistics(self.model)
