@@ -2,7 +2,7 @@
 the validation accuracy matrix, read after every task) beside its test ACC and BWT and its wall time.
 
 Usage: python benchmarks/candidates.py BENCHMARK PRESET SEED NAME=KEY:VALUE,KEY:VALUE ... [--method ness]
-       [--json OUT.json]
+       [--network NAME] [--json OUT.json]
 e.g.   python benchmarks/candidates.py permuted_mnist quick 0 preset= b3=output_budget:1e-3,threshold:energy,delta:0.5
 Each candidate is the preset's variant (`--method`, default ness) with the options given (method, training or data
 options, as `ness run --set`). Data root from $NESS_DATA_ROOT. Choose on validation; the test columns are reported
@@ -21,7 +21,7 @@ from ness.data import build_benchmark, resolve_data_root
 from ness.experiment import resolve_settings
 from ness.methods import build_method
 from ness.metrics import average_accuracy, backward_transfer
-from ness.trainer import RunObserver, RunState, evaluate, run_continual
+from ness.trainer import RunObserver, RunState, evaluate, run_continual, seed_everything
 
 
 class ValidationMatrix(RunObserver):
@@ -52,8 +52,13 @@ def parse_candidate(text: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
-def run(benchmark: str, preset: str, seed: int, method: str, options: dict[str, Any]) -> dict[str, Any]:
-    protocol, variant, train, data, method_options = resolve_settings(benchmark, method, preset, options)
+def run(
+    benchmark: str, preset: str, seed: int, method: str, options: dict[str, Any], network: str | None = None
+) -> dict[str, Any]:
+    protocol, variant, train, data, method_options = resolve_settings(
+        benchmark, method, preset, options, network=network
+    )
+    seed_everything(seed)  # as `ness run` does: the network's initial weights come from the run's seed
     bench = build_benchmark(benchmark, seed=seed, data_root=resolve_data_root(None), **data)
     model = protocol.network(bench)
     runner = build_method(variant.method, model, method_options)
@@ -82,14 +87,15 @@ def main() -> None:
     parser.add_argument("seed", type=int)
     parser.add_argument("candidates", nargs="+", type=parse_candidate)
     parser.add_argument("--method", default="ness")
+    parser.add_argument("--network", help="another network than the preset's, as `ness run --network` (e.g. vit)")
     parser.add_argument("--json")
     args = parser.parse_args()
-    print(f"{args.benchmark}, {args.preset} preset, seed {args.seed}, variant {args.method}")
+    print(f"{args.benchmark}, {args.preset} preset, seed {args.seed}, variant {args.method}, network {args.network}")
     print("| candidate | options | val ACC | val BWT | test ACC | test BWT | last ranks | seconds |")
     print("|---|---|---|---|---|---|---|---|")
     rows = {}
     for name, options in args.candidates:
-        row = rows[name] = run(args.benchmark, args.preset, args.seed, args.method, options)
+        row = rows[name] = run(args.benchmark, args.preset, args.seed, args.method, options, args.network)
         print(
             f"| {name} | {options or '(preset)'} | {row['val_acc']:.2f} | {row['val_bwt']:.2f} | {row['acc']:.2f} | "
             f"{row['bwt']:.2f} | {row['last_ranks']} | {row['seconds']:.0f} |",

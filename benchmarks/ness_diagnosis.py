@@ -31,7 +31,7 @@ from ness.experiment import resolve_settings
 from ness.methods import adaptable_layers, build_method
 from ness.models import call_model
 from ness.subspace import SUPPORTED_LAYERS
-from ness.trainer import RunObserver, RunState, evaluate, run_continual
+from ness.trainer import RunObserver, RunState, evaluate, run_continual, seed_everything
 
 
 class Snapshots(RunObserver):
@@ -76,6 +76,7 @@ def main() -> None:
     protocol, variant, train, data, options = resolve_settings(
         args.benchmark, args.method, args.preset, dict(args.overrides)
     )
+    seed_everything(args.seed)  # as `ness run` does: the initial weights come from the run's seed
     bench = build_benchmark(args.benchmark, seed=args.seed, data_root=resolve_data_root(None), **data)
     model = protocol.network(bench)
     method = build_method(variant.method, model, options)

@@ -1,11 +1,12 @@
 """NESS on a small vision transformer trained from scratch on Split MNIST, against fine-tuning, on a CPU.
 
 Every nn.Linear of the ViT (q, k, v, output and MLP projections, whose inputs are (batch, tokens, width)) and its
-Conv2d patch embedding learn later tasks in the null space of earlier tasks' inputs; the per-task heads are never
-adapted. With the defaults it takes about half a minute on one core:
+Conv2d patch embedding learn later tasks in the null space of earlier tasks' inputs, plus each task's own transfer
+adapter (NESSConfig's defaults); the per-task heads are never adapted. It takes about half a minute on one core:
 
     NESS_DATA_ROOT=../shared/data python examples/vit_split_mnist.py
-    python examples/vit_split_mnist.py --data-root ../shared/data --train-per-task 5000 --epochs 1 --eps1 0.1
+    python examples/vit_split_mnist.py --data-root ../shared/data --train-per-task 5000 --epochs 1 --eps1 0.03 \
+        --transfer-rank 0                          # the paper's NESS: Frobenius rule, no transfer adapter
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per task (default: 2)")
     parser.add_argument("--lr", type=float, default=0.05, help="plain SGD learning rate (default: 0.05)")
     parser.add_argument("--batch-size", type=int, default=10, help="as the Split MNIST protocol (default: 10)")
-    parser.add_argument(
-        "--eps1", type=float, default=0.03, help="NESS's ε₁ (Frobenius rule; default 0.03, see the README)"
-    )
+    parser.add_argument("--eps1", type=float, help="NESS's ε₁, Frobenius rule (default: the energy rule δ 1e-3)")
+    parser.add_argument("--transfer-rank", type=int, default=100, help="k of each task's transfer adapter (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     return parser.parse_args(argv)
@@ -38,9 +38,10 @@ def run_method(name: str, benchmark: Benchmark, args: argparse.Namespace) -> dic
     """Train a freshly initialised ViT (the same initial weights for every method) over the tasks with `name`."""
     seed_everything(args.seed)
     model = vision_transformer([task.num_classes for task in benchmark.tasks], image_shape=(1, 28, 28), patch=7)
-    method = NESS(model, NESSConfig(eps1=args.eps1)) if name == "ness" else FineTune(model)
-    config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, lr_schedule=False)
-    return run_continual(model, method, benchmark, config, args.seed, progress=args.progress)
+    config = NESSConfig(eps1=args.eps1, transfer_rank=args.transfer_rank)
+    method = NESS(model, config) if name == "ness" else FineTune(model)
+    train = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, lr_schedule=False)
+    return run_continual(model, method, benchmark, train, args.seed, progress=args.progress)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:

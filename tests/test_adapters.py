@@ -224,9 +224,14 @@ def test_merge_refuses_non_finite_delta():
 
 
 def test_adapter_rejects_bad_bases_and_layers():
-    with pytest.raises(ValueError, match=r"fc: null basis must be \(d=4, r>0\), got \(5, 2\)"):
+    with pytest.raises(ValueError, match=r"fc: null basis must be \(d=4, r\), got \(5, 2\)"):
         NullSpaceAdapter(nn.Linear(4, 3), torch.zeros(5, 2), name="fc")
-    with pytest.raises(ValueError, match=r"null basis must be \(d=18, r>0\), got \(18, 0\)"):
-        NullSpaceAdapter(nn.Conv2d(2, 3, 3), torch.zeros(18, 0))
+    # r = 0: a layer with no null direction can still hold a transfer term; alone it is the base layer.
+    conv = nn.Conv2d(2, 3, 3)
+    empty = NullSpaceAdapter(conv, torch.zeros(18, 0))
+    x = torch.randn(2, 2, 5, 5)
+    assert torch.equal(empty(x), conv(x))
+    with pytest.raises(ValueError, match=r"transfer basis must be \(18, k>0\), got \(18, 0\)"):
+        empty.add_transfer(torch.zeros(18, 0))
     with pytest.raises(UnsupportedLayerError, match="layer 'g' is a Conv2d with groups=2"):
         NullSpaceAdapter(nn.Conv2d(4, 4, 3, groups=2), torch.zeros(18, 1), name="g")

@@ -39,7 +39,7 @@ def test_clip_spectral_norm_lowers_only_the_singular_values_above_the_bound():
 @pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf, True, "1e-3"])
 def test_max_output_shift_is_validated(bad):
     with pytest.raises(ValueError, match="max_output_shift"):
-        NESSConfig(max_output_shift=bad)
+        NESSConfig(transfer_rank=0, max_output_shift=bad)
 
 
 # -- the certificate on synthetic data -------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def first_layer_shift(bench: Benchmark, memory: str, shift: float | None, eps1: 
     change during task 1, computed from the weights), and the method's diagnostics."""
     torch.manual_seed(0)
     model = multi_head_mlp(DIM, (16,), [2, 2])
-    method = NESS(model, NESSConfig(eps1=eps1, memory=memory, max_output_shift=shift))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=eps1, memory=memory, max_output_shift=shift))
     config = TrainConfig(epochs=15, lr=0.5, momentum=0.9, batch_size=16, lr_schedule=False)
     weights: list[torch.Tensor] = []
 
@@ -137,7 +137,7 @@ def test_after_step_clips_v_onto_the_sqrt_epsilon_ball_of_each_layer():
     eps1, epsilon = 0.3, 0.04
     torch.manual_seed(0)
     model = multi_head_mlp(DIM, (16, 8), [2, 2])
-    method = NESS(model, NESSConfig(eps1=eps1, max_output_shift=epsilon))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=eps1, max_output_shift=epsilon))
     inputs = bench.tasks[0].train.inputs
     method.begin_task(0)
     method.end_task(0, [inputs[i : i + 50] for i in range(0, len(inputs), 50)])
@@ -168,7 +168,7 @@ def trained_first_layer_v(bench: Benchmark, shift: float | None) -> tuple[torch.
     """Task 1's V of the first layer after training two tasks, and the diagnostics."""
     torch.manual_seed(0)
     model = multi_head_mlp(DIM, (16,), [2, 2])
-    method = NESS(model, NESSConfig(eps1=0.3, max_output_shift=shift))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=0.3, max_output_shift=shift))
     config = TrainConfig(epochs=15, lr=0.5, momentum=0.9, batch_size=16, lr_schedule=False)
     run_continual(model, method, bench, config, seed=0, progress=False)
     return method.task_deltas[0]["backbone.0"][1], method.diagnostics()
@@ -206,7 +206,7 @@ def test_certificate_holds_on_real_mnist(mnist_root, memory):
     torch.manual_seed(0)
     model = multi_head_mlp(bench.input_dim, (50,), [2, 2])
     epsilon = 1e-2  # unconstrained, these settings move some task-0 image by ‖xᵀΔW‖² ≈ 1.7e4 (measured)
-    method = NESS(model, NESSConfig(eps1=0.1, memory=memory, max_output_shift=epsilon))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=0.1, memory=memory, max_output_shift=epsilon))
     layer = model.get_submodule(method.layer_names[0])
     config = TrainConfig(epochs=3, lr=0.1, momentum=0.9, batch_size=32, lr_schedule=False)
     task0 = bench.tasks[0]

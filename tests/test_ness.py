@@ -185,7 +185,7 @@ def record(method, task, layer):
     ],
 )
 def test_eq8_bound_holds_for_every_old_input(monkeypatch, kind, rule, eps1, memory):
-    config = NESSConfig(eps1=eps1, threshold=rule, memory=memory, probe_samples=100_000)
+    config = NESSConfig(transfer_rank=0, eps1=eps1, threshold=rule, memory=memory, probe_samples=100_000)
     model, method, (x0, _) = run_task0(kind, config)
     names = list(method.layer_names)
     # The task-0 layer inputs, recorded right after end_task(0) with the tests' own hooks.
@@ -261,7 +261,7 @@ def test_eq8_bound_holds_for_every_old_input(monkeypatch, kind, rule, eps1, memo
 
 @pytest.mark.parametrize("kind", ["bn", "mlp"])
 def test_end_task_merge_leaves_outputs_unchanged(kind):
-    model, method, (x0, _) = run_task0(kind, NESSConfig(eps1=0.01))
+    model, method, (x0, _) = run_task0(kind, NESSConfig(transfer_rank=0, eps1=0.01))
     method.begin_task(1)
     x1, y1 = task_data(kind, 1, seed=101)
     train(method, model, 1, x1, y1, steps=10, lr=1.0)
@@ -308,7 +308,7 @@ def test_exact_null_space_keeps_old_task_outputs():
     x0 = z @ basis / 2
     assert int(torch.linalg.matrix_rank(x0.double())) == 4
     y0 = torch.randint(0, 3, (12,), generator=g)
-    method = NESS(model, NESSConfig(eps1=1e-6))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=1e-6))
     method.begin_task(0)
     train(method, model, 0, x0, y0, steps=10, lr=0.1)
     method.end_task(0, [(x0, y0)])
@@ -344,7 +344,7 @@ def test_exact_null_space_keeps_old_task_outputs():
 
 @pytest.mark.parametrize(("kind", "memory"), [("conv", "covariance"), ("mlp", "replay")])
 def test_save_load_roundtrip_continues_identically(tmp_path, kind, memory):
-    config = NESSConfig(eps1=0.01, memory=memory)
+    config = NESSConfig(transfer_rank=0, eps1=0.01, memory=memory)
     model, method, (x0, _) = run_task0(kind, config, heads=(3, 3, 3))
     method.begin_task(1)
     x1, y1 = task_data(kind, 1, seed=101)
@@ -357,7 +357,7 @@ def test_save_load_roundtrip_continues_identically(tmp_path, kind, memory):
 
     fresh = MODELS[kind](seed=12345, heads=(3, 3, 3))  # a different random init
     assert not torch.equal(fresh.task_heads[0].weight, model.task_heads[0].weight)
-    loaded = NESS(fresh, NESSConfig(eps1=0.01, memory=memory))
+    loaded = NESS(fresh, NESSConfig(transfer_rank=0, eps1=0.01, memory=memory))
     loaded.load_state_dict(state)
 
     probe = task_data(kind, 1, seed=102)[0]
@@ -391,7 +391,7 @@ def test_save_load_roundtrip_continues_identically(tmp_path, kind, memory):
 
 
 def test_resumed_run_samples_the_same_probe_rows():
-    config = NESSConfig(eps1=0.01, probe_samples=100)  # fewer than the 288 conv rows: sampling matters
+    config = NESSConfig(transfer_rank=0, eps1=0.01, probe_samples=100)  # fewer than the 288 conv rows: sampling matters
     _, method, _ = run_task0("conv", config, heads=(3, 3, 3))
     method.begin_task(1)
     state = copy.deepcopy(method.state_dict())
@@ -407,10 +407,10 @@ def test_resumed_run_samples_the_same_probe_rows():
 
 
 def test_load_state_dict_refuses_another_config_or_a_used_method():
-    _, method, _ = run_task0("mlp", NESSConfig(eps1=0.01))
+    _, method, _ = run_task0("mlp", NESSConfig(transfer_rank=0, eps1=0.01))
     state = method.state_dict()
     with pytest.raises(ValueError, match=r"saved NESSConfig .* differs from this one"):
-        NESS(mlp_model(1), NESSConfig(eps1=0.02)).load_state_dict(state)
+        NESS(mlp_model(1), NESSConfig(transfer_rank=0, eps1=0.02)).load_state_dict(state)
     with pytest.raises(RuntimeError, match="needs a freshly constructed NESS"):
         method.load_state_dict(state)
 
@@ -426,7 +426,7 @@ def test_trainable_parameters_per_task():
         nn.Linear(8, 16, bias=False), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16, bias=False), nn.ReLU()
     )
     model = MultiHeadNet(backbone, 16, [3, 3, 3])
-    method = NESS(model, NESSConfig(eps1=0.01))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=0.01))
     g = torch.Generator().manual_seed(3)
     x0 = torch.randn(12, 3, generator=g) @ torch.randn(3, 8, generator=g) + 0.01 * torch.randn(12, 8, generator=g)
     y0 = torch.randint(0, 3, (12,), generator=g)
@@ -472,7 +472,7 @@ def test_rank_zero_layer_is_frozen_reported_and_not_wrapped():
     torch.manual_seed(0)
     model = multi_head_mlp(4, [40, 40], [3, 3])
     eps1 = 0.1
-    method = NESS(model, NESSConfig(eps1=eps1))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=eps1))
     g = torch.Generator().manual_seed(5)
     x0, y0 = torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
     # By hand: 32 Gaussian rows in R^4 have a flat spectrum, every σ far above 0.1·‖X‖_F.
@@ -506,7 +506,7 @@ def test_rank_zero_layer_is_frozen_reported_and_not_wrapped():
 def test_replay_and_covariance_memory_give_the_same_bases(kind):
     bases = {}
     for memory in ("covariance", "replay"):
-        model, method, _ = run_task0(kind, NESSConfig(eps1=0.01, memory=memory))
+        model, method, _ = run_task0(kind, NESSConfig(transfer_rank=0, eps1=0.01, memory=memory))
         method.begin_task(1)
         bases[memory] = ({n: a.U.double() for n, a in adapters(model).items()}, method.diagnostics())
     cov_bases, cov_records = bases["covariance"]
@@ -521,7 +521,7 @@ def test_replay_and_covariance_memory_give_the_same_bases(kind):
 
 
 def test_covariance_memory_sums_the_tasks_covariances():
-    model, method, (x0, _) = run_task0("conv", NESSConfig(eps1=0.01))
+    model, method, (x0, _) = run_task0("conv", NESSConfig(transfer_rank=0, eps1=0.01))
     names = method.layer_names
     rows0 = {n: layer_rows(model.get_submodule(n), v) for n, v in record_layer_inputs(model, names, x0, 0).items()}
     method.begin_task(1)
@@ -538,7 +538,7 @@ def test_covariance_memory_sums_the_tasks_covariances():
 def test_memory_tasks_first_keeps_only_task0_inputs(memory):
     """The official 5-datasets scripts store task 0's data only: task 2's basis must come from task 0 alone."""
     model, method, (x0, _) = run_task0(
-        "mlp", NESSConfig(eps1=0.05, memory=memory, memory_tasks="first"), heads=(3, 3, 3)
+        "mlp", NESSConfig(transfer_rank=0, eps1=0.05, memory=memory, memory_tasks="first"), heads=(3, 3, 3)
     )
     names = method.layer_names
 
@@ -575,9 +575,9 @@ def grouped_conv_model():
 
 def test_unsupported_layer_is_named_and_exclude_skips_it():
     with pytest.raises(UnsupportedLayerError, match=r"layer 'backbone\.0' is a Conv2d with groups=2"):
-        NESS(grouped_conv_model(), NESSConfig())
+        NESS(grouped_conv_model(), NESSConfig(transfer_rank=0))
     model = grouped_conv_model()
-    method = NESS(model, NESSConfig(eps1=0.05, exclude=["backbone.0"]))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=0.05, exclude=["backbone.0"]))
     assert method.layer_names == ["backbone.3"]
     x = torch.randn(6, 4, 4, 4)
     y = torch.randint(0, 2, (6,))
@@ -592,7 +592,7 @@ def test_unsupported_layer_is_named_and_exclude_skips_it():
 def test_model_without_adaptable_layers_is_rejected():
     model = MultiHeadNet(nn.ReLU(), 4, [2])
     with pytest.raises(ValueError, match=r"found no nn\.Linear, nn\.Conv1d or nn\.Conv2d layer"):
-        NESS(model, NESSConfig())
+        NESS(model, NESSConfig(transfer_rank=0))
 
 
 @pytest.mark.parametrize(
@@ -605,26 +605,26 @@ def test_model_without_adaptable_layers_is_rejected():
         (2.5, r"must be in \(0, 1\)"),
         (float("nan"), "must be a finite number"),
         (float("inf"), "must be a finite number"),
-        ("0.01", "must be a finite number in \\(0, 1\\), got '0.01'"),
+        ("0.01", "must be a finite number in \\(0, 1\\) or None, got '0.01'"),
         (True, "must be a finite number"),
     ],
 )
 def test_config_rejects_bad_eps1(eps1, message):
     with pytest.raises(ValueError, match=f"NESSConfig.eps1 {message}"):
-        NESSConfig(eps1=eps1)
+        NESSConfig(transfer_rank=0, eps1=eps1)
 
 
 def test_config_rejects_unknown_threshold_memory_and_bad_fields():
     with pytest.raises(ValueError, match=r"NESSConfig.threshold must be one of .*'frobenius'.*'spectral'"):
-        NESSConfig(threshold="spectral")
+        NESSConfig(transfer_rank=0, threshold="spectral")
     with pytest.raises(ValueError, match=r"NESSConfig.memory must be one of .*'covariance'.*'disk'"):
-        NESSConfig(memory="disk")
+        NESSConfig(transfer_rank=0, memory="disk")
     with pytest.raises(ValueError, match=r"NESSConfig.memory_tasks must be one of .*'all'.*'last'"):
-        NESSConfig(memory_tasks="last")
+        NESSConfig(transfer_rank=0, memory_tasks="last")
     with pytest.raises(TypeError, match="exclude must be a list of patterns"):
-        NESSConfig(exclude="backbone.0")
+        NESSConfig(transfer_rank=0, exclude="backbone.0")
     with pytest.raises(ValueError, match="probe_samples must be an integer"):
-        NESSConfig(probe_samples=-1)
+        NESSConfig(transfer_rank=0, probe_samples=-1)
     with pytest.raises(TypeError, match="NESS takes a NESSConfig"):
         NESS(mlp_model(0), {"eps1": 0.01})
 
@@ -633,7 +633,7 @@ def test_config_rejects_unknown_threshold_memory_and_bad_fields():
 @pytest.mark.parametrize("empty", [[], (), "generator"])
 def test_end_task_rejects_an_empty_loader(memory, empty):
     model = mlp_model(0)
-    method = NESS(model, NESSConfig(memory=memory))
+    method = NESS(model, NESSConfig(transfer_rank=0, memory=memory))
     method.begin_task(0)
     loader = iter([]) if empty == "generator" else empty
     with pytest.raises(ValueError, match=r"end_task\(0\): the task's loader yielded no batches"):
@@ -644,7 +644,7 @@ def test_end_task_rejects_an_empty_loader(memory, empty):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_end_task_rejects_non_finite_inputs(memory, bad):
     model = mlp_model(0)
-    method = NESS(model, NESSConfig(memory=memory))
+    method = NESS(model, NESSConfig(transfer_rank=0, memory=memory))
     x, y = task_data("mlp", 0, seed=1)
     x_bad = x.clone()
     x_bad[20, 3] = bad
@@ -657,7 +657,7 @@ def test_end_task_rejects_non_finite_inputs(memory, bad):
 
 
 def test_end_task_rejects_non_tensor_batches():
-    method = NESS(mlp_model(0), NESSConfig())
+    method = NESS(mlp_model(0), NESSConfig(transfer_rank=0))
     method.begin_task(0)
     with pytest.raises(TypeError, match="a batch must be a tensor or a \\(inputs, labels\\) pair, got list"):
         method.end_task(0, [([1.0, 2.0], 0)])
@@ -665,7 +665,7 @@ def test_end_task_rejects_non_tensor_batches():
 
 def test_task_hooks_must_come_in_order():
     model = mlp_model(0)
-    method = NESS(model, NESSConfig())
+    method = NESS(model, NESSConfig(transfer_rank=0))
     with pytest.raises(TaskOrderError, match=r"begin_task\(1\) out of order: 0 task\(s\) finished"):
         method.begin_task(1)
     with pytest.raises(TaskOrderError, match=r"end_task\(0\) called but no task is open: call begin_task\(0\)"):

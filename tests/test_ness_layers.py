@@ -156,7 +156,7 @@ def explicit_rows(layer, x):
 @pytest.mark.parametrize("adapt_bias", [False, True])
 def test_eq8_holds_for_token_and_conv1d_layers_of_a_sequence_model(adapt_bias):
     model = sequence_model(0, bias=adapt_bias)
-    method = NESS(model, NESSConfig(eps1=0.05, adapt_bias=adapt_bias))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=0.05, adapt_bias=adapt_bias))
     assert method.layer_names == ["backbone.blocks.token", "backbone.blocks.mix"]
     x0, y0 = sequence_task(0, seed=10)
     method.begin_task(0)
@@ -201,10 +201,10 @@ def test_eq8_holds_for_token_and_conv1d_layers_of_a_sequence_model(adapt_bias):
 def test_adapt_bias_leaves_bias_free_layers_as_they_are_and_refuses_a_model_without_biases():
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.ReLU())
-    method = NESS(MultiHeadNet(backbone, 8, [2, 2]), NESSConfig(eps1=0.05, adapt_bias=True))
+    method = NESS(MultiHeadNet(backbone, 8, [2, 2]), NESSConfig(transfer_rank=0, eps1=0.05, adapt_bias=True))
     assert method.bias_layers == {"backbone.0"}
     with pytest.raises(ValueError, match="adapt_bias=True but no adapted layer has a bias"):
-        NESS(sequence_model(0, bias=False), NESSConfig(adapt_bias=True))
+        NESS(sequence_model(0, bias=False), NESSConfig(transfer_rank=0, adapt_bias=True))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def transformer_like():
 )
 def test_target_modules_select_layers_as_peft_does(targets, exclude, expected):
     model = transformer_like()
-    method = NESS(model, NESSConfig(target_modules=targets, exclude=exclude))
+    method = NESS(model, NESSConfig(transfer_rank=0, target_modules=targets, exclude=exclude))
     if expected is None:
         every = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d)) and "task_heads" not in n]
         assert len(every) == 13
@@ -272,12 +272,12 @@ def test_target_modules_select_layers_as_peft_does(targets, exclude, expected):
 )
 def test_bad_target_modules_are_explained(targets, message):
     with pytest.raises((ValueError, TypeError), match=message):
-        NESS(transformer_like(), NESSConfig(target_modules=targets))
+        NESS(transformer_like(), NESSConfig(transfer_rank=0, target_modules=targets))
 
 
 def test_only_targeted_layers_change_after_task_0():
     model = transformer_like()
-    method = NESS(model, NESSConfig(eps1=0.5, target_modules=("q",)))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=0.5, target_modules=("q",)))
     x = torch.randn(16, 1, 5)
 
     def features(inp):
@@ -334,7 +334,7 @@ def eval_logits(method, model, x, t):
 @pytest.mark.parametrize("mode", ["frozen", "per_task"])
 def test_batchnorm_modes_keep_task0_outputs_and_per_task_trains_its_own(mode):
     model = bn_net(0)
-    method = NESS(model, NESSConfig(eps1=1e-3, batchnorm=mode))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=1e-3, batchnorm=mode))
     bn = model.backbone[1]
     x0, y0 = exact_low_rank_task(0, 1)
     method.begin_task(0)
@@ -363,7 +363,7 @@ def test_batchnorm_modes_keep_task0_outputs_and_per_task_trains_its_own(mode):
 def test_per_task_batchnorm_without_swapping_would_change_task0():
     """The check above is sensitive: task 1's BatchNorm really does change task 0's outputs."""
     model = bn_net(0)
-    method = NESS(model, NESSConfig(eps1=1e-3, batchnorm="per_task"))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=1e-3, batchnorm="per_task"))
     x0, y0 = exact_low_rank_task(0, 1)
     method.begin_task(0)
     train(method, model, 0, x0, y0, steps=5)
@@ -380,9 +380,9 @@ def test_per_task_batchnorm_without_swapping_would_change_task0():
 
 def test_batchnorm_mode_is_validated():
     with pytest.raises(ValueError, match=r"batchnorm must be one of \('frozen', 'per_task'\)"):
-        NESSConfig(batchnorm="per_layer")
+        NESSConfig(transfer_rank=0, batchnorm="per_layer")
     with pytest.raises(TypeError, match="adapt_bias must be True or False"):
-        NESSConfig(adapt_bias="yes")
+        NESSConfig(transfer_rank=0, adapt_bias="yes")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from ness.models import multi_head_mlp
 def test_memory_bytes_counts_what_is_kept(memory):
     torch.manual_seed(0)
     model = multi_head_mlp(7, (5, 3), [2, 2, 2])  # adapted layers: 7→5 (d = 7) and 5→3 (d = 5)
-    method = NESS(model, NESSConfig(eps1=0.5, memory=memory))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=0.5, memory=memory))
     assert method.memory_bytes() == 0
     for t, n in enumerate((30, 20)):
         method.begin_task(t)

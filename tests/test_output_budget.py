@@ -49,7 +49,7 @@ def test_a_v_inside_the_budget_is_untouched_and_bad_budgets_are_refused():
         project_to_output_budget(v, sigma, float("nan"))
     for bad in (0, -1e-3, float("inf"), "0.1", True):
         with pytest.raises(ValueError, match=r"output_budget must be a finite number > 0"):
-            NESSConfig(output_budget=bad)
+            NESSConfig(transfer_rank=0, output_budget=bad)
 
 
 def task(t: int, n: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +64,9 @@ def test_the_constraint_holds_after_every_step_and_the_predicted_change_is_the_m
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 16, bias=adapt_bias), nn.ReLU(), nn.Linear(16, 2, bias=adapt_bias))
     beta = 1e-3
-    method = NESS(model, NESSConfig(threshold="rank", rank=12, output_budget=beta, adapt_bias=adapt_bias))
+    method = NESS(
+        model, NESSConfig(transfer_rank=0, threshold="rank", rank=12, output_budget=beta, adapt_bias=adapt_bias)
+    )
     x0, y0 = task(0)
     method.begin_task(0)
     optimizer = torch.optim.SGD(method.trainable_parameters(0), lr=0.1)
@@ -112,7 +114,7 @@ def test_the_constraint_holds_after_every_step_and_the_predicted_change_is_the_m
 def test_a_loop_that_skips_after_step_is_refused_at_end_task():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 2))
-    method = NESS(model, NESSConfig(threshold="rank", rank=12, output_budget=1e-4))
+    method = NESS(model, NESSConfig(transfer_rank=0, threshold="rank", rank=12, output_budget=1e-4))
     x0, y0 = task(0)
     method.begin_task(0)
     method.end_task(0, batches(x0, y0, 32))
@@ -132,7 +134,7 @@ def test_a_loop_that_skips_after_step_is_refused_at_end_task():
 def test_the_budget_survives_save_and_load_mid_task(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 2))
-    method = NESS(model, NESSConfig(threshold="rank", rank=12, output_budget=1e-4))
+    method = NESS(model, NESSConfig(transfer_rank=0, threshold="rank", rank=12, output_budget=1e-4))
     x0, y0 = task(0)
     method.begin_task(0)
     method.end_task(0, batches(x0, y0, 32))
@@ -143,7 +145,7 @@ def test_the_budget_survives_save_and_load_mid_task(tmp_path):
     method.save_adapters(tmp_path / "adapters")
 
     fresh = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 2))
-    restored = NESS(fresh, NESSConfig(threshold="rank", rank=12, output_budget=1e-4))
+    restored = NESS(fresh, NESSConfig(transfer_rank=0, threshold="rank", rank=12, output_budget=1e-4))
     restored.load_state_dict(state)
     plain = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 2))
     plain.load_state_dict(base)

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from ness.experiment import resolve_settings
-from ness.methods import METHODS
+from ness.methods import METHODS, NESSConfig
 from ness.presets import FAITHFUL, PAPER_SEEDS, PROTOCOLS, get_protocol
 from ness.trainer import TrainConfig
 
@@ -199,10 +199,11 @@ def test_faithful_takes_a_nuclear_scale_eps1_on_mnist_and_the_scripts_elsewhere(
     protocol, _, _, _, options = resolve_settings(benchmark, "ness", "paper", faithful=True)
     assert (options["threshold"], options["eps1"]) == ("nuclear", eps1)
     _, _, _, _, corrected = resolve_settings(benchmark, "ness", "paper")
-    assert corrected["threshold"] == "frobenius"
-    if benchmark.endswith("mnist"):
-        assert corrected["eps1"] >= 10 * eps1  # the Frobenius-scale value the default keeps
-        assert (
-            "nuclear" in protocol.sources["faithful.ness.eps1"]
-            and "validation" in protocol.sources["faithful.ness.eps1"]
-        )
+    default = NESSConfig(**corrected)
+    if benchmark.endswith("mnist"):  # the corrected runs use NESSConfig's defaults: the energy rule, transfer
+        assert (default.threshold, default.delta, default.transfer_rank) == ("energy", 1e-3, 100)
+        sources = protocol.sources["faithful.ness.eps1"]
+        assert "nuclear" in sources and "validation" in sources
+    else:  # the paper's Frobenius rule and ε₁, no transfer adapter
+        assert (default.threshold, default.eps1, default.transfer_rank) == ("frobenius", 1e-3, 0)
+        assert (faithful := NESSConfig(**options)).transfer_rank == 0 and faithful.memory == "replay"

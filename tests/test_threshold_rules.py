@@ -69,24 +69,24 @@ def test_energy_basis_carries_at_most_delta_of_the_inputs_energy():
 )
 def test_bad_rule_settings_are_clear_errors(options, match):
     with pytest.raises(ValueError, match=match):
-        NESSConfig(**options)
+        NESSConfig(transfer_rank=0, **options)
 
 
 def test_a_layer_rule_must_match_a_layer():
     model = multi_head_mlp(6, (5, 5), [2, 2])
     with pytest.raises(ValueError, match="matches no adapted layer"):
-        NESS(model, NESSConfig(layer_rules={"encoder.*": {"rank": 2, "threshold": "rank"}}))
+        NESS(model, NESSConfig(transfer_rank=0, layer_rules={"encoder.*": {"rank": 2, "threshold": "rank"}}))
 
 
 def test_layer_rules_apply_to_their_layers_first_match_wins():
     torch.manual_seed(0)
     model = multi_head_mlp(6, (5, 4), [2, 2])
     rules = {"backbone.0": {"threshold": "rank", "rank": 2}, "backbone.*": {"threshold": "rank", "rank": 3}}
-    method = NESS(model, NESSConfig(eps1=0.5, layer_rules=rules))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=0.5, layer_rules=rules))
     x = torch.randn(40, 6)
     method.begin_task(0)
     method.end_task(0, [(x, torch.zeros(40, dtype=torch.int64))])
     method.begin_task(1)
     ranks = {r["layer"]: (r["rule"], r["rank"]) for r in method.diagnostics()}
     assert ranks == {"backbone.0": ("rank", 2), "backbone.2": ("rank", 3)}
-    assert NESSConfig(eps1=0.5, layer_rules=rules).layer_config("other").threshold == "frobenius"
+    assert NESSConfig(transfer_rank=0, eps1=0.5, layer_rules=rules).layer_config("other").threshold == "frobenius"

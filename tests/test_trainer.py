@@ -72,7 +72,7 @@ def new_model(bench: Benchmark, seed: int = 0):
 
 
 def new_method(name: str, model):
-    return build_method(name, model, {"eps1": 0.05} if name == "ness" else {})
+    return build_method(name, model, {"eps1": 0.05, "transfer_rank": 0} if name == "ness" else {})
 
 
 def own_test_accuracy(model, j: int, task: Task) -> float:

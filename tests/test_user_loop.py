@@ -76,7 +76,7 @@ def accuracy(model: nn.Module, t: int) -> float:
 def test_shared_classifier_in_modules_to_save_keeps_training_and_is_never_adapted(caplog):
     torch.manual_seed(0)
     model = SharedClassifierNet()
-    method = NESS(model, NESSConfig(eps1=0.05, modules_to_save=["classifier"]))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=0.05, modules_to_save=["classifier"]))
     assert method.layer_names == ["features.0", "features.2"]
     for t in range(3):
         method.begin_task(t)
@@ -95,7 +95,7 @@ def test_shared_classifier_in_modules_to_save_keeps_training_and_is_never_adapte
 def test_excluded_classifier_is_frozen_with_a_warning_naming_it(caplog):
     torch.manual_seed(0)
     model = SharedClassifierNet()
-    method = NESS(model, NESSConfig(eps1=0.05, exclude=["classifier"]))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=0.05, exclude=["classifier"]))
     method.begin_task(0)
     method.end_task(0, batches(*task_data(0), 32))
     with caplog.at_level(logging.WARNING, logger="ness"):
@@ -112,14 +112,18 @@ def test_own_heads_train_when_listed_in_modules_to_save_and_are_frozen_with_a_wa
     torch.manual_seed(0)
     model = OwnHeadsNet()
     with caplog.at_level(logging.WARNING, logger="ness"):
-        excluded = NESS(copy.deepcopy(model), NESSConfig(eps1=0.05, exclude=["heads.*"]), lambda m, x, t: m(x, t))
+        excluded = NESS(
+            copy.deepcopy(model), NESSConfig(transfer_rank=0, eps1=0.05, exclude=["heads.*"]), lambda m, x, t: m(x, t)
+        )
         excluded.begin_task(0)
         excluded.end_task(0, batches(*task_data(0), 32))
         excluded.begin_task(1)
     message = " ".join(caplog.messages)
     assert all(f"heads.{i} (Linear): excluded" in message for i in range(3))
 
-    method = NESS(model, NESSConfig(eps1=0.05, modules_to_save=["heads"]), forward=lambda m, x, t: m(x, t))
+    method = NESS(
+        model, NESSConfig(transfer_rank=0, eps1=0.05, modules_to_save=["heads"]), forward=lambda m, x, t: m(x, t)
+    )
     assert method.saved_modules == ["heads"] and method.layer_names == ["features.0"]
     for t in range(2):
         method.begin_task(t)
@@ -138,9 +142,9 @@ def test_own_heads_train_when_listed_in_modules_to_save_and_are_frozen_with_a_wa
 
 def test_a_misspelt_exclude_or_modules_to_save_entry_is_an_error():
     with pytest.raises(ValueError, match=r"exclude: entry 'clasifier' matches no module"):
-        NESS(SharedClassifierNet(), NESSConfig(exclude=["clasifier"]))
+        NESS(SharedClassifierNet(), NESSConfig(transfer_rank=0, exclude=["clasifier"]))
     with pytest.raises(ValueError, match=r"modules_to_save: entry 'clasifier' matches no module"):
-        NESS(SharedClassifierNet(), NESSConfig(modules_to_save=["clasifier"]))
+        NESS(SharedClassifierNet(), NESSConfig(transfer_rank=0, modules_to_save=["clasifier"]))
 
 
 # -- 2. a stale optimiser, a frozen weight trained anyway -------------------------------------------------------------
@@ -157,7 +161,7 @@ def open_task1(model: nn.Module, config: NESSConfig) -> NESS:
 def test_begin_task_freezes_what_the_task_does_not_train_even_without_trainable_parameters():
     torch.manual_seed(0)
     model = SharedClassifierNet()
-    method = open_task1(model, NESSConfig(eps1=0.05, modules_to_save=["classifier"]))
+    method = open_task1(model, NESSConfig(transfer_rank=0, eps1=0.05, modules_to_save=["classifier"]))
     trains = {n for n, p in model.named_parameters() if p.requires_grad}
     adapted = {f"{name}.V" for name in method.active}
     assert adapted and trains == adapted | {"classifier.weight", "classifier.bias"}
@@ -166,7 +170,7 @@ def test_begin_task_freezes_what_the_task_does_not_train_even_without_trainable_
 def test_an_optimiser_made_before_task0_misses_the_new_vs_and_end_task_refuses():
     torch.manual_seed(0)
     model = SharedClassifierNet()
-    method = NESS(model, NESSConfig(eps1=0.05, modules_to_save=["classifier"]))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=0.05, modules_to_save=["classifier"]))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)  # once, before task 0: the common habit
     method.begin_task(0)
     train_shared(method, model, 0, optimizer)
@@ -174,7 +178,9 @@ def test_an_optimiser_made_before_task0_misses_the_new_vs_and_end_task_refuses()
     method.begin_task(1)
     train_shared(method, model, 1, optimizer)
     assert all(not layer.adapter.V.any() for layer in method.active.values())  # V never moved
-    with pytest.raises(TrainingLoopError, match=r"no adapter's V moved during task 1.*trainable_parameters\(1\)"):
+    with pytest.raises(
+        TrainingLoopError, match=r"no adapter's V \(or transfer A\) moved during task 1.*trainable_parameters\(1\)"
+    ):
         method.end_task(1, batches(*task_data(1), 32))
     assert method.active_task == 1 and method.tasks_done == 1  # the task stays open
 
@@ -182,7 +188,7 @@ def test_an_optimiser_made_before_task0_misses_the_new_vs_and_end_task_refuses()
 def test_a_frozen_weight_the_loop_trained_anyway_is_named_at_end_task():
     torch.manual_seed(0)
     model = SharedClassifierNet()
-    method = open_task1(model, NESSConfig(eps1=0.05, modules_to_save=["classifier"]))
+    method = open_task1(model, NESSConfig(transfer_rank=0, eps1=0.05, modules_to_save=["classifier"]))
     model.requires_grad_(True)  # e.g. a loop that unfreezes everything, then trains model.parameters()
     train_shared(method, model, 1, torch.optim.SGD(model.parameters(), lr=0.05))
     with pytest.raises(TrainingLoopError, match=r"froze for task 1 changed during it: features\.0\.base\.weight"):
@@ -192,7 +198,7 @@ def test_a_frozen_weight_the_loop_trained_anyway_is_named_at_end_task():
 def test_a_correct_loop_passes_the_checks():
     torch.manual_seed(0)
     model = SharedClassifierNet()
-    method = open_task1(model, NESSConfig(eps1=0.05, modules_to_save=["classifier"]))
+    method = open_task1(model, NESSConfig(transfer_rank=0, eps1=0.05, modules_to_save=["classifier"]))
     train_shared(method, model, 1, torch.optim.SGD(method.trainable_parameters(1), lr=0.05))
     method.end_task(1, batches(*task_data(1), 32))
     assert method.tasks_done == 2
@@ -225,7 +231,7 @@ def sequence_task(t: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_multihead_attention_is_skipped_with_a_reason_and_every_layer_is_summarised(memory, caplog):
     torch.manual_seed(0)
     model = SequenceNet()
-    method = NESS(model, NESSConfig(eps1=0.5, memory=memory))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=0.5, memory=memory))
     assert method.layer_names == ["proj"]  # attn.out_proj is never called as a layer: not picked
     with caplog.at_level(logging.INFO, logger="ness"):
         for t in range(3):
@@ -266,13 +272,13 @@ def test_multihead_attention_is_skipped_with_a_reason_and_every_layer_is_summari
 
 def test_targeting_multihead_attentions_out_proj_is_an_error_that_says_why():
     with pytest.raises(ValueError, match=r"target 'out_proj' matches only layers it cannot adapt.*never calls"):
-        NESS(SequenceNet(), NESSConfig(target_modules=["out_proj"]))
+        NESS(SequenceNet(), NESSConfig(transfer_rank=0, target_modules=["out_proj"]))
 
 
 def test_a_layer_at_rank_zero_is_reported_frozen_with_its_threshold(caplog):
     torch.manual_seed(0)
     model = SharedClassifierNet()
-    method = NESS(model, NESSConfig(eps1=0.01, modules_to_save=["classifier"]))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=0.01, modules_to_save=["classifier"]))
     g = torch.Generator().manual_seed(3)
     x0 = torch.randn(96, IN, generator=g)  # full rank: σ_min ≈ √96 − √16 ≫ τ = 0.01·‖X‖_F ≈ 0.4
     method.begin_task(0)
@@ -293,7 +299,7 @@ def test_certified_stability_is_refused_at_end_task_when_the_loop_skips_after_st
     torch.manual_seed(0)
     epsilon = 1e-3
     model = SharedClassifierNet()
-    method = open_task1(model, NESSConfig(eps1=0.3, max_output_shift=epsilon))
+    method = open_task1(model, NESSConfig(transfer_rank=0, eps1=0.3, max_output_shift=epsilon))
     x0, _ = task_data(0)
     weight_before = model.features[0].base.weight.detach().double().clone()
     optimizer = torch.optim.SGD(method.trainable_parameters(1), lr=0.5)
@@ -346,7 +352,7 @@ def assert_same(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("memory", ["covariance", "replay"])
 def test_a_failed_end_task_changes_nothing_and_a_retry_equals_a_run_that_never_failed(memory):
-    config = NESSConfig(eps1=0.05, modules_to_save=["classifier"], memory=memory)
+    config = NESSConfig(transfer_rank=0, eps1=0.05, modules_to_save=["classifier"], memory=memory)
 
     def task1_trained() -> NESS:
         torch.manual_seed(0)
@@ -380,7 +386,8 @@ def test_replay_passes_through_the_model_in_batches_of_replay_batch_size():
     torch.manual_seed(0)
     model = SharedClassifierNet()
     method = open_task1(
-        model, NESSConfig(eps1=0.05, memory="replay", replay_batch_size=40, modules_to_save=["classifier"])
+        model,
+        NESSConfig(transfer_rank=0, eps1=0.05, memory="replay", replay_batch_size=40, modules_to_save=["classifier"]),
     )
     train_shared(method, model, 1, torch.optim.SGD(method.trainable_parameters(1), lr=0.05))
     method.end_task(1, batches(*task_data(1), 32))
@@ -404,7 +411,7 @@ def test_a_layer_whose_u_carries_most_of_the_old_inputs_energy_is_flagged(eps1, 
     Σ‖x‖², which the record states (checked by hand) and a warning flags; a smaller ε₁ keeps a small share."""
     torch.manual_seed(0)
     model = SharedClassifierNet()
-    method = NESS(model, NESSConfig(eps1=eps1, threshold="nuclear"))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=eps1, threshold="nuclear"))
     g = torch.Generator().manual_seed(4)
     scales = torch.tensor([1.0] + [0.5] * 7 + [0.05] * 8)  # one dominant direction, 7 mid ones, 8 quiet ones
     x0 = torch.randn(256, IN, generator=g) * scales
@@ -424,7 +431,7 @@ def test_a_layer_whose_u_carries_most_of_the_old_inputs_energy_is_flagged(eps1, 
 def test_a_failed_begin_task_changes_nothing_and_can_be_retried():
     torch.manual_seed(0)
     model = SharedClassifierNet()
-    method = NESS(model, NESSConfig(eps1=0.05))
+    method = NESS(model, NESSConfig(transfer_rank=0, eps1=0.05))
     method.begin_task(0)
     method.end_task(0, batches(*task_data(0), 32))
     before = snapshot(method)

@@ -144,7 +144,7 @@ def test_ness_adapts_the_patch_embedding_and_every_block_linear():
     torch.manual_seed(0)
     bench = split_digits(seed=0)
     model = vision_transformer([2] * 5, image_shape=(1, 8, 8), patch=4, dim=16, depth=2, heads=2)
-    method = NESS(model, NESSConfig(eps1=0.05))
+    method = NESS(model, NESSConfig(eps1=0.05, transfer_rank=0))
     expected = ["backbone.patch_embed"] + [f"backbone.blocks.{b}.{n}" for b in (0, 1) for n in BLOCK_LINEARS]
     assert method.layer_names == expected  # LayerNorms, the class token and the heads are not layers to adapt
     task = bench.tasks[0]
@@ -168,7 +168,7 @@ def test_old_token_inputs_move_a_layer_by_at_most_the_eq8_bound():
     eps1 = 0.05
     bench = split_digits(seed=0)
     model = tiny_digits_vit()
-    method = NESS(model, NESSConfig(eps1=eps1))
+    method = NESS(model, NESSConfig(eps1=eps1, transfer_rank=0))
     old, new = bench.tasks[0], bench.tasks[1]
     x_old, y_old = old.transform(old.train.inputs), old.train.labels
     method.begin_task(0)
@@ -217,7 +217,11 @@ def test_ness_forgets_less_than_finetuning_on_split_digits():
     87.6–93.6 with the backbone frozen after task 0 (seed 0: 96.4 and 92.3)."""
     bench = split_digits(seed=0)
     config = TrainConfig(epochs=20, lr=0.1, batch_size=16, lr_schedule=False)
-    methods = {"finetune": FineTune, "heads_only": HeadsOnly, "ness": lambda m: NESS(m, NESSConfig(eps1=0.05))}
+    methods = {
+        "finetune": FineTune,
+        "heads_only": HeadsOnly,
+        "ness": lambda m: NESS(m, NESSConfig(eps1=0.05, transfer_rank=0)),
+    }
     runs = {}
     for name, build in methods.items():
         seed_everything(0)  # the same initial weights for every method

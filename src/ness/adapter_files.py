@@ -1,11 +1,14 @@
 """PEFT-style files for NESS: save a method's adapters and statistics, load them onto the base model, merge.
 
-A directory holds `adapter_config.json` (format, NESSConfig, layers, task counters, records, checksums, and a digest
-of every base tensor the files do not carry), `adapter_model.safetensors` (each finished task's U and V; the open
-task's U, V and kept σ; the modules saved whole: task heads, BatchNorm layers, NESSConfig.modules_to_save; a sketch
-of the base weights) and `adapter_statistics.safetensors` (covariances, probe rows, replay inputs, per-task BatchNorm
-states: what `begin_task` of the next task needs). The base model is the network as task 0 left it; adding each
-finished task's ΔW to it, in order, and putting the saved modules in gives the trained network back.
+A directory holds `adapter_config.json` (format, NESSConfig, layers, task counters, ranks, records, checksums, and a
+digest of every base tensor the files do not carry), `adapter_model.safetensors` (each finished task's U and V and,
+with NESSConfig.transfer_rank, its own transfer adapter Ū and A; the open task's U, V, kept σ, Ū and A; the modules
+saved whole: task heads, BatchNorm layers, NESSConfig.modules_to_save; a sketch of the base weights) and
+`adapter_statistics.safetensors` (covariances, probe rows, replay inputs, per-task BatchNorm states: what
+`begin_task` of the next task needs). The base model is the network as task 0 left it; adding each finished task's
+ΔW to it, in order, and putting the saved modules in gives the trained shared network back; a task's transfer term
+Ū·A acts only when that task is predicted, so it is kept apart and merged only into that task's own model
+(`merge_and_unload(method, task=j)`).
 """
 
 from __future__ import annotations
@@ -26,15 +29,19 @@ from torch import Tensor, nn
 from ness.adapters import NullSpaceAdapter
 from ness.methods.base import Forward, replace_module, short_list, tensor_digest
 from ness.methods.ness import NESS, NESSConfig
-from ness.methods.normalization import batchnorm_layers, restore_momenta
+from ness.methods.normalization import BatchNormState, batchnorm_layers, load_batchnorm_state, restore_momenta
 from ness.models import call_model, task_heads
 from ness.results import atomic_file, write_json_atomic
 from ness.subspace import SUPPORTED_LAYERS, input_dim
 
 FORMAT = "ness-adapters"
-FORMAT_VERSION = 2
-"""Version 2 added `base_tensors` to the config and NESSConfig.modules_to_save to the saved modules. Version 1 files
-are read without the base-tensor check (with a warning), unless their NESSConfig has modules_to_save (refused)."""
+FORMAT_VERSION = 3
+"""Version 3 added the transfer adapters of NESSConfig.transfer_rank: `transfer.task{t}.{layer}.basis` / `.A` of each
+finished task, `active.{layer}.transfer_basis` / `.A` of the open one, their ranks (`transfer_ranks` of each entry of
+`tasks` and of `active`) and `transfer_task`. Version 2 added `base_tensors` to the config and
+NESSConfig.modules_to_save to the saved modules. Files of versions 1 and 2 hold no transfer adapter (their NESSConfig
+has no transfer_rank: 0); version 1 files are read without the base-tensor check (with a warning), unless their
+NESSConfig has modules_to_save (refused)."""
 CONFIG_FILE = "adapter_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 STATISTICS_FILE = "adapter_statistics.safetensors"
@@ -54,11 +61,15 @@ STATE_KEYS = {
     "records",
     "probe_generator",
     "active",
+    "transfers",
+    "transfer_task",
 }
 LAYER_KINDS: dict[str, type[nn.Module]] = {kind.__name__: kind for kind in SUPPORTED_LAYERS}
 BASE_MODEL_HINT = (
     "Pass the model as it was after task 0 (`ness run --save-adapters` writes it to seed_N/base_model.safetensors)."
 )
+Transfer = dict[str, tuple[Tensor, Tensor]]
+"""One task's transfer adapter: layer → (Ū, A), whose term Ū·A adds to the layer's W (and b, with adapt_bias)."""
 log = logging.getLogger(__name__)
 
 
@@ -82,12 +93,19 @@ def save_adapters(method: NESS, directory: str | Path) -> Path:
     directory = Path(directory)
     model = method.model
     adapters: dict[str, Tensor] = {}
-    for t, deltas in enumerate(state["task_deltas"], start=1):
+    # (t, ΔW's (U, V), transfer terms (Ū, A)) of each finished task t ≥ 1
+    finished = list(zip(range(1, state["tasks_done"]), state["task_deltas"], _finished_transfers(state), strict=True))
+    for t, deltas, terms in finished:
         for name, (u, v) in deltas.items():
             adapters[f"task{t}.{name}.U"], adapters[f"task{t}.{name}.V"] = u, v
+        for name, (basis, factor) in terms.items():
+            adapters[f"transfer.task{t}.{name}.basis"], adapters[f"transfer.task{t}.{name}.A"] = basis, factor
     for name, layer in method.active.items():
-        adapters[f"active.{name}.U"], adapters[f"active.{name}.V"] = layer.adapter.U, layer.adapter.V
+        adapter = layer.adapter
+        adapters[f"active.{name}.U"], adapters[f"active.{name}.V"] = adapter.U, adapter.V
         adapters[f"active.{name}.kept_singular_values"] = state["active"][name]["kept_singular_values"]
+        if adapter.A is not None:  # the open task's transfer adapter (named as in the model's state dict)
+            adapters[f"active.{name}.transfer_basis"], adapters[f"active.{name}.A"] = adapter.transfer_basis, adapter.A
     modules = _modules_to_save(method)
     for module_name in modules:
         for key, value in model.get_submodule(module_name).state_dict().items():
@@ -131,12 +149,21 @@ def save_adapters(method: NESS, directory: str | Path) -> Path:
         "tasks_done": state["tasks_done"],
         "active_task": state["active_task"],
         "tasks": [
-            {"task": t, "ranks": {name: u.shape[1] for name, (u, _) in deltas.items()}}
-            for t, deltas in enumerate(state["task_deltas"], start=1)
+            {
+                "task": t,
+                "ranks": {name: u.shape[1] for name, (u, _) in deltas.items()},
+                "transfer_ranks": {name: factor.shape[0] for name, (_, factor) in terms.items()},
+            }
+            for t, deltas, terms in finished
         ],
         "active": None
         if state["active_task"] is None
-        else {"task": state["active_task"], "ranks": {n: a["rank"] for n, a in state["active"].items()}},
+        else {
+            "task": state["active_task"],
+            "ranks": {n: a["rank"] for n, a in state["active"].items()},
+            "transfer_ranks": {n: a["transfer_rank"] for n, a in state["active"].items() if a["transfer_rank"]},
+        },
+        "transfer_task": state["transfer_task"],
         "modules_to_save": modules,
         "base_tensors": {
             name: _tensor_record(tensor)
@@ -155,6 +182,16 @@ def save_adapters(method: NESS, directory: str | Path) -> Path:
     }
     write_json_atomic(directory / CONFIG_FILE, config)
     return directory
+
+
+def _finished_transfers(state: dict[str, Any]) -> list[Transfer]:
+    """The transfer terms {layer: (Ū, A)} of each finished task t ≥ 1, in order, beside `task_deltas` ({} for a task
+    without; NESS.state_dict() lists them from task 0, which never has one, and a method restored from a checkpoint
+    made before transfer adapters existed may list none)."""
+    terms: list[Transfer] = state["transfers"]
+    if terms and terms[0]:
+        raise NotImplementedError("save_adapters: task 0 holds transfer adapters, which these files have no place for")
+    return [terms[t] if t < len(terms) else {} for t in range(1, state["tasks_done"])]
 
 
 def _layer(model: nn.Module, name: str) -> nn.Module:
@@ -181,13 +218,13 @@ def _modules_to_save(method: NESS) -> list[str]:
 def _uncarried_tensors(model: nn.Module, layers: dict[str, bool], modules: list[str]) -> dict[str, Tensor]:
     """The model's state-dict tensors that the adapter files do not carry, by their names in the plain base model
     (`x.base.bias` of a wrapped layer is `x.bias`): all but the adapted weights (and biases, where `layers[name]`
-    says adapt_bias), the saved modules' tensors and the adapters' U and V. These must equal the base model's."""
+    says adapt_bias), the saved modules' tensors and the adapters' U, V, Ū and A. These must equal the base model's."""
     carried = {id(t) for name in modules for t in model.get_submodule(name).state_dict(keep_vars=True).values()}
     wrapped: dict[str, str] = {}  # "x.base." → "x." for each layer an adapter wraps
     for name, adapt_bias in layers.items():
         module, layer = model.get_submodule(name), _layer(model, name)
         if isinstance(module, NullSpaceAdapter):
-            carried.update((id(module.U), id(module.V)))
+            carried.update(id(t) for t in (module.U, module.V, module.transfer_basis, module.A) if t is not None)
             wrapped[f"{name}.base."] = f"{name}."
         carried.update(id(t) for t in (layer.weight, layer.bias if adapt_bias else None) if t is not None)
     tensors: dict[str, Tensor] = {}
@@ -281,6 +318,38 @@ class SavedAdapters:
         """(U, V) per layer of the open task (V as trained so far); empty between tasks."""
         active = self.config["active"] or {"ranks": {}}
         return {name: (self.adapter(f"active.{name}.U"), self.adapter(f"active.{name}.V")) for name in active["ranks"]}
+
+    def task_transfers(self) -> list[Transfer]:
+        """(Ū, A) per layer of each finished task t ≥ 1's own transfer adapter, in order: {} for a task without one
+        (every task of a file before format version 3)."""
+        return [
+            {
+                name: (
+                    self.adapter(f"transfer.task{task['task']}.{name}.basis"),
+                    self.adapter(f"transfer.task{task['task']}.{name}.A"),
+                )
+                for name in task.get("transfer_ranks", {})
+            }
+            for task in self.config["tasks"]
+        ]
+
+    def active_transfers(self) -> Transfer:
+        """(Ū, A) per layer of the open task's transfer adapter (A as trained so far); empty between tasks, before
+        the open task's transfer directions are chosen, and in files before format version 3."""
+        active = self.config["active"] or {}
+        return {
+            name: (self.adapter(f"active.{name}.transfer_basis"), self.adapter(f"active.{name}.A"))
+            for name in active.get("transfer_ranks", {})
+        }
+
+    def batchnorm_state(self, j: int) -> BatchNormState:
+        """Task j's BatchNorm layers as it finished (batchnorm='per_task'): layer → tensor name → tensor."""
+        prefix, state = f"batchnorm.task{j}.", {}
+        for key, value in self.statistics.items():
+            if key.startswith(prefix):
+                layer, tensor = key[len(prefix) :].rsplit(".", 1)
+                state.setdefault(layer, {})[tensor] = value
+        return state
 
     def saved_modules(self) -> dict[str, dict[str, Tensor]]:
         """The saved state of each module saved whole (task heads, BatchNorm layers, NESSConfig.modules_to_save)."""
@@ -408,6 +477,15 @@ def _check_format_version(saved: SavedAdapters) -> None:
     )
 
 
+def _saved_settings(saved: SavedAdapters) -> dict[str, Any]:
+    """The saved NESSConfig's fields. Files before format version 3 come from a NESSConfig without transfer_rank:
+    their method had no transfer adapters, which is transfer_rank=0 (not today's default)."""
+    settings = dict(saved.config["config"])
+    if saved.config["format_version"] < 3:
+        settings.setdefault("transfer_rank", 0)
+    return settings
+
+
 def _check_uncarried(saved: SavedAdapters, tensors: dict[str, Tensor], what: str) -> None:
     """Every base tensor the files do not carry must be in `tensors` (`what`: the model or state dict passed) with
     the shape, dtype and exact bytes recorded at save time: the adapters only reproduce the trained model on top
@@ -450,9 +528,10 @@ def _check_uncarried(saved: SavedAdapters, tensors: dict[str, Tensor], what: str
 def load_adapters(model: nn.Module, directory: str | Path, forward: Forward = call_model) -> NESS:
     """A NESS method equivalent to the saved one, built on `model`: the base model (the architecture with its
     weights after task 0). Each finished task's ΔW is merged into it in order, the modules saved whole are put
-    back, the open task's adapters are re-created with their U and V, and the statistics are restored, so training
-    and `begin_task` continue. Before changing anything, the model is checked to be that base: its adapted weights
-    through a sketch, every other tensor exactly against the digests saved with the adapters."""
+    back, the open task's adapters are re-created with their U and V (and Ū and A of its transfer adapter), each
+    finished task's transfer adapter is kept for when that task is predicted, and the statistics are restored, so
+    training and `begin_task` continue. Before changing anything, the model is checked to be that base: its adapted
+    weights through a sketch, every other tensor exactly against the digests saved with the adapters."""
     saved = read_adapters(directory)
     _check_format_version(saved)
     config = saved.config
@@ -465,7 +544,7 @@ def load_adapters(model: nn.Module, directory: str | Path, forward: Forward = ca
     for name, spec in config["layers"].items():
         _check_layer(name, spec, _find(model, name))
     try:
-        ness_config = NESSConfig(**config["config"])
+        ness_config = NESSConfig(**_saved_settings(saved))
     except TypeError as err:
         raise ValueError(f"{saved.directory / CONFIG_FILE}: its NESSConfig does not fit this ness-cl ({err})") from err
     method = NESS(model, ness_config, forward)
@@ -492,7 +571,7 @@ def load_adapters(model: nn.Module, directory: str | Path, forward: Forward = ca
             _merge_delta(model.get_submodule(name), u, v, name, name in method.bias_layers)
     for module_name, tensors in modules.items():
         model.get_submodule(module_name).load_state_dict(tensors)
-    state["model"] = _state_with_adapters(model, saved.active_deltas(), method.bias_layers)
+    state["model"] = _state_with_adapters(model, saved.active_deltas(), saved.active_transfers(), method.bias_layers)
     method.load_state_dict(state)
     return method
 
@@ -519,15 +598,8 @@ def _check_module_state(module: nn.Module | None, name: str, state: dict[str, Te
 def _method_state(saved: SavedAdapters, method: NESS) -> dict[str, Any]:
     """The saved method's NESS.state_dict() from the files, all but its "model" entry."""
     config, counts = saved.config, saved.config["statistics"]
-    batchnorm_states = []
-    for j in range(counts["batchnorm_tasks"]):
-        prefix, state = f"batchnorm.task{j}.", {}
-        for key, value in saved.statistics.items():
-            if key.startswith(prefix):
-                layer, tensor = key[len(prefix) :].rsplit(".", 1)
-                state.setdefault(layer, {})[tensor] = value
-        batchnorm_states.append(state)
-    ranks = (config["active"] or {"ranks": {}})["ranks"]
+    active = config["active"] or {"ranks": {}}
+    transfer_ranks = active.get("transfer_ranks", {})
     return {
         "method": method.name,
         "tasks_done": config["tasks_done"],
@@ -539,31 +611,41 @@ def _method_state(saved: SavedAdapters, method: NESS) -> dict[str, Any]:
         },
         "replay": [saved.statistic(f"replay.task{j}") for j in range(counts["replay_tasks"])],
         "task_deltas": saved.task_deltas(),
-        "batchnorm_states": batchnorm_states,
+        "batchnorm_states": [saved.batchnorm_state(j) for j in range(counts["batchnorm_tasks"])],
         "records": config["records"],
         "probe_generator": saved.statistic("probe_generator"),
         "active": {
             name: {
                 "rank": rank,
+                "transfer_rank": transfer_ranks.get(name, 0),
                 "kept_singular_values": saved.adapter(f"active.{name}.kept_singular_values"),
                 "probe": saved.statistic(f"active_probe.{name}"),
             }
-            for name, rank in ranks.items()
+            for name, rank in active["ranks"].items()
         },
+        "transfers": [{}, *saved.task_transfers()],  # task 0 never has a transfer adapter
+        "transfer_task": config.get("transfer_task"),
     }
 
 
 def _state_with_adapters(
-    model: nn.Module, active: dict[str, tuple[Tensor, Tensor]], bias_layers: set[str]
+    model: nn.Module,
+    active: dict[str, tuple[Tensor, Tensor]],
+    transfers: Transfer,
+    bias_layers: set[str],
 ) -> dict[str, Tensor]:
-    """The model's state dict as it reads with the open task's adapters (U, V) in place, as NESS.state_dict()
-    holds it; the model itself is left unwrapped (NESS.load_state_dict wraps it)."""
+    """The model's state dict as it reads with the open task's adapters (U, V, and Ū, A where `transfers` has the
+    layer) in place, as NESS.state_dict() holds it; the model itself is left unwrapped (NESS.load_state_dict wraps
+    it, adding a transfer term of the same shape from `active[layer]["transfer_rank"]`)."""
     layers = {name: model.get_submodule(name) for name in active}
     try:
         for name, (u, v) in active.items():
-            adapter = NullSpaceAdapter(layers[name], u, name, adapt_bias=name in bias_layers)
-            with torch.no_grad():
-                adapter.V.copy_(v)
+            adapter = _adapter(layers[name], u, v, name, name in bias_layers)
+            if name in transfers:
+                basis, factor = transfers[name]
+                adapter.add_transfer(basis)
+                with torch.no_grad():
+                    adapter.A.copy_(factor)
             replace_module(model, name, adapter)
         return model.state_dict()
     finally:
@@ -571,38 +653,133 @@ def _state_with_adapters(
             replace_module(model, name, layer)
 
 
-def _merge_delta(layer: nn.Module, u: Tensor, v: Tensor, name: str, adapt_bias: bool) -> None:
-    """Fold one task's ΔW = U·V (and Δb) into `layer` in place, through the adapter's own merge (same arithmetic
-    as the method's end_task, so the weights come out bit for bit)."""
-    adapter = NullSpaceAdapter(layer, u, name, adapt_bias=adapt_bias)
+def _adapter(layer: nn.Module, basis: Tensor, factor: Tensor, name: str, adapt_bias: bool) -> NullSpaceAdapter:
+    """`layer` wrapped in an adapter whose U·V is basis·factor (U = basis, V = factor)."""
+    adapter = NullSpaceAdapter(layer, basis, name, adapt_bias=adapt_bias)
     with torch.no_grad():
-        adapter.V.copy_(v)
-    adapter.merged()
+        adapter.V.copy_(factor)
+    return adapter
+
+
+def _merge_delta(layer: nn.Module, basis: Tensor, factor: Tensor, name: str, adapt_bias: bool) -> None:
+    """Fold one low-rank update basis·factor into `layer` in place, W ← W + (B F)ᵀ (and b ← b + its bias row): a
+    task's ΔW = U·V, or a transfer term Ū·A. It goes through the adapter's own merge (the same arithmetic as the
+    method's end_task, so the weights come out bit for bit)."""
+    _adapter(layer, basis, factor, name, adapt_bias).merged()
 
 
 # -- merging -----------------------------------------------------------------------------------------------------
-def merge_and_unload(method: NESS) -> nn.Module:
-    """A deep copy of the method's model with the open task's adapters merged into their layers: only ordinary
-    layers, every parameter trainable, outputs those of the wrapped model. The method itself is left as it was.
+@dataclass(frozen=True)
+class _TaskTransfers:
+    """The transfer adapter of every task that has begun (finished ones and the open one; {} where a task has none),
+    with what explains a missing one: the choice of `merge_and_unload(method, task)` and `merged_state_dict`."""
 
-    With batchnorm='per_task' the copy holds the current task's BatchNorm state (method.predict swaps in others)."""
+    terms: dict[int, Transfer]
+    open_task: int | None
+    previewed: bool
+    """The open task's transfer directions are chosen (preview_task ran), so its adapters hold Ū and A."""
+    transfer_rank: int
+    """NESSConfig.transfer_rank."""
+
+    def of(self, task: int, where: str) -> Transfer:
+        """Task `task`'s transfer terms, or a clear error when the task does not exist or has no transfer adapter."""
+        call = f"{where}(task={task!r})"
+        if isinstance(task, bool) or not isinstance(task, int):
+            raise TypeError(f"{call}: task must be a task index (an int), or None for the shared model")
+        if task not in self.terms:
+            begun = (
+                "no task has begun"
+                if not self.terms
+                else f"tasks 0 to {max(self.terms)} have begun"
+                + (f" (task {self.open_task} is open)" if self.open_task is not None else "")
+            )
+            raise ValueError(
+                f"{call}: there is no task {task}; {begun}. Pass one of them, or task=None for the shared model"
+            )
+        if self.terms[task]:
+            return self.terms[task]
+        if task == 0:
+            reason = "task 0 trains the whole network and has no transfer adapter"
+        elif not self.transfer_rank:
+            reason = "NESSConfig.transfer_rank is 0, so no task has a transfer adapter"
+        elif task == self.open_task and not self.previewed:
+            reason = (
+                f"task {task} is open and its transfer directions are not chosen yet: call method.preview_task({task}, "
+                f"batches) with its training data (begin_task({task}, loader) does) before merging"
+            )
+        else:
+            reason = (
+                f"no layer found a direction of task {task}'s inputs outside U, so it has transfer rank 0 everywhere"
+            )
+        raise ValueError(
+            f"{call}: task {task} has no transfer term to merge ({reason}); task=None gives the shared model, which is "
+            "what a task without a transfer adapter computes"
+        )
+
+
+def _method_transfers(method: NESS) -> _TaskTransfers:
+    """The method's transfer adapters by task: each finished task's `method.transfers[t]`, and the open task's terms
+    as its adapters hold them now (A as trained so far)."""
+    terms = {j: method.transfers[j] if j < len(method.transfers) else {} for j in range(method.tasks_done)}
+    if method.active_task is not None:
+        terms[method.active_task] = {
+            name: (layer.adapter.transfer_basis, layer.adapter.A.detach())
+            for name, layer in method.active.items()
+            if layer.adapter.A is not None
+        }
+    previewed = method.active_task is not None and method._transfer_task == method.active_task
+    return _TaskTransfers(terms, method.active_task, previewed, method.config.transfer_rank)
+
+
+def _saved_transfers(saved: SavedAdapters) -> _TaskTransfers:
+    """The saved method's transfer adapters by task, from the files (none before format version 3)."""
+    config, active = saved.config, saved.config["active"]
+    terms = {0: {}, **{task["task"]: t for task, t in zip(config["tasks"], saved.task_transfers(), strict=True)}}
+    open_task = None if active is None else active["task"]
+    if open_task is not None:
+        terms[open_task] = saved.active_transfers()
+    previewed = open_task is not None and config.get("transfer_task") == open_task
+    return _TaskTransfers(terms, open_task, previewed, _saved_settings(saved)["transfer_rank"])
+
+
+def merge_and_unload(method: NESS, task: int | None = None) -> nn.Module:
+    """A deep copy of the method's model with the open task's adapters merged into their layers: only ordinary
+    layers, every parameter trainable. The method itself is left as it was.
+
+    task=None: the shared model, with the open task's U·V merged and no task's transfer term, which act only when
+    their task is predicted: what task 0 and every task without a transfer adapter compute. With
+    batchnorm='per_task' the copy holds the current task's BatchNorm state (method.predict swaps in others).
+
+    task=j: task j's own standalone model, whose outputs are `method.predict(x, j)`'s: the shared model with task j's
+    transfer term Ū_j·A_j (NESSConfig.transfer_rank) merged into W (and b, for adapted biases) and, with
+    batchnorm='per_task', task j's BatchNorm state. A ValueError for a task that does not exist or has no transfer
+    adapter."""
+    own = {} if task is None else _method_transfers(method).of(task, "merge_and_unload")
     merged = copy.deepcopy(method.model)
     for name in method.active:
         replace_module(merged, name, merged.get_submodule(name).merged())
     if method._frozen_momenta is not None:  # batchnorm='frozen' holds running statistics during a task
         restore_momenta(merged, method._frozen_momenta)
+    for name, (basis, factor) in own.items():
+        _merge_delta(merged.get_submodule(name), basis, factor, name, name in method.bias_layers)
+    if task is not None and task < len(method.batchnorm_states):  # a finished task's own (batchnorm='per_task')
+        load_batchnorm_state(merged, method.batchnorm_states[task])
     for parameter in merged.parameters():
         parameter.requires_grad_(True)
     return merged
 
 
-def merged_state_dict(base_state: dict[str, Tensor], directory: str | Path) -> dict[str, Tensor]:
+def merged_state_dict(
+    base_state: dict[str, Tensor], directory: str | Path, task: int | None = None
+) -> dict[str, Tensor]:
     """The state dict of the merged model from the base model's state dict and an adapter directory, without the
     model's class: every finished task's ΔW (then the open task's) added in order, the modules saved whole (heads,
     BatchNorm, modules_to_save) put in, after checking the state dict is the base's. `ness adapters DIR --merge`
-    writes it."""
+    writes it. `task` as in `merge_and_unload`: None gives the shared model, j task j's own model (its transfer
+    term merged too, and its BatchNorm state with batchnorm='per_task')."""
     saved = read_adapters(directory)
     _check_format_version(saved)
+    own = {} if task is None else _saved_transfers(saved).of(task, "merged_state_dict")
     state = {key: value.clone() for key, value in base_state.items()}
     layers = {}
     for name, spec in saved.config["layers"].items():
@@ -629,10 +806,18 @@ def merged_state_dict(base_state: dict[str, Tensor], directory: str | Path) -> d
     carried.update(f"{name}.weight" for name in layers)
     carried.update(f"{name}.bias" for name, spec in saved.config["layers"].items() if spec["adapt_bias"])
     _check_uncarried(saved, {k: v for k, v in base_state.items() if k not in carried}, "the base state dict")
-    for deltas in [*saved.task_deltas(), saved.active_deltas()]:
-        for name, (u, v) in deltas.items():
-            _merge_delta(layers[name], u, v, name, saved.config["layers"][name]["adapt_bias"])
+    for deltas in [*saved.task_deltas(), saved.active_deltas(), own]:
+        for name, (basis, factor) in deltas.items():
+            _merge_delta(layers[name], basis, factor, name, saved.config["layers"][name]["adapt_bias"])
     state.update(saved_modules)
+    if task is not None and task < saved.config["statistics"]["batchnorm_tasks"]:  # batchnorm='per_task'
+        state.update(
+            {
+                f"{layer}.{key}": value
+                for layer, tensors in saved.batchnorm_state(task).items()
+                for key, value in tensors.items()
+            }
+        )
     return state
 
 
@@ -649,33 +834,46 @@ def _stand_in(kind: str, weight: Tensor, bias: Tensor | None) -> nn.Module:
 
 # -- summary -----------------------------------------------------------------------------------------------------
 def describe_adapters(directory: str | Path) -> str:
-    """A summary of an adapter directory: the settings, each layer's kind, size and rank per task, the modules saved
-    whole, the number of base tensors checked at load, each file's size."""
+    """A summary of an adapter directory: the settings, each layer's kind, size and rank per task, each task's
+    transfer ranks (NESSConfig.transfer_rank), the modules saved whole, the number of base tensors checked at load,
+    each file's size."""
     saved = read_adapters(directory)
     config = saved.config
     active = config["active"]
-    columns = [(f"t{task['task']}", task["ranks"]) for task in config["tasks"]]
+    settings = _saved_settings(saved)
+    transfer_rank = settings["transfer_rank"]
+    # (label, shared ranks, transfer ranks) per task t ≥ 1, the open one last
+    columns = [(f"t{task['task']}", task["ranks"], task.get("transfer_ranks", {})) for task in config["tasks"]]
     if active is not None:
-        columns.append((f"t{active['task']} (open)", active["ranks"]))
-    settings = config["config"]
+        columns.append((f"t{active['task']} (open)", active["ranks"], active.get("transfer_ranks", {})))
+    unchosen = active is not None and transfer_rank > 0 and config.get("transfer_task") != active["task"]
     lines = [
         f"NESS adapters in '{saved.directory}' ({FORMAT} v{config['format_version']}): {config['tasks_done']} tasks "
-        f"done, " + (f"task {active['task']} open" if active is not None else "no task open"),
+        f"done, "
+        + (f"task {active['task']} open" if active is not None else "no task open")
+        + (" (its transfer directions not chosen yet)" if unchosen else ""),
         "settings: "
-        + ", ".join(f"{k}={settings[k]}" for k in ("threshold", "eps1", "memory", "adapt_bias", "batchnorm")),
-        "rank per task ('-': the layer was frozen that task)",
+        + ", ".join(
+            f"{k}={settings.get(k)}"
+            for k in ("threshold", "eps1", "delta", "memory", "adapt_bias", "batchnorm", "transfer_rank")
+        ),
+        "rank per task ('-': the layer was frozen that task; 0: only its transfer adapter trained)",
     ]
-    header = ["layer", "type", "d", "out", "Δb", *(label for label, _ in columns)]
-    rows = [
-        [name, spec["type"], str(spec["d"]), str(spec["out"]), "yes" if spec["adapt_bias"] else "no"]
-        + [str(ranks.get(name, "-")) for _, ranks in columns]
-        for name, spec in config["layers"].items()
-    ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines += [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
+    labels = [label for label, _, _ in columns]
+    lines += _table(
+        ["layer", "type", "d", "out", "Δb", *labels],
+        [
+            [name, spec["type"], str(spec["d"]), str(spec["out"]), "yes" if spec["adapt_bias"] else "no"]
+            + [str(ranks.get(name, 0 if name in transfers else "-")) for _, ranks, transfers in columns]
+            for name, spec in config["layers"].items()
+        ],
+    )
+    if any(transfers for _, _, transfers in columns):
+        lines.append("transfer rank per task (task t's own Ū·A, used only when task t is predicted; '-': none)")
+        lines += _table(
+            ["layer", *labels],
+            [[name, *(str(transfers.get(name, "-")) for _, _, transfers in columns)] for name in config["layers"]],
+        )
     checked = config.get("base_tensors")
     lines.append(
         f"saved whole: {', '.join(config['modules_to_save']) or 'none'}; other base tensors checked at load: "
@@ -685,3 +883,12 @@ def describe_adapters(directory: str | Path) -> str:
     width = max(map(len, files))
     lines += [f"{name.ljust(width)}  {(saved.directory / name).stat().st_size:>12,} bytes" for name in files]
     return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a table with left-aligned columns as wide as their widest cell."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]

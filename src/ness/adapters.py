@@ -9,6 +9,8 @@ in PyTorch's weight layout (o×d) the same change is (U V)ᵀ. With `adapt_bias`
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +35,28 @@ def output_rows(module: nn.Module, x: Tensor) -> int:
     )
 
 
+def low_rank_shift(base: nn.Module, x: Tensor, basis: Tensor, factor: Tensor, adapt_bias: bool = False) -> Tensor:
+    """What the update B·F (B: d×k rows of input directions, F: k×o) adds to `base`'s output for input x, computed
+    in low rank: (x·B)·F for a Linear layer; for a convolution the k directions act as a k-channel kernel and F mixes
+    them into the o outputs. With `adapt_bias` B has a last row for the constant input 1, whose term is a bias."""
+    weight_basis = basis[:-1] if adapt_bias else basis
+    if isinstance(base, nn.Linear):
+        shift = (x @ weight_basis.to(x.dtype)) @ factor
+        return shift + basis[-1] @ factor if adapt_bias else shift
+    kernel = weight_basis.T.reshape(basis.shape[1], *base.weight.shape[1:])  # (k, C_in, k...)
+    z = conv_with_weight(base, x, kernel.to(x.dtype), None)  # (B, k, *positions)
+    dims = base.weight.dim()
+    shift = (z.movedim(-dims + 1, -1) @ factor).movedim(-1, -dims + 1)
+    if adapt_bias:
+        shift = shift + (basis[-1] @ factor).reshape(-1, *[1] * (dims - 2))
+    return shift
+
+
 class NullSpaceAdapter(nn.Module):
-    """A base layer plus ΔW = U·V (and Δb with `adapt_bias`); `merged()` folds them into the base layer."""
+    """A base layer plus ΔW = U·V (and Δb with `adapt_bias`); `merged()` folds them into the base layer.
+
+    With `add_transfer(Ū)` it also holds a task-specific term Ū·A (Ū fixed, A trained from zero): the open task's
+    transfer adapter, which acts while `transfer_enabled` and is never merged into W."""
 
     def __init__(self, base: nn.Module, null_basis: Tensor, name: str = "layer", adapt_bias: bool = False) -> None:
         super().__init__()
@@ -42,9 +64,9 @@ class NullSpaceAdapter(nn.Module):
         if adapt_bias and base.bias is None:  # type: ignore[union-attr]
             raise ValueError(f"{name}: adapt_bias needs a layer with a bias; this {type(base).__name__} has none")
         d = input_dim(base) + int(adapt_bias)
-        if null_basis.dim() != 2 or null_basis.shape[0] != d or null_basis.shape[1] == 0:
+        if null_basis.dim() != 2 or null_basis.shape[0] != d:
             what = "d+1 with the bias row" if adapt_bias else "d"
-            raise ValueError(f"{name}: null basis must be ({what}={d}, r>0), got {tuple(null_basis.shape)}")
+            raise ValueError(f"{name}: null basis must be ({what}={d}, r), got {tuple(null_basis.shape)}")
         weight = base.weight  # type: ignore[union-attr]
         self.base = base
         self.adapt_bias = adapt_bias
@@ -52,59 +74,82 @@ class NullSpaceAdapter(nn.Module):
         self.V = nn.Parameter(
             torch.zeros(null_basis.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
         )
+        self.register_buffer("transfer_basis", None)
+        self.register_parameter("A", None)
+        self.transfer_enabled = True
 
     @property
     def rank(self) -> int:
         return self.U.shape[1]
 
     @property
+    def transfer_rank(self) -> int:
+        return 0 if self.A is None else self.A.shape[0]
+
+    def add_transfer(self, basis: Tensor) -> None:
+        """Give the layer the task-specific term Ū·A: Ū = `basis` (d×k, or (d+1)×k with the bias row), A = 0."""
+        weight = self.base.weight
+        if basis.dim() != 2 or basis.shape[0] != self.U.shape[0] or basis.shape[1] == 0:
+            raise ValueError(f"transfer basis must be ({self.U.shape[0]}, k>0), got {tuple(basis.shape)}")
+        self.transfer_basis = basis.to(device=weight.device, dtype=weight.dtype).contiguous()
+        self.A = nn.Parameter(torch.zeros(basis.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype))
+
+    def terms(self) -> list[tuple[Tensor, Tensor]]:
+        """The (basis, factor) pairs acting now: U·V when r > 0, and Ū·A while the transfer term is enabled."""
+        terms = [(self.U, self.V)] if self.rank else []
+        if self.A is not None and self.transfer_enabled:
+            terms.append((self.transfer_basis, self.A))
+        return terms
+
+    @property
     def weight_basis(self) -> Tensor:
         """The rows of U that multiply x (all of U without `adapt_bias`)."""
         return self.U[:-1] if self.adapt_bias else self.U
 
-    def delta_weight(self) -> Tensor:
-        """ΔW in the base weight's layout: (U V)ᵀ reshaped to (o, d), (o, C_in, k) or (o, C_in, k_h, k_w)."""
-        return (self.weight_basis @ self.V).T.reshape(self.base.weight.shape)
+    def delta_weight(self, terms: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        """ΔW in the base weight's layout, (B F)ᵀ summed over `terms` (default: U·V) and reshaped to (o, d),
+        (o, C_in, k) or (o, C_in, k_h, k_w)."""
+        terms = [(self.U, self.V)] if terms is None else terms
+        delta = sum((basis[:-1] if self.adapt_bias else basis) @ factor for basis, factor in terms)
+        return torch.as_tensor(delta).T.reshape(self.base.weight.shape)
 
-    def delta_bias(self) -> Tensor | None:
-        """Δb = u_{d+1}ᵀ V, the bias row of U times V (None without `adapt_bias`)."""
-        return self.U[-1] @ self.V if self.adapt_bias else None
-
-    def _bias(self) -> Tensor | None:
-        delta = self.delta_bias()
-        return self.base.bias if delta is None else self.base.bias + delta
+    def delta_bias(self, terms: list[tuple[Tensor, Tensor]] | None = None) -> Tensor | None:
+        """Δb: the bias row of each basis times its factor (None without `adapt_bias`)."""
+        if not self.adapt_bias:
+            return None
+        terms = [(self.U, self.V)] if terms is None else terms
+        return sum(basis[-1] @ factor for basis, factor in terms)
 
     def _merged_path_is_cheaper(self, x: Tensor) -> bool:
         # Extra FLOPs over the frozen base op. Forming ΔW costs d·r·o, and in training the weight
         # gradient of W + ΔW costs N·d·o more; the low-rank path costs N·r·(d + o) forward and about
         # twice that backward. Pick whichever is smaller.
-        n, d, o, r = output_rows(self.base, x), self.U.shape[0], self.V.shape[1], self.rank
-        if torch.is_grad_enabled() and self.V.requires_grad:
-            return n * d * o + 2 * d * r * o < 3 * n * r * (d + o)
-        return d * r * o < n * r * (d + o)
+        n, d, o = output_rows(self.base, x), self.U.shape[0], self.V.shape[1]
+        rank = sum(factor.shape[0] for _, factor in self.terms())
+        if torch.is_grad_enabled() and any(f.requires_grad for _, f in self.terms()):
+            return n * d * o + 2 * d * rank * o < 3 * n * rank * (d + o)
+        return d * rank * o < n * rank * (d + o)
 
     def forward(self, x: Tensor) -> Tensor:
-        base = self.base
+        base, terms = self.base, self.terms()
+        if not terms:
+            return base(x)
         if self._merged_path_is_cheaper(x):
-            weight = base.weight + self.delta_weight()
+            weight = base.weight + self.delta_weight(terms)
+            delta_bias = self.delta_bias(terms)
+            bias = base.bias if delta_bias is None else base.bias + delta_bias
             if isinstance(base, nn.Linear):
-                return F.linear(x, weight, self._bias())
-            return conv_with_weight(base, x, weight, self._bias())
-        delta_bias = self.delta_bias()
-        if isinstance(base, nn.Linear):
-            out = base(x) + (x @ self.weight_basis) @ self.V
-            return out if delta_bias is None else out + delta_bias
-        # Conv: the r basis directions act as an r-channel kernel, then V mixes them into the o outputs.
-        basis_kernel = self.weight_basis.T.reshape(self.rank, *base.weight.shape[1:])  # (r, C_in, k...)
-        z = conv_with_weight(base, x, basis_kernel, None)  # (B, r, *positions)
-        shift = (z.movedim(-base.weight.dim() + 1, -1) @ self.V).movedim(-1, -base.weight.dim() + 1)
-        if delta_bias is not None:
-            shift = shift + delta_bias.reshape(-1, *[1] * (base.weight.dim() - 2))
-        return base(x) + shift
+                return F.linear(x, weight, bias)
+            return conv_with_weight(base, x, weight, bias)
+        out = base(x)
+        for basis, factor in terms:
+            out = out + low_rank_shift(base, x, basis, factor, self.adapt_bias)
+        return out
 
     @torch.no_grad()
     def merged(self) -> nn.Module:
-        """The base layer with W ← W + ΔW and b ← b + Δb (in place); refuses to write a non-finite value."""
+        """The base layer with W ← W + ΔW and b ← b + Δb of U·V (in place; the transfer term is not merged);
+        refuses to write a non-finite value."""
         delta, delta_bias = self.delta_weight(), self.delta_bias()
         if not torch.isfinite(delta).all() or (delta_bias is not None and not torch.isfinite(delta_bias).all()):
             raise FloatingPointError("ΔW holds NaN or Inf; training diverged, refusing to merge it into W")
@@ -112,3 +157,28 @@ class NullSpaceAdapter(nn.Module):
         if delta_bias is not None:
             self.base.bias.add_(delta_bias)
         return self.base
+
+
+@contextmanager
+def added_low_rank_terms(
+    model: nn.Module, terms: dict[str, tuple[Tensor, Tensor]], bias_layers: set[str] | frozenset[str] = frozenset()
+) -> Iterator[None]:
+    """Inside the block each named layer's output gains its term's low-rank shift x·B·F (`low_rank_shift`): a
+    finished task's transfer adapter, put back for as long as that task is predicted. The layer may be wrapped in a
+    NullSpaceAdapter (its base layer then defines the operation); hooks are removed on exit, even after an error."""
+    handles = []
+    try:
+        for name, (basis, factor) in terms.items():
+            layer = model.get_submodule(name)
+            base = layer.base if isinstance(layer, NullSpaceAdapter) else layer
+            handles.append(
+                layer.register_forward_hook(
+                    lambda module, args, output, b=base, u=basis, a=factor, bias=name in bias_layers: (
+                        output + low_rank_shift(b, args[0], u, a, bias)
+                    )
+                )
+            )
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

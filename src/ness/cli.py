@@ -405,10 +405,13 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         raise ValueError(
             "--merge goes with --base BASE.safetensors (the model after task 0) and --out MODEL.safetensors"
         )
+    if args.task is not None and not args.merge:
+        raise ValueError("--task J goes with --merge: it chooses which task's own model --merge writes")
     print(describe_adapters(args.dir))
     if args.merge:
-        merged = merged_state_dict(read_state_dict(args.base), args.dir)
-        print(f"wrote the merged model's state dict ({len(merged)} tensors) to {write_state_dict(args.out, merged)}")
+        merged = merged_state_dict(read_state_dict(args.base), args.dir, task=args.task)
+        which = "the merged model's" if args.task is None else f"task {args.task}'s own merged model's"
+        print(f"wrote {which} state dict ({len(merged)} tensors) to {write_state_dict(args.out, merged)}")
     return 0
 
 
@@ -524,6 +527,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     adapters.add_argument("--base", help="the base model's state dict (seed_N/base_model.safetensors)")
     adapters.add_argument("--out", help="where the merged model's state dict goes (.safetensors)")
+    adapters.add_argument(
+        "--task",
+        type=int,
+        default=None,
+        help="with --merge: task J's own model, its transfer adapter (NESSConfig.transfer_rank) merged too, and its "
+        "BatchNorm state with batchnorm='per_task' (default: the shared model)",
+    )
     adapters.set_defaults(func=cmd_adapters)
     return parser
 

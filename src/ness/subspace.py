@@ -203,7 +203,11 @@ class NullBasis:
 
 
 def null_rank(
-    singular_values: Tensor, rule: ThresholdRule, eps1: float, delta: float | None = None, rank: int | None = None
+    singular_values: Tensor,
+    rule: ThresholdRule,
+    eps1: float | None,
+    delta: float | None = None,
+    rank: int | None = None,
 ) -> tuple[int, float]:
     """(r, τ): how many of the smallest directions (σ ascending) form U under `rule`, and the σ cut-off.
 
@@ -213,6 +217,8 @@ def null_rank(
     """
     d = singular_values.numel()
     if rule in ("frobenius", "nuclear"):
+        if eps1 is None:
+            raise ValueError(f"the {rule} rule needs eps1 (ε₁ of Eq. 5)")
         tau = null_threshold(singular_values, eps1, rule)
         return int((singular_values <= tau).sum()), tau
     if rule == "energy":
@@ -231,7 +237,7 @@ def null_rank(
 
 def null_basis(
     covariance: Tensor,
-    eps1: float,
+    eps1: float | None,
     rule: ThresholdRule = "frobenius",
     name: str = "layer",
     *,
@@ -431,3 +437,32 @@ def old_output_energy(covariance: Tensor, layer: nn.Module, bias: bool = False) 
     if bias:
         weight = torch.cat([weight, layer.bias.detach().to(weight)[:, None]], dim=1)
     return float(((weight @ covariance.to(torch.float64)) * weight).sum())
+
+
+@dataclass(frozen=True)
+class TransferDirections:
+    """Ū of a transfer adapter: the directions outside span(U) where a task's inputs carry the most energy."""
+
+    basis: Tensor  # (d, k) float64, orthonormal, most energetic first
+    outside_share: float  # the share of the inputs' energy Σ‖x‖² that lies outside span(U)
+    captured_share: float  # the share Ū captures (≤ outside_share)
+
+
+def transfer_directions(covariance: Tensor, null_basis: Tensor, k: int, name: str = "layer") -> TransferDirections:
+    """The top-k eigenvectors of P·C·P, P = I − UUᵀ, for C = Σxxᵀ of a new task's inputs: the directions it needs
+    that the shared update U·V cannot reach. Directions whose energy is round-off (≤ d·eps·tr C) are never taken,
+    so k may come out smaller (0 for inputs that lie inside span(U))."""
+    c = covariance.to(torch.float64)
+    d = c.shape[0]
+    u = null_basis.to(c)
+    outside = torch.eye(d, dtype=torch.float64, device=c.device) - u @ u.T
+    spectrum = covariance_spectrum(outside @ c @ outside, name)
+    total = float(torch.trace(c))
+    if total <= 0:
+        return TransferDirections(c.new_zeros(d, 0), 0.0, 0.0)
+    energies = spectrum.eigenvalues.flip(0)  # descending
+    significant = int((energies > d * torch.finfo(torch.float64).eps * total).sum())
+    k = min(k, significant)
+    return TransferDirections(
+        spectrum.eigenvectors.flip(1)[:, :k], float(energies.sum()) / total, float(energies[:k].sum()) / total
+    )

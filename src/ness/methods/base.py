@@ -266,8 +266,10 @@ class ContinualMethod:
         self.active_task: int | None = None
 
     # -- the public hooks, with their order checked -------------------------------------------------
-    def begin_task(self, t: int) -> None:
-        """Prepare the model for task t (t = number of tasks finished so far)."""
+    def begin_task(self, t: int, batches: Iterable[Any] | None = None) -> None:
+        """Prepare the model for task t (t = number of tasks finished so far). `batches`, the task's training data,
+        is shown to `preview_task` for methods that look at the new task before training it (the trainer calls
+        `preview_task` itself)."""
         if self.active_task is not None:
             raise TaskOrderError(
                 f"begin_task({t}) while task {self.active_task} is open: call end_task({self.active_task}, ...) first"
@@ -283,6 +285,8 @@ class ContinualMethod:
         except BaseException:
             self.active_task = None  # the task did not begin: begin_task(t) may be called again
             raise
+        if batches is not None:
+            self.preview_task(t, batches)
 
     def trainable_parameters(self, t: int) -> list[nn.Parameter]:
         """What the optimiser updates in task t; everything else gets requires_grad=False."""

@@ -12,6 +12,7 @@ import fnmatch
 import logging
 import math
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ness import distributed
-from ness.adapters import NullSpaceAdapter
+from ness.adapters import NullSpaceAdapter, added_low_rank_terms
 from ness.methods.base import (
     ContinualMethod,
     Forward,
@@ -29,6 +30,7 @@ from ness.methods.base import (
     check_patterns_match,
     config_tuple,
     is_count,
+    is_integer,
     is_number,
     matching_modules,
     replace_module,
@@ -61,6 +63,7 @@ from ness.subspace import (
     old_output_energy,
     output_change,
     project_to_output_budget,
+    transfer_directions,
     with_bias_input,
 )
 
@@ -74,13 +77,17 @@ BATCHNORM_MODES: tuple[str, ...] = ("frozen", "per_task")
 
 @dataclass(frozen=True)
 class NESSConfig:
-    """NESS settings; defaults are the paper's CIFAR-100 / 5-datasets values (METHODS_SPEC §2.5)."""
+    """NESS settings. The defaults are one setting for every benchmark, chosen on validation (BENCHMARKS.md): a
+    strict null space (U carries at most δ = 0.1 % of the earlier inputs' energy) and a transfer adapter of rank 100
+    per task. The paper's NESS is `NESSConfig(eps1=1e-3, transfer_rank=0)` (its CIFAR-100 values, §2.5)."""
 
-    eps1: float = 1e-3
-    """ε₁ of Eq. 5: keep directions with σᵢ ≤ ε₁·‖I_t‖_F (frobenius) or ε₁·Σσᵢ (nuclear)."""
-    threshold: ThresholdRule = "frobenius"
+    eps1: float | None = None
+    """ε₁ of Eq. 5: keep directions with σᵢ ≤ ε₁·‖I_t‖_F (frobenius) or ε₁·Σσᵢ (nuclear). Giving it without a
+    `threshold` selects the paper's Frobenius rule."""
+    threshold: ThresholdRule | None = None
     """'frobenius' is the paper's Eq. 5; 'nuclear' is what the official code computes (a larger τ); 'energy' keeps
-    the smallest directions carrying at most `delta` of the layer's input energy; 'rank' keeps `rank` directions."""
+    the smallest directions carrying at most `delta` of the layer's input energy; 'rank' keeps `rank` directions.
+    None: 'frobenius' when eps1 is given, 'rank' when rank is, else 'energy' (the default)."""
     delta: float = 1e-3
     """δ of the 'energy' rule, in (0, 1): the share of Σ‖x‖² over earlier inputs that U may carry."""
     rank: int | None = None
@@ -115,6 +122,12 @@ class NESSConfig:
     batchnorm: Literal["frozen", "per_task"] = "frozen"
     """'frozen' (the paper): after task 0 BatchNorm's affine parameters and running statistics never change.
     'per_task': every task trains its own and keeps them; evaluating task j swaps task j's back in, as task heads."""
+    transfer_rank: int = 100
+    """k: each task t ≥ 1 also trains its own transfer adapter Ū_t·A_t in every adapted layer. Ū_t holds the k
+    directions in which task t's inputs (through the model as the task starts) carry the most energy outside U,
+    which the shared ΔW = U·V cannot use; A_t trains from zero. It is kept per task and acts only when task t is
+    predicted (`predict(x, t)`), so no other task ever sees it: TRGP's reuse of old directions per task, through
+    an adapter. Needs the task's data before training: `begin_task(t, loader)`. 0: none (the paper)."""
     output_budget: float | None = None
     """β, a budget on what each task may change for the earlier inputs, relative to what they produce: after every
     step each adapted layer's V is projected (in `after_step`) so that its squared output change summed over every
@@ -128,15 +141,25 @@ class NESSConfig:
     alone. None: no constraint (the paper, which relies on weight decay to keep V small)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.eps1, bool) or not isinstance(self.eps1, (int, float)) or not math.isfinite(self.eps1):
-            raise ValueError(f"NESSConfig.eps1 must be a finite number in (0, 1), got {self.eps1!r}")
-        if not 0 < self.eps1 < 1:
+        if self.eps1 is not None and not is_number(self.eps1):
+            raise ValueError(f"NESSConfig.eps1 must be a finite number in (0, 1) or None, got {self.eps1!r}")
+        if self.eps1 is not None and not 0 < self.eps1 < 1:
             raise ValueError(
                 f"NESSConfig.eps1 must be in (0, 1), got {self.eps1}: ε₁ ≤ 0 keeps no direction and ε₁ ≥ 1 "
                 "keeps every direction (no protection). The paper uses 1e-3 (CIFAR-100) and 5e-4 (miniImageNet)."
             )
+        if self.threshold is None:
+            if self.eps1 is not None and self.rank is not None:
+                raise ValueError(
+                    "NESSConfig: both eps1 and rank are given but no threshold: say which rule to use, "
+                    "threshold='frobenius' (or 'nuclear') for ε₁ or 'rank' for the rank"
+                )
+            rule = "frobenius" if self.eps1 is not None else "rank" if self.rank is not None else "energy"
+            object.__setattr__(self, "threshold", rule)
         if self.threshold not in THRESHOLD_RULES:
             raise ValueError(f"NESSConfig.threshold must be one of {THRESHOLD_RULES}, got {self.threshold!r}")
+        if self.threshold in ("frobenius", "nuclear") and self.eps1 is None:
+            raise ValueError(f"NESSConfig: threshold={self.threshold!r} needs eps1 (ε₁ of Eq. 5), e.g. eps1=1e-3")
         if not is_number(self.delta) or not 0 < self.delta < 1:
             raise ValueError(f"NESSConfig.delta must be a number in (0, 1), the energy share; got {self.delta!r}")
         if self.rank is not None and not is_count(self.rank):
@@ -181,13 +204,24 @@ class NESSConfig:
                 f"NESSConfig.max_output_shift must be a finite number > 0 (the certified ‖xᵀΔW‖² per layer) or "
                 f"None, got {shift!r}"
             )
+        if not is_integer(self.transfer_rank) or self.transfer_rank < 0:
+            raise ValueError(
+                f"NESSConfig.transfer_rank must be an integer ≥ 0 (k, the directions of each task's own transfer "
+                f"adapter; 0: none), got {self.transfer_rank!r}"
+            )
         if not is_count(self.replay_batch_size):
             raise ValueError(f"NESSConfig.replay_batch_size must be an integer ≥ 1, got {self.replay_batch_size!r}")
         if isinstance(self.probe_samples, bool) or not isinstance(self.probe_samples, int) or self.probe_samples < 0:
             raise ValueError(f"NESSConfig.probe_samples must be an integer ≥ 0, got {self.probe_samples!r}")
 
     def for_layer_rule(self, rule: dict[str, Any]) -> NESSConfig:
-        """This config with one layer rule's settings applied (and validated)."""
+        """This config with one layer rule's settings applied (and validated). A rule that sets another rule's knob
+        without naming its threshold switches to that rule ({'eps1': 0.01} under the energy rule: Frobenius)."""
+        knob_rule = {"eps1": ("frobenius", "nuclear"), "delta": ("energy",), "rank": ("rank",)}
+        if "threshold" not in rule:
+            for knob, rules in knob_rule.items():
+                if knob in rule and self.threshold not in rules:
+                    rule = {**rule, "threshold": rules[0]}
         return dataclasses.replace(self, **rule, layer_rules={})
 
     def layer_config(self, name: str) -> NESSConfig:
@@ -235,8 +269,8 @@ class LayerRole:
     """The module's class name."""
     status: Literal["adapted", "trains", "frozen"]
     reason: str
-    """Why, as a code: adapted, rank0, modules_to_save, head, other_head, batchnorm, excluded, unreachable,
-    not_adaptable."""
+    """Why, as a code: adapted, transfer (rank 0 with a transfer adapter), rank0, modules_to_save, head, other_head,
+    batchnorm, excluded, unreachable, not_adaptable."""
     detail: str
     """Why, in words."""
     trainable: int
@@ -298,6 +332,8 @@ class NESS(ContinualMethod):
         self.task_deltas: list[dict[str, tuple[Tensor, Tensor]]] = []  # (U, V) per layer, task 1, 2, ... (CPU)
         self.batchnorm_states: list[BatchNormState] = []  # batchnorm='per_task': each finished task's BatchNorm
         self.roles: list[LayerRole] = []  # the open task's `layer_roles`
+        self.transfers: list[dict[str, tuple[Tensor, Tensor]]] = []  # per finished task: layer → (Ū, A)
+        self._transfer_task: int | None = None  # the open task, once its adapters hold its transfer terms
         self._probe_generator = torch.Generator().manual_seed(0)
         self._frozen_momenta: dict[str, float | None] | None = None  # batchnorm='frozen': the momenta to restore
         self._digests: dict[str, bytes] = {}  # the open task's parameters (all but the V's) as it began
@@ -335,7 +371,7 @@ class NESS(ContinualMethod):
         for name, basis in bases.items():
             record = self._basis_record(t, name, basis)
             self.records.append(record)
-            if basis.rank == 0:  # no direction is quiet enough: the layer does not change in this task
+            if basis.rank == 0 and not self.config.transfer_rank:  # the layer does not change in this task
                 continue
             base = self.model.get_submodule(name)
             budget = None
@@ -346,7 +382,44 @@ class NESS(ContinualMethod):
             replace_module(self.model, name, adapter)
             self.active[name] = ActiveLayer(adapter, basis.kept_singular_values, probes[name], record, budget)
         self._guard_task(t)
+        if not self.config.transfer_rank:  # else once preview_task has added the transfer adapters
+            self._report_roles(t)
+
+    def preview_task(self, t: int, batches: Iterable[Any]) -> None:
+        """With transfer_rank = k: task t's transfer directions, from one pass of its data through the model as the
+        task starts (each layer's Σxxᵀ), and a transfer adapter Ū·A on every adapted layer. The trainer calls it
+        before the first step; in an own loop, `begin_task(t, loader)` does."""
+        if t == 0 or not self.config.transfer_rank or self._transfer_task == t:
+            return
+        self._check_active(t, "preview_task")
+        where = f"preview_task({t})"
+        stats = self._collect(((x, t) for x in task_inputs(batches, where)), where, torch.Generator().manual_seed(t))
+        directions = {
+            name: transfer_directions(stats[name].covariance, layer.adapter.U, self.config.transfer_rank, name)
+            for name, layer in self.active.items()
+        }
+        for name, found in directions.items():
+            layer = self.active[name]
+            layer.record.update(
+                transfer_rank=found.basis.shape[1],
+                new_energy_outside_U=found.outside_share,
+                transfer_energy=found.captured_share,
+            )
+            if found.basis.shape[1]:
+                layer.adapter.add_transfer(found.basis)
+                self._trainable.add(f"{name}.A")
+        self._transfer_task = t
         self._report_roles(t)
+
+    def trainable_parameters(self, t: int) -> list[nn.Parameter]:
+        if t > 0 and self.config.transfer_rank and self._transfer_task != t and self.active_task == t:
+            raise TrainingLoopError(
+                f"trainable_parameters({t}): NESSConfig.transfer_rank={self.config.transfer_rank} chooses task {t}'s "
+                f"transfer directions from its data, which NESS has not seen: call method.begin_task({t}, loader) "
+                f"(or method.preview_task({t}, loader)) with the task's training batches first, or set "
+                "transfer_rank=0"
+            )
+        return super().trainable_parameters(t)
 
     def _null_basis(self, name: str, covariance: Tensor) -> NullBasis:
         """Layer `name`'s U under its rule (the config's, or the first matching layer rule)."""
@@ -379,7 +452,7 @@ class NESS(ContinualMethod):
     def _guard_task(self, t: int) -> None:
         """Freeze what task t does not train (so a loop that skips `trainable_parameters` trains nothing else) and
         take a digest of every parameter but the V's, which `end_task` compares to catch a loop that changed them."""
-        trainable = {id(p) for p in self.trainable_parameters(t)}
+        trainable = {id(p) for p in ContinualMethod.trainable_parameters(self, t)}
         adapters = {id(layer.adapter.V) for layer in self.active.values()}
         self._trainable = {n for n, p in self.model.named_parameters() if id(p) in trainable}
         self._digests = {n: tensor_digest(p) for n, p in self.model.named_parameters() if id(p) not in adapters}
@@ -419,6 +492,10 @@ class NESS(ContinualMethod):
         """(status, reason code, words) of one module in task t; see `layer_roles`."""
         if name in records:
             r = records[name]
+            transfer = module.transfer_rank if isinstance(module, NullSpaceAdapter) else 0
+            own = f"; transfer adapter of rank {transfer} (task {t}'s own)" if transfer else ""
+            if r["rank"] == 0 and transfer:
+                return "adapted", "transfer", f"rank 0 of {r['d']}: the shared weights stay{own}"
             if r["rank"] == 0:
                 return (
                     "frozen",
@@ -435,7 +512,7 @@ class NESS(ContinualMethod):
                 if module.base.bias is not None
                 else ""
             )
-            detail = f"rank {r['rank']} of {r['d']}; only V trains{'; ' + bias if bias else ''}"
+            detail = f"rank {r['rank']} of {r['d']}; only V trains{'; ' + bias if bias else ''}{own}"
             if r["energy_share_U"] >= PROTECTS_LITTLE:
                 detail += (
                     f"; U carries {100 * r['energy_share_U']:.0f}% of the earlier inputs' energy, so it protects "
@@ -488,15 +565,36 @@ class NESS(ContinualMethod):
         norms = batchnorm_layers(self.model).values() if self.config.batchnorm == "per_task" else ()
         norm_parameters = [p for layer in norms for p in layer.parameters(recurse=False)]
         saved = [p for name in self.saved_modules for p in self.model.get_submodule(name).parameters()]
-        params = [layer.adapter.V for layer in self.active.values()] + own_head + norm_parameters + saved
+        factors = [f for layer in self.active.values() for f in (layer.adapter.V, layer.adapter.A) if f is not None]
+        params = factors + own_head + norm_parameters + saved
         return list({id(p): p for p in params}.values())  # a saved module may hold the head: each parameter once
 
     def predict(self, x: Tensor, t: int) -> Tensor:
-        """With batchnorm='per_task', an earlier task is evaluated with its own BatchNorm state."""
-        if self.config.batchnorm != "per_task" or t >= len(self.batchnorm_states) or t == self.active_task:
-            return self.forward(self.model, x, t)
-        with batchnorm_swapped(self.model, self.batchnorm_states[t]):
-            return self.forward(self.model, x, t)
+        """Task t's logits: with its own transfer adapter (transfer_rank), and with batchnorm='per_task' an earlier
+        task with its own BatchNorm state."""
+        with self._transfer_of(t):
+            if self.config.batchnorm != "per_task" or t >= len(self.batchnorm_states) or t == self.active_task:
+                return self.forward(self.model, x, t)
+            with batchnorm_swapped(self.model, self.batchnorm_states[t]):
+                return self.forward(self.model, x, t)
+
+    @contextmanager
+    def _transfer_of(self, t: int) -> Iterator[None]:
+        """Inside the block the model computes task t's function: the open task's transfer terms act only for the
+        open task, and a finished task's own terms are added back for it."""
+        if not self.transfers and self._transfer_task is None:  # no transfer adapter anywhere: nothing to do
+            yield
+            return
+        opened = [layer.adapter for layer in self.active.values() if layer.adapter.A is not None]
+        own = self.transfers[t] if t < len(self.transfers) and t != self._transfer_task else {}
+        for adapter in opened:
+            adapter.transfer_enabled = t == self._transfer_task
+        try:
+            with added_low_rank_terms(self.model, own, self.bias_layers):
+                yield
+        finally:
+            for adapter in opened:
+                adapter.transfer_enabled = True
 
     def after_step(self, t: int) -> None:
         """With max_output_shift = ε: project each V back onto the ball ‖V‖₂ ≤ √ε/σ_max(U) (Eq. 10); with
@@ -515,7 +613,8 @@ class NESS(ContinualMethod):
 
     def _v_bound(self, layer: ActiveLayer) -> float | None:
         """√ε/σ_max(U) for the layer, or None without a constraint (or when U carries no energy at all)."""
-        sigma_max = float(layer.kept_singular_values.max())
+        sigma = layer.kept_singular_values
+        sigma_max = float(sigma.max()) if sigma.numel() else 0.0
         if self.config.max_output_shift is None or sigma_max == 0.0:
             return None
         return math.sqrt(self.config.max_output_shift) / sigma_max
@@ -527,7 +626,17 @@ class NESS(ContinualMethod):
             self._check_training(t)
         measured = {name: self._measure(layer) for name, layer in self.active.items()}
         merged: dict[str, tuple[Tensor, Tensor | None]] = {}  # the base weights before the merge, to roll back
-        generator_state = self._probe_generator.get_state()
+        generator_state, transfer_task = self._probe_generator.get_state(), self._transfer_task
+        # Task t's own transfer terms leave the adapters and act through predict(x, t) from now on, as they will
+        # whenever task t is predicted: the statistics pass below sees task t's inputs as task t computes them.
+        self.transfers.append(
+            {
+                name: (layer.adapter.transfer_basis.detach(), layer.adapter.A.detach().clone())
+                for name, layer in self.active.items()
+                if layer.adapter.A is not None
+            }
+        )
+        self._transfer_task = None
         try:
             for name, layer in self.active.items():
                 base = layer.adapter.base
@@ -543,11 +652,14 @@ class NESS(ContinualMethod):
                         adapter.base.bias.copy_(bias)
                     replace_module(self.model, name, adapter)
             self._probe_generator.set_state(generator_state)
+            self.transfers.pop()
+            self._transfer_task = transfer_task
             raise
         deltas = {}
         for name, layer in self.active.items():
             layer.record.update(measured[name])
-            deltas[name] = (layer.adapter.U.detach().cpu().clone(), layer.adapter.V.detach().cpu().clone())
+            if layer.adapter.rank:
+                deltas[name] = (layer.adapter.U.detach().cpu().clone(), layer.adapter.V.detach().cpu().clone())
         if t > 0:
             self.task_deltas.append(deltas)
         if self._frozen_momenta is not None:
@@ -611,13 +723,15 @@ class NESS(ContinualMethod):
                 f"method.trainable_parameters({t}) and leave requires_grad as NESS sets it; to train a module "
                 "fully on purpose, list it in NESSConfig.modules_to_save."
             )
-        if not self.active or any(bool(layer.adapter.V.detach().any()) for layer in self.active.values()):
-            return
-        with_gradient = [
-            n
+        factors = {
+            f"{n}.{key}": f
             for n, layer in self.active.items()
-            if layer.adapter.V.grad is not None and bool(layer.adapter.V.grad.any())
-        ]
+            for key, f in (("V", layer.adapter.V), ("A", layer.adapter.A))
+            if f is not None and f.numel()
+        }
+        if not factors or any(bool(f.detach().any()) for f in factors.values()):
+            return
+        with_gradient = [n for n, f in factors.items() if f.grad is not None and bool(f.grad.any())]
         trained = [n for n in changed if n in self._trainable]
         if with_gradient or trained:
             evidence = (
@@ -626,9 +740,9 @@ class NESS(ContinualMethod):
                 else f"the task trained ({short_list(trained)} changed)"
             )
             raise TrainingLoopError(
-                f"end_task({t}): no adapter's V moved during task {t} although {evidence}: the optimiser does not "
-                f"hold the V's, so nothing of the task was learnt in the adapted layers. An optimiser made before "
-                f"begin_task({t}) cannot hold them: build one after begin_task({t}) from "
+                f"end_task({t}): no adapter's V (or transfer A) moved during task {t} although {evidence}: the "
+                f"optimiser does not hold them, so nothing of the task was learnt in the adapted layers. An "
+                f"optimiser made before begin_task({t}) cannot hold them: build one after begin_task({t}) from "
                 f"method.trainable_parameters({t})."
             )
 
@@ -645,8 +759,11 @@ class NESS(ContinualMethod):
 
     # -- statistics ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _collect(self, inputs: Iterable[tuple[Tensor, int]], where: str) -> dict[str, LayerStatistics]:
-        """One forward pass with hooks over `inputs` (eval mode): every layer's Σxxᵀ and a row sample.
+    def _collect(
+        self, inputs: Iterable[tuple[Tensor, int]], where: str, generator: torch.Generator | None = None
+    ) -> dict[str, LayerStatistics]:
+        """One forward pass with hooks over `inputs` (eval mode): every layer's Σxxᵀ and a row sample, drawn with
+        `generator` (default: the method's own, whose state the probes of later tasks continue).
 
         Under torchrun each rank passes its rows rank::world of every batch; the sums are then added over the
         ranks and the row samples merged, so every rank holds what one process would have (ness.distributed)."""
@@ -654,11 +771,13 @@ class NESS(ContinualMethod):
         k = self.config.probe_samples
         part: distributed.Shard | None = None  # this rank's part of the batch being passed
 
+        generator = self._probe_generator if generator is None else generator
+
         def record(name: str, module: nn.Module, x: Tensor) -> None:
-            rows = layer_input_rows(module, x)
+            rows = layer_input_rows(module.base if isinstance(module, NullSpaceAdapter) else module, x)
             if name in self.bias_layers:
                 rows = with_bias_input(rows)
-            keys = distributed.shard_keys(rows.shape[0], part, self._probe_generator)
+            keys = distributed.shard_keys(rows.shape[0], part, generator)
             rows = rows[: keys.numel()]  # a rank without rows passed a placeholder row: none of its rows count
             s = stats.get(name)
             if s is None:
@@ -692,23 +811,28 @@ class NESS(ContinualMethod):
     def _measure(self, layer: ActiveLayer) -> dict[str, float]:
         """‖V‖₂, Eq. 8's bound, the covariance bound ‖diag(σ_U)·V‖₂ and the max ‖xᵀΔW‖ over kept rows."""
         v = layer.adapter.V.detach().double()
-        v_norm = float(torch.linalg.matrix_norm(v, ord=2))
         sigma_u = layer.kept_singular_values.to(v.device)
-        # For x a column of I_t = ŨΣṼᵀ: xᵀUV = eᵢᵀ Ṽ_U Σ_U V with orthonormal Ṽ, so ‖xᵀUV‖ ≤ ‖Σ_U V‖₂ ≤ σ_max(U)‖V‖₂.
-        covariance_bound = float(torch.linalg.matrix_norm(sigma_u[:, None] * v, ord=2))
+        if v.numel():
+            v_norm = float(torch.linalg.matrix_norm(v, ord=2))
+            # For x a column of I_t = ŨΣṼᵀ: xᵀUV = eᵢᵀṼ_U Σ_U V with orthonormal Ṽ: ‖xᵀUV‖ ≤ ‖Σ_U V‖₂ ≤ σ_max(U)‖V‖₂.
+            covariance_bound = float(torch.linalg.matrix_norm(sigma_u[:, None] * v, ord=2))
+            sigma_max = float(sigma_u.max())
+        else:  # rank 0 (a layer that holds only a transfer adapter): the shared weights do not change
+            v_norm = covariance_bound = sigma_max = 0.0
         delta = layer.adapter.U.double() @ v  # (d, o) in the paper's layout
         probe = layer.probe.to(delta.device, torch.float64)
         measured = float((probe @ delta).norm(dim=1).max()) if probe.numel() else float("nan")
-        shift = self.config.max_output_shift
+        shift, transfer = self.config.max_output_shift, layer.adapter.A
         return {
             "certified_shift": math.sqrt(shift) if shift is not None else None,
             "v_spectral_norm": v_norm,
-            "eq8_bound": float(sigma_u.max()) * v_norm,
+            "eq8_bound": sigma_max * v_norm,
             "covariance_bound": covariance_bound,
             # Σ over every recorded earlier input of ‖x̃ᵀΔW‖², exact from the covariance (output_budget's measure).
             "predicted_output_change": output_change(layer.adapter.V, layer.kept_singular_values),
             "measured_max_shift": measured,
             "probe_rows": probe.shape[0],
+            "transfer_norm": float(transfer.detach().norm()) if transfer is not None else None,
         }
 
     # -- saving ----------------------------------------------------------------------------------------
@@ -726,11 +850,14 @@ class NESS(ContinualMethod):
             active={
                 n: {
                     "rank": a.adapter.rank,
+                    "transfer_rank": a.adapter.transfer_rank,
                     "kept_singular_values": a.kept_singular_values.cpu(),
                     "probe": a.probe.cpu(),
                 }
                 for n, a in self.active.items()
             },
+            transfers=[{n: (u.cpu(), a.cpu()) for n, (u, a) in terms.items()} for terms in self.transfers],
+            transfer_task=self._transfer_task,
         )
         return state
 
@@ -745,7 +872,10 @@ class NESS(ContinualMethod):
             base = self.model.get_submodule(name)
             # U's values come with the model's state below; only its shape is needed to build the adapter.
             bias = name in self.bias_layers
-            adapter = NullSpaceAdapter(base, torch.ones(input_dim(base) + bias, saved["rank"]), name, adapt_bias=bias)
+            d = input_dim(base) + bias
+            adapter = NullSpaceAdapter(base, torch.ones(d, saved["rank"]), name, adapt_bias=bias)
+            if saved.get("transfer_rank"):  # Ū and A, like U, take their values from the model's state below
+                adapter.add_transfer(torch.ones(d, saved["transfer_rank"]))
             replace_module(self.model, name, adapter)
             record = records[(state["active_task"], name)]
             budget = record.get("output_budget")  # set by begin_task when the config has an output_budget
@@ -761,6 +891,10 @@ class NESS(ContinualMethod):
         self.batchnorm_states = list(state["batchnorm_states"])
         self._probe_generator.set_state(state["probe_generator"])
         self.records = list(records.values())
+        self.transfers = [
+            {n: (u.to(device), a.to(device)) for n, (u, a) in terms.items()} for terms in state.get("transfers", [])
+        ]
+        self._transfer_task = state.get("transfer_task")
         if self.active_task is not None and self.active_task > 0:
             self._guard_task(self.active_task)  # the open task goes on from here: check its training from now on
 
@@ -778,11 +912,13 @@ class NESS(ContinualMethod):
 
         return load_adapters(model, directory, forward)
 
-    def merge_and_unload(self) -> nn.Module:
-        """A plain copy of the model with the open task's ΔW merged: no adapters, the same outputs."""
+    def merge_and_unload(self, task: int | None = None) -> nn.Module:
+        """A plain copy of the model with the open task's ΔW merged, no adapters: task=None gives the shared model
+        (no task's transfer term), task=j task j's own model, with outputs `predict(x, j)`'s (its transfer term
+        Ū_j·A_j merged too); see ness.adapter_files.merge_and_unload."""
         from ness.adapter_files import merge_and_unload
 
-        return merge_and_unload(self)
+        return merge_and_unload(self, task)
 
 
 def format_roles(roles: list[LayerRole], model: nn.Module) -> str:
@@ -792,7 +928,7 @@ def format_roles(roles: list[LayerRole], model: nn.Module) -> str:
     groups: dict[tuple[str, str], list[LayerRole]] = {}
     width = max((len(r.module) for r in roles), default=0)
     for role in roles:
-        if role.reason in ("adapted", "rank0"):
+        if role.reason in ("adapted", "rank0", "transfer"):
             trains = f" ({role.trainable:,} trainable)" if role.trainable else ""
             lines.append(f"  {role.module:<{width}}  {role.kind}: {role.status}, {role.detail}{trains}")
         else:
