@@ -267,3 +267,20 @@ def test_the_trainer_evaluates_every_task_through_its_own_transfer_adapter():
             differs |= not torch.equal(method.predict(t.test.inputs, j).argmax(1), shared) and j > 0
     assert differs
     assert next(r["transfer_rank"] for r in method.diagnostics() if r["task"] == 1) > 0
+
+
+def test_a_task_trained_without_its_data_reaching_preview_is_told_at_end_task(caplog):
+    model = mlp()
+    method = NESS(model, NESSConfig(eps1=0.05, transfer_rank=4))
+    finish(method, model, 0)
+    method.begin_task(1)  # no data: the loop builds its optimiser from requires_grad instead of trainable_parameters
+    x1, y1 = task(1)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2)
+    for _ in range(5):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x1), y1).backward()
+        optimizer.step()
+    with caplog.at_level("WARNING", logger="ness"):
+        method.end_task(1, batches(x1, y1, 32))
+    assert "task 1: trained without its transfer adapter" in caplog.text
+    assert method.transfers[1] == {}

@@ -624,6 +624,13 @@ class NESS(ContinualMethod):
         error, in the checks or while reading `batches`, leaves the task open and the method as it was)."""
         if t > 0:
             self._check_training(t)
+            if self.config.transfer_rank and self._transfer_task != t:
+                log.warning(
+                    "NESS, task %d: trained without its transfer adapter, since its data never reached "
+                    "begin_task(%d, loader) or preview_task: it learnt in the shared null space only",
+                    t,
+                    t,
+                )
         measured = {name: self._measure(layer) for name, layer in self.active.items()}
         merged: dict[str, tuple[Tensor, Tensor | None]] = {}  # the base weights before the merge, to roll back
         generator_state, transfer_task = self._probe_generator.get_state(), self._transfer_task
