@@ -422,7 +422,10 @@ def test_drop_last_skips_only_a_short_last_batch():
     task = Task("t", 2, split, split, split, lambda x: x)
     for drop_last, sizes in ((False, [10, 10, 3]), (True, [10, 10])):
         config = TrainConfig(batch_size=10, drop_last=drop_last)
-        got = [x.shape[0] for x, _, _ in epoch_batches([(0, task)], config, torch.Generator().manual_seed(0))]
+        got = [
+            x.shape[0]
+            for x, _, _ in epoch_batches([(0, split, task.transform)], config, torch.Generator().manual_seed(0))
+        ]
         assert got == sizes
 
 

@@ -535,3 +535,55 @@ def test_a_task_with_nothing_to_train_is_evaluated_untrained_with_a_warning(benc
     # Untrained heads 1 and 2: their accuracy is what the model gives, read here with an explicit argmax.
     for j, task in enumerate(bench.tasks):
         assert result["acc_matrix"][2][j] == pytest.approx(own_test_accuracy(model, j, task))
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+def test_loss_monitor_sums_rows_and_names_the_first_non_finite_step(on_host):
+    """The device path (no read per step) must report the same sum and the same first bad step as the host path."""
+    losses, rows = [0.5, 1.25, 2.0], [10, 10, 3]
+    monitor = trainer.LossMonitor(2, 4, 0.01, torch.device("cpu"), on_host=on_host)
+    for loss, n in zip(losses, rows, strict=True):
+        monitor.check(torch.tensor(loss))
+        monitor.add(torch.tensor(loss), n)
+    assert monitor.sum() == pytest.approx(0.5 * 10 + 1.25 * 10 + 2.0 * 3)
+
+    monitor = trainer.LossMonitor(2, 4, 0.01, torch.device("cpu"), check_every=1000, on_host=on_host)
+    with pytest.raises(FloatingPointError, match=r"task 2, epoch 4, step 3: .*now 0\.01"):
+        for value in [1.0, 2.0, 3.0, math.nan, 4.0, math.inf]:
+            monitor.check(torch.tensor(value))
+            monitor.add(torch.tensor(value), 10)
+        monitor.sum()  # the device path learns of it here at the latest
+
+
+def test_loss_monitor_on_a_device_stops_within_check_every_steps():
+    monitor = trainer.LossMonitor(0, 0, 0.1, torch.device("cpu"), check_every=4, on_host=False)
+    seen = 0
+    with pytest.raises(FloatingPointError, match="step 5:"):
+        for value in [1.0] * 5 + [math.inf] + [1.0] * 10:
+            monitor.check(torch.tensor(value))
+            monitor.add(torch.tensor(value), 1)
+            seen += 1
+    assert seen == 7  # step 5 is bad; the check after step 7 (every 4th) finds it
+
+
+def test_a_prepared_training_split_gives_the_same_batches_as_the_raw_one():
+    from ness.data import iterate_batches
+    from ness.data.tasks import PixelTransform, prepared_training_split
+
+    g = torch.Generator().manual_seed(0)
+    raw = Split(torch.randint(0, 256, (53, 12), generator=g, dtype=torch.uint8), torch.randint(0, 3, (53,)))
+    task = Task("t", 3, raw, raw, raw, PixelTransform(255.0, 0.1, 0.3, permutation=torch.randperm(12, generator=g)))
+    split, transform = prepared_training_split(task, "cpu")
+    assert transform is not task.transform and split.inputs.dtype == torch.float32
+    ours = list(iterate_batches(split, transform, 8, shuffle=True, generator=torch.Generator().manual_seed(1)))
+    theirs = list(iterate_batches(raw, task.transform, 8, shuffle=True, generator=torch.Generator().manual_seed(1)))
+    assert len(ours) == len(theirs) == 7
+    for (x, y), (x_ref, y_ref) in zip(ours, theirs, strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+    # a transform that does not declare itself deterministic (an augmentation), or a copy over the limit: per batch
+    augmenting = Task("t", 3, raw, raw, raw, lambda x: x.float() + torch.rand(x.shape))
+    split, transform = prepared_training_split(augmenting, "cpu")
+    assert split is raw and transform is augmenting.transform
+    split, transform = prepared_training_split(task, "cpu", limit=53 * 12 * 4 - 1)
+    assert split is raw and transform is task.transform

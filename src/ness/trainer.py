@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ness import distributed
 from ness.data import Benchmark, Split, Task, iterate_batches, iterate_mixed_batches
+from ness.data.tasks import prepared_training_split
 from ness.methods import ContinualMethod, StepProgress
 from ness.methods.base import is_count, is_number
 from ness.metrics import average_accuracy, backward_transfer
@@ -271,10 +272,11 @@ def train_task(
     )
     model.train()
     trained = [p for group in loop.optimizer.param_groups for p in group["params"]] if loop.optimizer else []
+    sets = training_sets(sources, config.device) if not loop.finished else []
     with bar, distributed.GradientAverager(trained):  # several processes: each pass's gradient is the global batch's
         while not loop.finished:
             started = time.perf_counter()
-            record = train_epoch(method, t, sources, config, generator, loop, batches_per_epoch)
+            record = train_epoch(method, t, sources, sets, config, generator, loop, batches_per_epoch)
             loop.train_seconds += time.perf_counter() - started
             if after_epoch is not None:
                 after_epoch(loop, record)
@@ -292,33 +294,87 @@ def train_task(
     }
 
 
+class LossMonitor:
+    """An epoch's training loss: its sum over rows, and a stop at the first non-finite loss naming its step.
+
+    On the CPU each loss is read as it comes (a read costs nothing there) and a bad one stops the run before its
+    backward pass. On an accelerator, reading it would wait for the device every step, so the sum and the first
+    bad step stay on the device and are read every `check_every` steps and at the end of the epoch."""
+
+    def __init__(
+        self, t: int, epoch: int, lr: float, device: torch.device, check_every: int = 200, on_host: bool | None = None
+    ) -> None:
+        self.where, self.lr, self.check_every = (t, epoch), lr, check_every
+        self.on_host = device.type == "cpu" if on_host is None else on_host
+        self.total: float | torch.Tensor = 0.0 if self.on_host else torch.zeros((), device=device)
+        self.first_bad: torch.Tensor | None = None if self.on_host else torch.full((), -1, device=device)
+        self.step = 0
+
+    def check(self, loss: torch.Tensor) -> None:
+        """`check_loss` of a training step: the loss of step `self.step` before its backward pass."""
+        if self.on_host:
+            value = loss.item()
+            if not math.isfinite(value):
+                self._stop(self.step, value)
+        else:  # the first step whose loss is not finite, without leaving the device
+            bad = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)
+            self.first_bad = torch.where(bad, self.step, self.first_bad)
+
+    def add(self, loss: torch.Tensor, rows: int) -> None:
+        """Count the step's loss (once per step, after it) and move to the next step."""
+        if self.on_host:
+            self.total += loss.item() * rows
+        else:
+            self.total = self.total + loss.detach() * rows
+            if (self.step + 1) % self.check_every == 0:
+                self.raise_if_bad()
+        self.step += 1
+
+    def raise_if_bad(self) -> None:
+        if self.first_bad is not None and int(self.first_bad) >= 0:
+            self._stop(int(self.first_bad), float("nan"))
+
+    def sum(self) -> float:
+        """The epoch's summed loss (one read of the device)."""
+        self.raise_if_bad()
+        return float(self.total)
+
+    def _stop(self, step: int, value: float) -> None:
+        t, epoch = self.where
+        raise FloatingPointError(
+            f"task {t}, epoch {epoch}, step {step}: the loss is {value}; "
+            f"lower the learning rate (now {self.lr:g}) or check the inputs"
+        )
+
+
 def train_epoch(
     method: ContinualMethod,
     t: int,
     sources: list[tuple[int, Task]],
+    sets: list[TrainingSet],
     config: TrainConfig,
     generator: torch.Generator,
     loop: TaskLoop,
     batches_per_epoch: int,
 ) -> dict[str, Any]:
-    """One epoch of task t, then the lr schedule's step; updates `loop` and returns the epoch's figures."""
+    """One epoch of task t (its batches drawn from `sets`), then the lr schedule's step on `sources`' validation
+    data; updates `loop` and returns the epoch's figures."""
     epoch, lr = loop.epochs_done, loop.lr
-    total, count = 0.0, 0
-    for step, (x, y, tasks) in enumerate(epoch_batches(sources, config, generator)):
-
-        def check_loss(loss: torch.Tensor, step: int = step) -> None:
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"task {t}, epoch {epoch}, step {step}: the loss is {loss.item()}; "
-                    f"lower the learning rate (now {lr:g}) or check the inputs"
-                )
-
+    monitor, count = LossMonitor(t, epoch, lr, torch.device(config.device)), 0
+    single = not distributed.active()
+    for step, (x, y, tasks) in enumerate(epoch_batches(sets, config, generator)):
         method.begin_step(t, StepProgress(epoch, step, batches_per_epoch, config.epochs))
+        if single:  # one process: the whole batch, no per-step context
+            loss = method.training_step(t, x, y, loop.optimizer, monitor.check, tasks)
+            monitor.add(loss, x.shape[0])
+            count += x.shape[0]
+            continue
         part = distributed.shard(x, y, tasks)  # several processes: this rank's rows of the global batch
         with distributed.training_step(method.model, part, (t, epoch, step)):
-            loss = method.training_step(t, part.x, part.y, loop.optimizer, check_loss, part.tasks)
-        total, count = total + loss.item() * part.rows, count + part.rows
-    total, count = distributed.sum_over_ranks([total, count])
+            loss = method.training_step(t, part.x, part.y, loop.optimizer, monitor.check, part.tasks)
+        monitor.add(loss, part.rows)
+        count += part.rows
+    total, count = distributed.sum_over_ranks([monitor.sum(), count])
     loop.epochs_done, loop.train_loss = epoch + 1, total / count
     record: dict[str, Any] = {"task": t, "epoch": epoch, "loss": loop.train_loss, "lr": lr}
     if config.lr_schedule:
@@ -339,26 +395,31 @@ def train_epoch(
     return record
 
 
+TrainingSet = tuple[int, Split, Callable[[torch.Tensor], torch.Tensor]]
+"""(task id, training split, its transform): what an epoch's batches are drawn from."""
+
+
+def training_sets(sources: Sequence[tuple[int, Task]], device: str) -> list[TrainingSet]:
+    """Each source's training split, transformed once on `device` where it can be (`prepared_training_split`)."""
+    return [(i, *prepared_training_split(task, device)) for i, task in sources]
+
+
 def epoch_batches(
-    sources: list[tuple[int, Task]], config: TrainConfig, generator: torch.Generator
+    sets: list[TrainingSet], config: TrainConfig, generator: torch.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """One epoch of shuffled training batches: (x, y, None) from one task, (x, y, task ids) from several; with
     drop_last, without the last batch when it is smaller than batch_size."""
-    if len(sources) == 1:
-        _, task = sources[0]
+    if len(sets) == 1:
+        _, split, transform = sets[0]
         batches: Iterator[tuple[torch.Tensor, ...]] = (
             (x, y, None)
             for x, y in iterate_batches(
-                task.train, task.transform, config.batch_size, shuffle=True, generator=generator, device=config.device
+                split, transform, config.batch_size, shuffle=True, generator=generator, device=config.device
             )
         )
     else:
         batches = iterate_mixed_batches(
-            [(i, task.train, task.transform) for i, task in sources],
-            config.batch_size,
-            shuffle=True,
-            generator=generator,
-            device=config.device,
+            sets, config.batch_size, shuffle=True, generator=generator, device=config.device
         )
     for batch in batches:
         if not (config.drop_last and batch[0].shape[0] < config.batch_size):

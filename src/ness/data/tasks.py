@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -93,6 +94,9 @@ class Benchmark:
 class PixelTransform:
     """Raw pixel batch -> float32 (B, features): x/scale, flatten, (x-mean)/std, then optionally permute."""
 
+    deterministic: ClassVar[bool] = True
+    """Each input's output depends on that input alone, without randomness: a split may be transformed once."""
+
     scale: float
     mean: float = 0.0
     std: float = 1.0
@@ -116,6 +120,9 @@ class ImageTransform:
     """uint8 (B, C, H, W) batch -> float32: x/255, (x − mean_c)/std_c per channel, then repeat the
     channels `repeat` times (grey images fed to 3-channel networks, as the 5-datasets loader does)."""
 
+    deterministic: ClassVar[bool] = True
+    """Each input's output depends on that input alone, without randomness: a split may be transformed once."""
+
     mean: tuple[float, ...]
     std: tuple[float, ...]
     repeat: int = 1
@@ -135,6 +142,31 @@ class ImageTransform:
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
         out = (x.to(torch.float32) / 255.0 - mean) / std
         return out.repeat(1, self.repeat, 1, 1) if self.repeat > 1 else out
+
+
+PREPARED_BYTES_LIMIT = 2 * 1024**3
+"""The largest float copy of a training split `prepared` makes (2 GiB); a larger split is transformed per batch."""
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    """The transform of a split whose inputs are already the model's inputs."""
+    return x
+
+
+def prepared_training_split(
+    task: Task, device: str | torch.device, limit: int = PREPARED_BYTES_LIMIT
+) -> tuple[Split, Callable[[torch.Tensor], torch.Tensor]]:
+    """(split, transform) to draw the task's training batches from: the split transformed once and on `device`, with
+    the identity, so that a batch is plain indexing (what a bare loop does), when the task's transform declares
+    itself deterministic (a random augmentation must run per batch) and the float copy takes at most `limit`
+    bytes; otherwise the raw split and its transform. Both give the same batches."""
+    train = task.train
+    if not getattr(task.transform, "deterministic", False) or len(train) == 0:
+        return train, task.transform
+    sample = task.transform(train.inputs[:1])
+    if sample.element_size() * sample.numel() * len(train) > limit:
+        return train, task.transform
+    return Split(task.transform(train.inputs.to(device)), train.labels.to(device)), identity
 
 
 def iterate_batches(

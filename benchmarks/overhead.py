@@ -1,0 +1,147 @@
+"""The training loop's cost against a bare PyTorch loop, per step, in one process on the same batches.
+
+Permuted MNIST's protocol (GPM): MLP 784-100-100-10 with one shared output, SGD lr 0.01, batch 10. On one epoch of
+`--images` training images of task 0 (and task 1 for NESS), it times per step:
+  * bare: the data transformed once, then per step index a batch, zero_grad, forward, cross-entropy, backward, SGD
+    step: the limit a library loop can reach;
+  * trainer, finetune: `ness.trainer.train_task` with fine-tuning in task 0;
+  * trainer, ness: `train_task` with NESS in task 1 (its adapters), for the paper's settings (Frobenius ε₁ 0.03, no
+    transfer adapter: the old preset) and for NESSConfig's defaults (energy rule, transfer adapters);
+  * own loop, ness: the bare loop on the model with NESS's task-1 adapters (`after_step` after each step);
+and each one's ratio to the bare loop. `--whole` also prints the floor of a whole paper-preset run: the bare loop's
+per-step time × the run's steps, plus the statistics' matrix products (Σxxᵀ per layer over each finished task).
+
+Usage: python benchmarks/overhead.py [--images 20000] [--repeats 3] [--threads 1] [--whole] [--json OUT.json]
+(real MNIST from $NESS_DATA_ROOT; without it, random images of the same shapes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ness.data import Benchmark, DataError, Split, Task, build_benchmark
+from ness.data.mnist import MNIST_MEAN, MNIST_STD
+from ness.data.tasks import PixelTransform
+from ness.methods import FineTune
+from ness.methods.ness import NESS, NESSConfig
+from ness.models import shared_head_mlp
+from ness.trainer import TrainConfig, train_task
+
+CONFIG = TrainConfig(epochs=1, lr=0.01, batch_size=10, test_batch_size=64, lr_schedule=False)
+NESS_SETTINGS = {
+    "ness (paper rule: Frobenius ε₁ 0.03, no transfer)": {"eps1": 0.03, "transfer_rank": 0},
+    "ness (defaults: energy δ 1e-3, transfer 100)": {},
+}
+
+
+def permuted_tasks(images: int) -> Benchmark:
+    """Two Permuted MNIST tasks of `images` training images (real files if found, else random of MNIST's shape)."""
+    try:
+        return build_benchmark("permuted_mnist", seed=1, num_tasks=2, train_per_task=images, pc_valid=0.1)
+    except DataError:  # no MNIST files here: the timing needs only the shapes
+        g = torch.Generator().manual_seed(0)
+        transform = PixelTransform(255.0, MNIST_MEAN, MNIST_STD)
+
+        def split(n: int) -> Split:
+            return Split(torch.randint(0, 256, (n, 784), generator=g, dtype=torch.uint8), torch.randint(0, 10, (n,)))
+
+        tasks = tuple(Task(f"random {t}", 10, split(images), split(100), split(100), transform) for t in range(2))
+        return Benchmark("permuted_mnist (random pixels)", tasks, (784,), True, {})
+
+
+def network() -> nn.Module:
+    torch.manual_seed(0)
+    return shared_head_mlp(784, (100, 100), 10)
+
+
+def bare_loop(model: nn.Module, params: list[nn.Parameter], task: Task, after_step: Callable[[], None]) -> float:
+    """Seconds per step of the plainest loop over task's training images (transformed once, indexed per batch)."""
+    x, y = task.transform(task.train.inputs), task.train.labels
+    optimizer = torch.optim.SGD(params, lr=CONFIG.lr)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    batches = order.split(CONFIG.batch_size)
+    model.train()
+    started = time.perf_counter()
+    for idx in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        optimizer.step()
+        after_step()
+    return (time.perf_counter() - started) / len(batches)
+
+
+def trainer_step(method, t: int, task: Task) -> float:
+    """Seconds per step of one epoch of `train_task` (the method's own hooks, the trainer's bookkeeping)."""
+    steps = -(-len(task.train) // CONFIG.batch_size)
+    log = train_task(method.model, method, t, task, CONFIG, torch.Generator().manual_seed(t), progress=False)
+    return log["train_seconds"] / steps
+
+
+def ness_at_task1(bench: Benchmark, options: dict) -> NESS:
+    """NESS after one epoch of task 0, with task 1 begun (its adapters built from task 0's statistics)."""
+    model = network()
+    method = NESS(model, NESSConfig(**options))
+    method.begin_task(0)
+    train_task(model, method, 0, bench.tasks[0], CONFIG, torch.Generator().manual_seed(0), progress=False)
+    task = bench.tasks[0]
+    method.end_task(0, [(task.transform(task.train.inputs[i : i + 64]),) for i in range(0, len(task.train), 64)])
+    return method
+
+
+def measure(bench: Benchmark, repeats: int) -> dict[str, float]:
+    task0, task1 = bench.tasks
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        model = network()
+        times.setdefault("bare loop", []).append(bare_loop(model, list(model.parameters()), task0, lambda: None))
+        finetune = FineTune(network())
+        finetune.begin_task(0)
+        times.setdefault("trainer, finetune (task 0)", []).append(trainer_step(finetune, 0, task0))
+        for name, options in NESS_SETTINGS.items():
+            method = ness_at_task1(bench, options)
+            method.begin_task(1, [(task1.transform(task1.train.inputs[:640]),)])
+            params = method.trainable_parameters(1)
+            key = f"own loop, {name}, task 1"
+            times.setdefault(key, []).append(bare_loop(method.model, params, task1, lambda m=method: m.after_step(1)))
+            method = ness_at_task1(bench, options)
+            method.begin_task(1)
+            times.setdefault(f"trainer, {name}, task 1", []).append(trainer_step(method, 1, task1))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=20000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    bench = permuted_tasks(args.images)
+    per_step = measure(bench, args.repeats)
+    bare = per_step["bare loop"]
+    print(
+        f"{bench.name}, {args.images} images per task, batch {CONFIG.batch_size}, {args.threads} thread(s), "
+        f"median of {args.repeats}; torch {torch.__version__}, {platform.processor() or platform.machine()}"
+    )
+    print("| loop | µs per step | against the bare loop |")
+    print("|---|---|---|")
+    for name, seconds in per_step.items():
+        print(f"| {name} | {seconds * 1e6:.0f} | {seconds / bare:.2f}× |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"settings": vars(args), "per_step_seconds": per_step}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
