@@ -8,6 +8,8 @@ Permuted MNIST's protocol (GPM): MLP 784-100-100-10 with one shared output, SGD 
   * trainer, ness: `train_task` with NESS in task 1 (its adapters), for the paper's settings (Frobenius ε₁ 0.03, no
     transfer adapter: the old preset) and for NESSConfig's defaults (energy rule, transfer adapters);
   * own loop, ness: the bare loop on the model with NESS's task-1 adapters (`after_step` after each step);
+  * own loop, adapters at fixed ranks (`RANK_SETS`: the issue's, and those a full default run produces), whose
+    step costs N·d·r more multiply-adds per layer than the bare loop's: the floor of the low-rank path;
 and each one's ratio to the bare loop. `--whole` also prints the floor of a whole paper-preset run: the bare loop's
 per-step time × the run's steps, plus the statistics' matrix products (Σxxᵀ per layer over each finished task).
 
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ness.adapters import NullSpaceAdapter
 from ness.data import Benchmark, DataError, Split, Task, build_benchmark
 from ness.data.mnist import MNIST_MEAN, MNIST_STD
 from ness.data.tasks import PixelTransform
@@ -98,6 +101,31 @@ def ness_at_task1(bench: Benchmark, options: dict) -> NESS:
     return method
 
 
+RANK_SETS = {
+    "the issue's ranks 126/0/10, no transfer": ((126, 0), (0, 0), (10, 0)),
+    "a default run's task 1: 316+100 / 6+94 / 15+85": ((316, 100), (6, 94), (15, 85)),
+    "a default run's mean over tasks 1-9: 84+100 / 2+98 / 8+92": ((84, 100), (2, 98), (8, 92)),
+}
+"""(rank of U, transfer rank) per layer: the ranks a Permuted MNIST paper-preset run produces (results.json)."""
+
+
+def adapters_at_ranks(ranks: tuple[tuple[int, int], ...]) -> nn.Module:
+    """The MLP with a NullSpaceAdapter of the given (r, transfer rank) on each Linear layer, random orthonormal U
+    and Ū, and V, A at small random values (the step's cost depends on the shapes only)."""
+    model, g = network(), torch.Generator().manual_seed(1)
+    for index, (rank, transfer) in zip((0, 2, 4), ranks, strict=True):
+        layer = model[index]
+        basis = torch.linalg.qr(torch.randn(layer.in_features, rank + transfer, generator=g))[0]
+        adapter = NullSpaceAdapter(layer, basis[:, :rank])
+        if transfer:
+            adapter.add_transfer(basis[:, rank:])
+        for p in adapter.parameters(recurse=False):
+            p.data.normal_(0, 1e-3, generator=g)
+        layer.weight.requires_grad_(False)
+        model[index] = adapter
+    return model
+
+
 def measure(bench: Benchmark, repeats: int) -> dict[str, float]:
     task0, task1 = bench.tasks
     times: dict[str, list[float]] = {}
@@ -116,6 +144,10 @@ def measure(bench: Benchmark, repeats: int) -> dict[str, float]:
             method = ness_at_task1(bench, options)
             method.begin_task(1)
             times.setdefault(f"trainer, {name}, task 1", []).append(trainer_step(method, 1, task1))
+        for name, ranks in RANK_SETS.items():
+            model = adapters_at_ranks(ranks)
+            params = [p for p in model.parameters() if p.requires_grad]
+            times.setdefault(f"own loop, adapters at {name}", []).append(bare_loop(model, params, task1, lambda: None))
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ness.adapters import NullSpaceAdapter, output_rows
+from ness.adapters import NullSpaceAdapter, add_low_rank_shift, output_rows
 from ness.subspace import UnsupportedLayerError
 
 
@@ -51,7 +51,7 @@ def explicit_delta(u, v, weight_shape):
 
 
 def force_path(monkeypatch, merged):
-    monkeypatch.setattr(NullSpaceAdapter, "_merged_path_is_cheaper", lambda self, x: merged)
+    monkeypatch.setattr(NullSpaceAdapter, "_merged_path_is_cheaper", lambda self, x, terms=None: merged)
 
 
 def test_adapter_starts_as_the_base_layer():
@@ -235,3 +235,24 @@ def test_adapter_rejects_bad_bases_and_layers():
         empty.add_transfer(torch.zeros(18, 0))
     with pytest.raises(UnsupportedLayerError, match="layer 'g' is a Conv2d with groups=2"):
         NullSpaceAdapter(nn.Conv2d(4, 4, 3, groups=2), torch.zeros(18, 1), name="g")
+
+
+@pytest.mark.parametrize("shape", [(7, 6), (2, 5, 6)])
+@pytest.mark.parametrize("adapt_bias", [False, True])
+def test_add_low_rank_shift_adds_x_b_f_with_and_without_the_fused_path(shape, adapt_bias):
+    """The fused addmm (a 2-D batch, no bias row) and the general path must both add x·B·F (+ the bias row's B·F)."""
+    g = torch.Generator().manual_seed(3)
+    layer = nn.Linear(6, 4, dtype=torch.float64)
+    basis = torch.randn(6 + int(adapt_bias), 3, generator=g, dtype=torch.float64)
+    factor = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    out = torch.randn(*shape[:-1], 4, generator=g, dtype=torch.float64)
+    expected = out.clone()
+    for index in torch.cartesian_prod(*[torch.arange(n) for n in shape[:-1]]).reshape(-1, len(shape) - 1):
+        row = x[tuple(index)]  # one input row, by an explicit sum over the basis directions
+        shift = sum(row @ basis[:6, j] * factor[j] for j in range(3))
+        if adapt_bias:
+            shift = shift + sum(basis[6, j] * factor[j] for j in range(3))
+        expected[tuple(index)] += shift
+    got = add_low_rank_shift(out, layer, x, basis, factor, adapt_bias)
+    torch.testing.assert_close(got, expected)

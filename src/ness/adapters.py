@@ -40,16 +40,28 @@ def low_rank_shift(base: nn.Module, x: Tensor, basis: Tensor, factor: Tensor, ad
     in low rank: (x·B)·F for a Linear layer; for a convolution the k directions act as a k-channel kernel and F mixes
     them into the o outputs. With `adapt_bias` B has a last row for the constant input 1, whose term is a bias."""
     weight_basis = basis[:-1] if adapt_bias else basis
+    if weight_basis.dtype != x.dtype:  # autocast: the layer's input decides the precision
+        weight_basis = weight_basis.to(x.dtype)
     if isinstance(base, nn.Linear):
-        shift = (x @ weight_basis.to(x.dtype)) @ factor
+        shift = (x @ weight_basis) @ factor
         return shift + basis[-1] @ factor if adapt_bias else shift
     kernel = weight_basis.T.reshape(basis.shape[1], *base.weight.shape[1:])  # (k, C_in, k...)
-    z = conv_with_weight(base, x, kernel.to(x.dtype), None)  # (B, k, *positions)
+    z = conv_with_weight(base, x, kernel, None)  # (B, k, *positions)
     dims = base.weight.dim()
     shift = (z.movedim(-dims + 1, -1) @ factor).movedim(-1, -dims + 1)
     if adapt_bias:
         shift = shift + (basis[-1] @ factor).reshape(-1, *[1] * (dims - 2))
     return shift
+
+
+def add_low_rank_shift(
+    out: Tensor, base: nn.Module, x: Tensor, basis: Tensor, factor: Tensor, adapt_bias: bool = False
+) -> Tensor:
+    """out + `low_rank_shift(base, x, basis, factor, adapt_bias)`; for a Linear layer on a batch of rows, one fused
+    out + (x·B)·F (addmm), which spares a batch-sized intermediate and a kernel per layer and step."""
+    if isinstance(base, nn.Linear) and x.dim() == 2 and not adapt_bias and basis.dtype == x.dtype == out.dtype:
+        return torch.addmm(out, x @ basis, factor)
+    return out + low_rank_shift(base, x, basis, factor, adapt_bias)
 
 
 class NullSpaceAdapter(nn.Module):
@@ -96,9 +108,12 @@ class NullSpaceAdapter(nn.Module):
 
     def terms(self) -> list[tuple[Tensor, Tensor]]:
         """The (basis, factor) pairs acting now: U·V when r > 0, and Ū·A while the transfer term is enabled."""
-        terms = [(self.U, self.V)] if self.rank else []
-        if self.A is not None and self.transfer_enabled:
-            terms.append((self.transfer_basis, self.A))
+        # read the registries directly: this runs in every forward pass, and nn.Module's attribute lookup is slow
+        buffers, parameters = self._buffers, self._parameters
+        V, A = parameters["V"], parameters["A"]
+        terms = [(buffers["U"], V)] if V.shape[0] else []
+        if A is not None and self.transfer_enabled:
+            terms.append((buffers["transfer_basis"], A))
         return terms
 
     @property
@@ -120,13 +135,16 @@ class NullSpaceAdapter(nn.Module):
         terms = [(self.U, self.V)] if terms is None else terms
         return sum(basis[-1] @ factor for basis, factor in terms)
 
-    def _merged_path_is_cheaper(self, x: Tensor) -> bool:
+    def _merged_path_is_cheaper(self, x: Tensor, terms: list[tuple[Tensor, Tensor]] | None = None) -> bool:
         # Extra FLOPs over the frozen base op. Forming ΔW costs d·r·o, and in training the weight
         # gradient of W + ΔW costs N·d·o more; the low-rank path costs N·r·(d + o) forward and about
         # twice that backward. Pick whichever is smaller.
-        n, d, o = output_rows(self.base, x), self.U.shape[0], self.V.shape[1]
-        rank = sum(factor.shape[0] for _, factor in self.terms())
-        if torch.is_grad_enabled() and any(f.requires_grad for _, f in self.terms()):
+        terms = self.terms() if terms is None else terms
+        base = self.base
+        n = x.numel() // x.shape[-1] if isinstance(base, nn.Linear) else output_rows(base, x)
+        d, o = terms[0][0].shape[0], terms[0][1].shape[1]
+        rank = sum(factor.shape[0] for _, factor in terms)
+        if torch.is_grad_enabled() and any(f.requires_grad for _, f in terms):
             return n * d * o + 2 * d * rank * o < 3 * n * rank * (d + o)
         return d * rank * o < n * rank * (d + o)
 
@@ -134,7 +152,7 @@ class NullSpaceAdapter(nn.Module):
         base, terms = self.base, self.terms()
         if not terms:
             return base(x)
-        if self._merged_path_is_cheaper(x):
+        if self._merged_path_is_cheaper(x, terms):
             weight = base.weight + self.delta_weight(terms)
             delta_bias = self.delta_bias(terms)
             bias = base.bias if delta_bias is None else base.bias + delta_bias
@@ -143,7 +161,7 @@ class NullSpaceAdapter(nn.Module):
             return conv_with_weight(base, x, weight, bias)
         out = base(x)
         for basis, factor in terms:
-            out = out + low_rank_shift(base, x, basis, factor, self.adapt_bias)
+            out = add_low_rank_shift(out, base, x, basis, factor, self.adapt_bias)
         return out
 
     @torch.no_grad()
