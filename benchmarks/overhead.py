@@ -20,6 +20,7 @@ Usage: python benchmarks/overhead.py [--images 20000] [--repeats 3] [--threads 1
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -35,8 +36,10 @@ from ness.data import Benchmark, DataError, Split, Task, build_benchmark
 from ness.data.mnist import MNIST_MEAN, MNIST_STD
 from ness.data.tasks import PixelTransform
 from ness.methods import FineTune
+from ness.methods.gpm import GPM, GPMConfig
 from ness.methods.ness import NESS, NESSConfig
 from ness.models import shared_head_mlp
+from ness.subspace import GradientProjection, projection_matrix
 from ness.trainer import TrainConfig, train_task
 
 CONFIG = TrainConfig(epochs=1, lr=0.01, batch_size=10, test_batch_size=64, lr_schedule=False)
@@ -126,6 +129,35 @@ def adapters_at_ranks(ranks: tuple[tuple[int, int], ...]) -> nn.Module:
     return model
 
 
+GPM_MEMORY = GPMConfig(samples=300, layer_thresholds=(0.95, 0.99, 0.99), threshold_increment=0.0)
+"""GPM's Permuted MNIST memory (the paper preset's)."""
+
+
+def gpm_steps(bench: Benchmark) -> dict[str, float]:
+    """GPM's trainer step in task 0 (plain) and in task 1 (projected, with the bases task 0 left), with each
+    projection in the form `gradient_projection` picks and in the dense d×d form."""
+    task0, task1 = bench.tasks
+    method = GPM(network(), GPM_MEMORY)
+    method.begin_task(0)
+    times = {"trainer, gpm task 0 (plain step)": trainer_step(method, 0, task0)}
+    batches = [
+        (task0.transform(task0.train.inputs[i : i + 64]), task0.train.labels[i : i + 64]) for i in range(0, 640, 64)
+    ]
+    method.end_task(0, batches)
+    sizes = "/".join(str(basis.shape[1]) for basis in method.bases.values())
+    after_task0 = copy.deepcopy(method.state_dict())
+    for form in ("chosen", "dense"):
+        method.load_state_dict(copy.deepcopy(after_task0))
+        method.begin_task(1)
+        if form == "dense":
+            method._projectors = {
+                name: GradientProjection(p.basis, None, projection_matrix(method.bases[name]).to(p.basis))
+                for name, p in method._projectors.items()
+            }
+        times[f"trainer, gpm task 1 (bases {sizes}), {form} projection"] = trainer_step(method, 1, task1)
+    return times
+
+
 def measure(bench: Benchmark, repeats: int) -> dict[str, float]:
     task0, task1 = bench.tasks
     times: dict[str, list[float]] = {}
@@ -144,6 +176,8 @@ def measure(bench: Benchmark, repeats: int) -> dict[str, float]:
             method = ness_at_task1(bench, options)
             method.begin_task(1)
             times.setdefault(f"trainer, {name}, task 1", []).append(trainer_step(method, 1, task1))
+        for name, seconds in gpm_steps(bench).items():
+            times.setdefault(name, []).append(seconds)
         for name, ranks in RANK_SETS.items():
             model = adapters_at_ranks(ranks)
             params = [p for p in model.parameters() if p.requires_grad]

@@ -703,3 +703,29 @@ def test_run_through_the_trainer_protects_the_first_task():
     for name in ("gpm", "sgp"):
         before, after = first_task[name]
         assert after >= before - 2, first_task
+
+
+@pytest.mark.parametrize("k", [3, 5, 9])  # d = 10: factored below d/2, dense from it
+@pytest.mark.parametrize("scaled", [False, True])
+def test_gradient_projection_in_either_form_removes_each_direction_by_its_importance(k, scaled):
+    from ness.subspace import GradientProjection, gradient_projection
+
+    g = torch.Generator().manual_seed(k)
+    m, _ = torch.linalg.qr(torch.randn(10, k, generator=g, dtype=torch.float64))
+    lam = torch.rand(k, generator=g, dtype=torch.float64) if scaled else None
+    grad = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    expected = grad.clone()
+    for j in range(k):  # G − Σ_j λ_j (G m_j) m_jᵀ, one direction at a time
+        expected -= (1.0 if lam is None else float(lam[j])) * torch.outer(grad @ m[:, j], m[:, j])
+    projection = gradient_projection(m, lam)
+    assert (projection.dense is None) == (2 * k < 10)  # the cheaper form: 2·o·d·k against o·d²
+    torch.testing.assert_close(projection(grad), expected)
+    scaled_basis = m if lam is None else m * lam
+    other = (
+        GradientProjection(m, None, scaled_basis @ m.T)
+        if projection.dense is None
+        else GradientProjection(m, scaled_basis, None)
+    )
+    torch.testing.assert_close(other(grad), expected)  # the form not chosen gives the same step
+    as_float = gradient_projection(m, lam, like=grad.float())
+    assert as_float(grad.float()).dtype == torch.float32

@@ -346,6 +346,39 @@ def project_gradient(grad: Tensor, projector: Tensor) -> Tensor:
     return grad - grad @ projector
 
 
+@dataclass(frozen=True)
+class GradientProjection:
+    """G ↦ G − G·M diag(λ) Mᵀ on gradient rows (o, d), held in the cheaper of two forms: the dense d×d matrix P
+    (o·d² multiply-adds a step) or the factors M and M diag(λ) ((G·Mλ)·Mᵀ: 2·o·d·k), which win while k < d/2."""
+
+    basis: Tensor
+    """M (d, k)."""
+    scaled_basis: Tensor | None
+    """M diag(λ) in the factored form (M itself for GPM's λ = 1); None in the dense form."""
+    dense: Tensor | None
+    """P = M diag(λ) Mᵀ (d, d) in the dense form; None in the factored form."""
+
+    def __call__(self, grad: Tensor) -> Tensor:
+        if self.dense is not None:
+            return project_gradient(grad, self.dense)
+        return grad - (grad @ self.scaled_basis) @ self.basis.T
+
+
+def gradient_projection(
+    basis: Tensor, importance: Tensor | None = None, like: Tensor | None = None
+) -> GradientProjection:
+    """The projection removing P = M diag(λ) Mᵀ (`projection_matrix`) from gradients, in the cheaper form for M's
+    shape, on `like`'s device and in its dtype (default: M's)."""
+    d, k = basis.shape
+    if 2 * k >= d:
+        dense = projection_matrix(basis, importance)
+        return GradientProjection(basis, None, dense if like is None else dense.to(like))
+    scaled = basis if importance is None else basis * importance.to(basis)
+    if like is not None:
+        basis, scaled = basis.to(like), scaled.to(like)
+    return GradientProjection(basis, scaled, None)
+
+
 def projected_norms(basis: Tensor, covariance: Tensor) -> Tensor:
     """‖Rᵀm_j‖ = sqrt(m_jᵀ C m_j) for each column m_j of M: how much of the representation lies along it.
 

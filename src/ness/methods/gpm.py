@@ -29,12 +29,12 @@ from ness.methods.base import (
 )
 from ness.models import call_model
 from ness.subspace import (
+    GradientProjection,
     MemoryUpdate,
+    gradient_projection,
     grow_basis,
     input_covariance,
     layer_input_rows,
-    project_gradient,
-    projection_matrix,
 )
 
 
@@ -155,7 +155,7 @@ class GPM(ContinualMethod):
                 )
         self.bases: dict[str, Tensor] = {}  # M_ℓ after the finished tasks, float64
         self.records: list[dict[str, Any]] = []
-        self._projectors: dict[str, Tensor] = {}  # P_ℓ of the open task, in the weight's dtype and device
+        self._projectors: dict[str, GradientProjection] = {}  # P_ℓ of the open task, in the weight's dtype and device
         # Seeded from torch's global generator, so the samples follow the run seed (official: seeded np.random).
         self._generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
 
@@ -177,7 +177,7 @@ class GPM(ContinualMethod):
         for name, projector in self._projectors.items():
             grad = self.model.get_submodule(name).weight.grad
             if grad is not None:
-                grad.copy_(project_gradient(grad.reshape(grad.shape[0], -1), projector).view_as(grad))
+                grad.copy_(projector(grad.reshape(grad.shape[0], -1)).view_as(grad))
 
     def on_end_task(self, t: int, batches: Iterable[Any]) -> None:
         x = draw_samples(task_inputs(batches, f"end_task({t})"), self.config.samples, self._generator)
@@ -215,9 +215,9 @@ class GPM(ContinualMethod):
         self.bases[name] = update.basis
         return update
 
-    def projector(self, name: str) -> Tensor:
+    def projector(self, name: str, like: Tensor | None = None) -> GradientProjection:
         """P_ℓ = M Mᵀ, removed from the layer's gradient rows."""
-        return projection_matrix(self.bases[name])
+        return gradient_projection(self.bases[name], like=like)
 
     def memory_record(self, name: str) -> dict[str, Any]:
         """Extra diagnostics of the layer's memory after an update."""
@@ -254,7 +254,7 @@ class GPM(ContinualMethod):
             if self.bases[name].shape[1] == 0:  # nothing to protect: the gradient passes unchanged
                 continue
             weight = self.model.get_submodule(name).weight
-            projectors[name] = self.projector(name).to(weight.device, weight.dtype)
+            projectors[name] = self.projector(name, like=weight)
         return projectors
 
     # -- saving ----------------------------------------------------------------------------------------

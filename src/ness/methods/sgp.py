@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ness.methods.base import Forward
 from ness.methods.gpm import GPM, GPMConfig
 from ness.models import call_model
-from ness.subspace import MemoryUpdate, projected_norms, projection_matrix, sgp_importance
+from ness.subspace import GradientProjection, MemoryUpdate, gradient_projection, projected_norms, sgp_importance
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,9 @@ class SGP(GPM):
         self.importances[name] = sgp_importance(self.importances.get(name), norms, self.config.scale_coefficient)
         return update
 
-    def projector(self, name: str) -> Tensor:
+    def projector(self, name: str, like: Tensor | None = None) -> GradientProjection:
         """P_ℓ = M diag(λ) Mᵀ."""
-        return projection_matrix(self.bases[name], self.importances[name])
+        return gradient_projection(self.bases[name], self.importances[name], like=like)
 
     def memory_record(self, name: str) -> dict[str, Any]:
         importance = self.importances[name]
