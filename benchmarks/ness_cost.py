@@ -163,15 +163,17 @@ def report(results: list[dict], env: dict) -> str:
         "",
         "| network | batch | plain step (ms) | NESS step, data ranks (ms) | "
         + " | ".join(f"NESS step, r = {f}·d (ms)" for f in fractions)
-        + " | end of task: statistics pass (s) | start of task: eigh + adapters (s) | boundary images |",
-        "|---|---|---|---|" + "---|" * len(fractions) + "---|---|---|",
+        + " | end of task: statistics pass (s) | start of task: eigh + adapters (s) | boundary images "
+        + "| images/s, plain | images/s, NESS |",
+        "|---|---|---|---|" + "---|" * len(fractions) + "---|---|---|---|---|",
     ]
     for r in results:
         forced = " | ".join(f"{ms:.1f} ({ms / r['plain_step_ms']:.2f}×)" for ms in r["forced_rank_step_ms"].values())
         lines.append(
             f"| {r['network']} | {r['batch']} | {r['plain_step_ms']:.1f} | {r['ness_step_ms']:.1f} "
             f"({r['ness_step_ms'] / r['plain_step_ms']:.2f}×) | {forced} | {r['end_task_s']:.2f} | "
-            f"{r['begin_task_s']:.2f} | {r['boundary_samples']} |"
+            f"{r['begin_task_s']:.2f} | {r['boundary_samples']} | {1e3 * r['batch'] / r['plain_step_ms']:.0f} | "
+            f"{1e3 * r['batch'] / r['ness_step_ms']:.0f} |"
         )
     for r in results:
         lines += [

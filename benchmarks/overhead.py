@@ -39,7 +39,7 @@ from ness.methods import FineTune
 from ness.methods.gpm import GPM, GPMConfig
 from ness.methods.ness import NESS, NESSConfig
 from ness.models import shared_head_mlp
-from ness.subspace import GradientProjection, projection_matrix
+from ness.subspace import CovarianceSum, GradientProjection, projection_matrix
 from ness.trainer import TrainConfig, train_task
 
 CONFIG = TrainConfig(epochs=1, lr=0.01, batch_size=10, test_batch_size=64, lr_schedule=False)
@@ -185,11 +185,29 @@ def measure(bench: Benchmark, repeats: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def whole_run_floor(bare_step: float) -> dict[str, float]:
+    """The least a Permuted MNIST paper-preset NESS run could take: the bare loop's step × the run's 270,000 steps
+    (10 tasks × 5 epochs × 5,400 batches of 10), plus Σxxᵀ of every layer's 54,000 input rows (float32 products
+    into float64, `CovarianceSum`) for each of the 19 statistics passes (10 task ends, 9 transfer previews)."""
+    steps = 10 * 5 * -(-54000 // 10)
+    g = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    for d in (784, 100, 100):
+        total = CovarianceSum()
+        rows = torch.rand(54000, d, generator=g)
+        for i in range(0, 54000, 64):
+            total.add(rows[i : i + 64])
+        total.result()
+    one_pass = time.perf_counter() - started
+    return {"training (bare loop)": bare_step * steps, "statistics products": 19 * one_pass}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--whole", action="store_true", help="also print a whole paper-preset run's floor")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -204,9 +222,13 @@ def main() -> None:
     print("|---|---|---|")
     for name, seconds in per_step.items():
         print(f"| {name} | {seconds * 1e6:.0f} | {seconds / bare:.2f}× |")
+    floor = whole_run_floor(bare) if args.whole else {}
+    if floor:
+        parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in floor.items())
+        print(f"\nfloor of a Permuted MNIST paper-preset run: {sum(floor.values()):.1f} s ({parts})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"settings": vars(args), "per_step_seconds": per_step}, f, indent=1)
+            json.dump({"settings": vars(args), "per_step_seconds": per_step, "whole_run_floor": floor}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,46 @@ def input_covariance(rows: Tensor) -> Tensor:
     return rows64.T @ rows64
 
 
+class CovarianceSum:
+    """Σxxᵀ over rows that arrive in batches, at the matrix-product limit: the rows are pooled into chunks of at least
+    `chunk` (one large product instead of one per small batch) and each chunk's xᵀx, taken in `dtype`, is added in
+    place into a float64 sum.
+
+    float64 products (the default) keep Σxxᵀ exact to float64 round-off. float32 products run about twice as fast on
+    a CPU but leave an error of about 1e-7·‖C‖ in every eigenvalue, a floor of about 3e-4·σ_max under the singular
+    values: an exact null direction then looks like noise and σ_max(U), which a printed certificate multiplies, moves
+    in its fourth digit (measured in BENCHMARKS.md), so NESS uses float64."""
+
+    def __init__(self, chunk: int = 4096, dtype: torch.dtype = torch.float64) -> None:
+        self.chunk, self.dtype = chunk, dtype
+        self.total: Tensor | None = None
+        self._pending: list[Tensor] = []
+        self._rows = 0
+
+    def add(self, rows: Tensor) -> None:
+        if self.total is None:
+            self.total = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
+        self._pending.append(rows.detach())
+        self._rows += rows.shape[0]
+        if self._rows >= self.chunk:
+            self._flush()
+
+    def result(self) -> Tensor:
+        """The float64 sum of every row's xxᵀ so far."""
+        self._flush()
+        if self.total is None:
+            raise ValueError("no rows were added")
+        return self.total
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        rows = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
+        rows = rows.to(self.dtype)
+        self.total += rows.T @ rows  # type: ignore[operator]
+        self._pending, self._rows = [], 0
+
+
 @dataclass(frozen=True)
 class Spectrum:
     """Eigen-decomposition of a layer-input covariance: σᵢ = sqrt(λᵢ) are the singular values of I_t."""

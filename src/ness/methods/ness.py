@@ -53,10 +53,10 @@ from ness.models import call_model, head_parameters, task_heads
 from ness.subspace import (
     SUPPORTED_LAYERS,
     THRESHOLD_RULES,
+    CovarianceSum,
     NullBasis,
     ThresholdRule,
     clip_spectral_norm,
-    input_covariance,
     input_dim,
     layer_input_rows,
     null_basis,
@@ -775,6 +775,7 @@ class NESS(ContinualMethod):
         Under torchrun each rank passes its rows rank::world of every batch; the sums are then added over the
         ranks and the row samples merged, so every rank holds what one process would have (ness.distributed)."""
         stats: dict[str, LayerStatistics] = {}
+        sums: dict[str, CovarianceSum] = {}  # each layer's Σxxᵀ, one float64 product per pooled chunk of rows
         k = self.config.probe_samples
         part: distributed.Shard | None = None  # this rank's part of the batch being passed
 
@@ -789,8 +790,9 @@ class NESS(ContinualMethod):
             s = stats.get(name)
             if s is None:
                 empty = rows[:0].detach().float().cpu()
-                stats[name] = s = LayerStatistics(input_covariance(rows[:0]), empty, torch.empty(0))
-            s.covariance = s.covariance + input_covariance(rows)
+                stats[name] = s = LayerStatistics(torch.empty(0), empty, torch.empty(0))  # Σxxᵀ: from `sums`
+                sums[name] = CovarianceSum()
+            sums[name].add(rows)
             # Uniform sample without replacement across batches: the k rows with the largest random keys.
             # The overall top k lies within each batch's own top k, so only those rows leave the device.
             batch_top = keys.topk(min(k, keys.numel())).indices
@@ -804,6 +806,8 @@ class NESS(ContinualMethod):
             for x, task in inputs:
                 part = distributed.shard(x)
                 self.predict(part.x.to(device), task)
+        for name, s in stats.items():
+            s.covariance = sums[name].result()
         if not stats:
             raise ValueError(f"{where}: no layer saw any input; the task's loader was empty")
         if distributed.world_size() > 1:  # every rank: the sums over all ranks' rows, the top k of all their keys
