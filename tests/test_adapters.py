@@ -256,3 +256,34 @@ def test_add_low_rank_shift_adds_x_b_f_with_and_without_the_fused_path(shape, ad
         expected[tuple(index)] += shift
     got = add_low_rank_shift(out, layer, x, basis, factor, adapt_bias)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_the_stacked_bases_follow_u_and_u_bar_when_they_change(merged, monkeypatch):
+    """U·V + Ū·A is computed as one term [U Ū]·[V; A] with [U Ū] kept between passes: a change of U in place, a
+    new Ū, a pickled copy and a disabled transfer term must each give x(W + UV + ŪA)ᵀ of the bases now held."""
+    import pickle
+
+    monkeypatch.setattr(NullSpaceAdapter, "_merged_path_is_cheaper", lambda self, x, terms=None: merged)
+    g = torch.Generator().manual_seed(4)
+    layer = nn.Linear(6, 3, bias=False, dtype=torch.float64)
+    adapter = NullSpaceAdapter(layer, orthonormal(6, 2, 1))
+    adapter.add_transfer(orthonormal(6, 3, 2))
+    with torch.no_grad():
+        adapter.V.copy_(torch.randn(2, 3, generator=g, dtype=torch.float64))
+        adapter.A.copy_(torch.randn(3, 3, generator=g, dtype=torch.float64))
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64)
+
+    def explicit(module, transfer=True):
+        weight = layer.weight.T + module.U @ module.V + (module.transfer_basis @ module.A if transfer else 0)
+        return x @ weight
+
+    torch.testing.assert_close(adapter(x), explicit(adapter))
+    adapter.U.copy_(orthonormal(6, 2, 3))  # in place: the same tensor, a new version
+    torch.testing.assert_close(adapter(x), explicit(adapter))
+    adapter.transfer_basis = orthonormal(6, 3, 5)  # a new tensor
+    torch.testing.assert_close(adapter(x), explicit(adapter))
+    copied = pickle.loads(pickle.dumps(adapter))
+    torch.testing.assert_close(copied(x), explicit(copied))
+    adapter.transfer_enabled = False
+    torch.testing.assert_close(adapter(x), explicit(adapter, transfer=False))

@@ -89,6 +89,10 @@ class NullSpaceAdapter(nn.Module):
         self.register_buffer("transfer_basis", None)
         self.register_parameter("A", None)
         self.transfer_enabled = True
+        self._stacked: tuple[Tensor, Tensor, tuple[int, int], Tensor] | None = None  # (U, Ū, their versions, [U Ū])
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_stacked": None}  # a cache: rebuilt on the next forward pass
 
     @property
     def rank(self) -> int:
@@ -148,8 +152,19 @@ class NullSpaceAdapter(nn.Module):
             return n * d * o + 2 * d * rank * o < 3 * n * rank * (d + o)
         return d * rank * o < n * rank * (d + o)
 
+    def _stacked_terms(self, terms: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        """U·V + Ū·A as one term [U Ū]·[V; A]: one product of x with the bases instead of two, and half the
+        kernels forward and backward. [U Ū] is kept until U or Ū changes (in place, or by a move to a device)."""
+        if len(terms) < 2:
+            return terms
+        (u, v), (u_bar, a) = terms
+        cached = self._stacked
+        if cached is None or not (cached[0] is u and cached[1] is u_bar and cached[2] == (u._version, u_bar._version)):
+            cached = self._stacked = (u, u_bar, (u._version, u_bar._version), torch.cat([u, u_bar], dim=1))
+        return [(cached[3], torch.cat([v, a]))]
+
     def forward(self, x: Tensor) -> Tensor:
-        base, terms = self.base, self.terms()
+        base, terms = self.base, self._stacked_terms(self.terms())
         if not terms:
             return base(x)
         if self._merged_path_is_cheaper(x, terms):

@@ -186,6 +186,8 @@ def iterate_batches(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     n = len(split)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if split.inputs.device != order.device:  # a split already on an accelerator: one copy of the order, not one a batch
+        order = order.to(split.inputs.device)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         yield transform(split.inputs[idx].to(device)), split.labels[idx].to(device)

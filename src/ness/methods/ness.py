@@ -582,8 +582,8 @@ class NESS(ContinualMethod):
     def _transfer_of(self, t: int) -> Iterator[None]:
         """Inside the block the model computes task t's function: the open task's transfer terms act only for the
         open task, and a finished task's own terms are added back for it."""
-        if not self.transfers and self._transfer_task is None:  # no transfer adapter anywhere: nothing to do
-            yield
+        if t == self._transfer_task or (not self.transfers and self._transfer_task is None):
+            yield  # the open task (its terms act, outside any block too) or no transfer adapter: nothing to change
             return
         opened = [layer.adapter for layer in self.active.values() if layer.adapter.A is not None]
         own = self.transfers[t] if t < len(self.transfers) and t != self._transfer_task else {}
