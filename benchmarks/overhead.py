@@ -158,6 +158,30 @@ def gpm_steps(bench: Benchmark) -> dict[str, float]:
     return times
 
 
+def functional_step(ranks: tuple[tuple[int, int], ...], task: Task) -> float:
+    """Seconds per step of the least code the adapters' arithmetic needs: per layer F.linear with the frozen W plus
+    one torch.addmm(out, x @ [U Ū], [V; A]), no modules, on the same batches; the floor of the low-rank path."""
+    model, g = network(), torch.Generator().manual_seed(1)
+    weights = [model[i].weight.detach() for i in (0, 2, 4)]
+    bases, factors = [], []
+    for weight, (rank, transfer) in zip(weights, ranks, strict=True):
+        bases.append(torch.linalg.qr(torch.randn(weight.shape[1], rank + transfer, generator=g))[0].contiguous())
+        factors.append((torch.randn(rank + transfer, weight.shape[0], generator=g) * 1e-3).requires_grad_())
+    x, y = task.transform(task.train.inputs), task.train.labels
+    optimizer = torch.optim.SGD(factors, lr=CONFIG.lr)
+    batches = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).split(CONFIG.batch_size)
+    started = time.perf_counter()
+    for idx in batches:
+        optimizer.zero_grad(set_to_none=True)
+        h = x[idx]
+        for i, (weight, basis, factor) in enumerate(zip(weights, bases, factors, strict=True)):
+            h = torch.addmm(F.linear(h, weight), h @ basis, factor)
+            h = torch.relu(h) if i < 2 else h
+        F.cross_entropy(h, y[idx]).backward()
+        optimizer.step()
+    return (time.perf_counter() - started) / len(batches)
+
+
 def measure(bench: Benchmark, repeats: int) -> dict[str, float]:
     task0, task1 = bench.tasks
     times: dict[str, list[float]] = {}
@@ -182,6 +206,7 @@ def measure(bench: Benchmark, repeats: int) -> dict[str, float]:
             model = adapters_at_ranks(ranks)
             params = [p for p in model.parameters() if p.requires_grad]
             times.setdefault(f"own loop, adapters at {name}", []).append(bare_loop(model, params, task1, lambda: None))
+            times.setdefault(f"functional floor at {name}", []).append(functional_step(ranks, task1))
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -287,3 +287,22 @@ def test_the_stacked_bases_follow_u_and_u_bar_when_they_change(merged, monkeypat
     torch.testing.assert_close(copied(x), explicit(copied))
     adapter.transfer_enabled = False
     torch.testing.assert_close(adapter(x), explicit(adapter, transfer=False))
+
+
+def test_a_hook_on_the_base_layer_still_runs():
+    """The adapter calls a plain nn.Linear base as F.linear; a hook on the base (or on every module) must make it
+    call the module instead, so that the hook runs and may change the output."""
+    base = nn.Linear(4, 3)
+    adapter = NullSpaceAdapter(base, orthonormal(4, 2, 0).float())
+    x = torch.randn(5, 4)
+    plain = adapter(x)
+    torch.testing.assert_close(plain, base(x))  # V = 0: the base's output
+    handle = base.register_forward_hook(lambda module, args, out: out + 1)
+    torch.testing.assert_close(adapter(x), plain + 1)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: out * 2)
+    try:
+        doubled = adapter(x)  # the base's output doubled, then the adapter's own output doubled
+    finally:
+        handle.remove()
+    torch.testing.assert_close(doubled, plain * 4)

@@ -461,3 +461,28 @@ def test_ness_wraps_the_network(name):
     assert logits.shape == (6, 5)
     F.cross_entropy(logits, y).backward()
     assert all(p.grad is not None for p in params)
+
+
+def test_task_heads_are_found_as_a_submodule_or_a_property_and_absent_otherwise():
+    from torch import nn
+
+    from ness.models.heads import task_heads
+
+    class Registered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.task_heads = nn.ModuleList([nn.Linear(2, 2)])
+
+    class AsProperty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 3)])
+
+        @property
+        def task_heads(self):
+            return self.heads
+
+    registered, as_property = Registered(), AsProperty()
+    assert task_heads(registered) is registered.task_heads
+    assert task_heads(as_property) is as_property.heads
+    assert task_heads(nn.Sequential(nn.Linear(2, 2))) is None

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as module_hooks
 
 from ness.subspace import check_supported, conv_padding, conv_with_weight, input_dim
 
@@ -140,17 +141,33 @@ class NullSpaceAdapter(nn.Module):
         return sum(basis[-1] @ factor for basis, factor in terms)
 
     def _merged_path_is_cheaper(self, x: Tensor, terms: list[tuple[Tensor, Tensor]] | None = None) -> bool:
-        # Extra FLOPs over the frozen base op. Forming ΔW costs d·r·o, and in training the weight
-        # gradient of W + ΔW costs N·d·o more; the low-rank path costs N·r·(d + o) forward and about
-        # twice that backward. Pick whichever is smaller.
+        # Multiply-adds beyond the frozen base op, for N input rows, rank r (all terms), d inputs, o outputs.
+        # Low-rank: x·B and (x·B)·F forward, N·r·(d + o); the gradient of F, N·r·o; and, when x needs a gradient,
+        # N·r·(o + d) more. Merged: forming ΔW = B·F, d·r·o; in training also the gradient of W + ΔW, N·d·o, and
+        # the gradient of F from it, d·r·o. The merged path also runs more kernels, which cost more than their
+        # arithmetic at small sizes (at batch 10 it measured 20-35% slower at equal FLOPs, BENCHMARKS.md): it is
+        # taken only at less than half the low-rank path's multiply-adds.
         terms = self.terms() if terms is None else terms
         base = self.base
         n = x.numel() // x.shape[-1] if isinstance(base, nn.Linear) else output_rows(base, x)
         d, o = terms[0][0].shape[0], terms[0][1].shape[1]
-        rank = sum(factor.shape[0] for _, factor in terms)
+        r = sum(factor.shape[0] for _, factor in terms)
+        low_rank = n * r * (d + o)
+        merged = d * r * o
         if torch.is_grad_enabled() and any(f.requires_grad for _, f in terms):
-            return n * d * o + 2 * d * rank * o < 3 * n * rank * (d + o)
-        return d * rank * o < n * rank * (d + o)
+            low_rank += n * r * o + (n * r * (o + d) if x.requires_grad else 0)
+            merged += n * d * o + d * r * o
+        return 2 * merged < low_rank
+
+    @staticmethod
+    def _plain_linear_call(base: nn.Module) -> bool:
+        """Whether calling `base` is exactly F.linear with its weight and bias (an nn.Linear itself, no hook on it
+        or on every module): then it is called as that, without nn.Module's per-call machinery."""
+        return (
+            type(base) is nn.Linear
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and not (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks)
+        )
 
     def _stacked_terms(self, terms: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
         """U·V + Ū·A as one term [U Ū]·[V; A]: one product of x with the bases instead of two, and half the
@@ -174,7 +191,7 @@ class NullSpaceAdapter(nn.Module):
             if isinstance(base, nn.Linear):
                 return F.linear(x, weight, bias)
             return conv_with_weight(base, x, weight, bias)
-        out = base(x)
+        out = F.linear(x, base.weight, base.bias) if self._plain_linear_call(base) else base(x)
         for basis, factor in terms:
             out = add_low_rank_shift(out, base, x, basis, factor, self.adapt_bias)
         return out

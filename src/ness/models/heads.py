@@ -28,7 +28,10 @@ class MultiHeadNet(nn.Module):
 
 def task_heads(model: nn.Module) -> nn.ModuleList | None:
     """The model's declared per-task heads, or None for a single shared output."""
-    heads = getattr(model, "task_heads", None)
+    # a registered submodule sits in `_modules`: read it there, without nn.Module's slow failing attribute lookup
+    heads = model._modules.get("task_heads")
+    if heads is None and (hasattr(type(model), "task_heads") or "task_heads" in vars(model)):  # a property, say
+        heads = model.task_heads
     return heads if isinstance(heads, nn.ModuleList) else None
 
 
