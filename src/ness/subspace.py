@@ -142,9 +142,8 @@ class CovarianceSum:
     place into a float64 sum.
 
     float64 products (the default) keep Σxxᵀ exact to float64 round-off. float32 products run about twice as fast on
-    a CPU but leave an error of about 1e-7·‖C‖ in every eigenvalue, a floor of about 3e-4·σ_max under the singular
-    values: an exact null direction then looks like noise and σ_max(U), which a printed certificate multiplies, moves
-    in its fourth digit (measured in BENCHMARKS.md), so NESS uses float64."""
+    a CPU but leave a relative error of about 1e-6 (MNIST's first layer): an exact null direction then looks like
+    noise and σ_max(U), which a printed certificate multiplies, moves (BENCHMARKS.md), so NESS uses float64."""
 
     def __init__(self, chunk: int = 4096, dtype: torch.dtype = torch.float64) -> None:
         self.chunk, self.dtype = chunk, dtype
