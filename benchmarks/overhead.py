@@ -134,8 +134,8 @@ GPM_MEMORY = GPMConfig(samples=300, layer_thresholds=(0.95, 0.99, 0.99), thresho
 
 
 def gpm_steps(bench: Benchmark) -> dict[str, float]:
-    """GPM's trainer step in task 0 (plain) and in task 1 (projected, with the bases task 0 left), with each
-    projection in the form `gradient_projection` picks and in the dense d×d form."""
+    """GPM's trainer step in task 0 (plain) and in task 1 (projected, with the bases task 0 left): as GPM chooses
+    (factored or dense per layer, or from a Linear layer's inputs), and as before (the dense d×d P everywhere)."""
     task0, task1 = bench.tasks
     method = GPM(network(), GPM_MEMORY)
     method.begin_task(0)
@@ -149,9 +149,10 @@ def gpm_steps(bench: Benchmark) -> dict[str, float]:
     for form in ("chosen", "dense"):
         method.load_state_dict(copy.deepcopy(after_task0))
         method.begin_task(1)
-        if form == "dense":
+        if form == "dense":  # what GPM did before: the d×d P on every gradient, nothing taken from the inputs
+            method._unwatch_linear_calls()
             method._projectors = {
-                name: GradientProjection(p.basis, None, projection_matrix(method.bases[name]).to(p.basis))
+                name: GradientProjection(p.basis, p.scaled_basis, projection_matrix(method.bases[name]).to(p.basis))
                 for name, p in method._projectors.items()
             }
         times[f"trainer, gpm task 1 (bases {sizes}), {form} projection"] = trainer_step(method, 1, task1)

@@ -721,11 +721,49 @@ def test_gradient_projection_in_either_form_removes_each_direction_by_its_import
     assert (projection.dense is None) == (2 * k < 10)  # the cheaper form: 2·o·d·k against o·d²
     torch.testing.assert_close(projection(grad), expected)
     scaled_basis = m if lam is None else m * lam
-    other = (
-        GradientProjection(m, None, scaled_basis @ m.T)
-        if projection.dense is None
-        else GradientProjection(m, scaled_basis, None)
-    )
+    other = GradientProjection(m, scaled_basis, scaled_basis @ m.T if projection.dense is None else None)
     torch.testing.assert_close(other(grad), expected)  # the form not chosen gives the same step
     as_float = gradient_projection(m, lam, like=grad.float())
     assert as_float(grad.float()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("sgp", [False, True])
+@pytest.mark.parametrize("extra", ["none", "two_calls", "weight_penalty"])
+def test_projection_from_a_linear_layers_inputs_equals_the_projected_gradient(sgp, extra):
+    """At a small batch G·P is taken from the calls' inputs, Σ δᵀ(x·Mλ)·Mᵀ; it must equal G − G·M diag(λ) Mᵀ of the
+    whole gradient, also for two calls in one loss; a loss term on the weight itself (its gradient is then more
+    than Σ δᵀx) must be detected and projected on G instead."""
+    g = torch.Generator().manual_seed(11)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(20, 16, bias=False), torch.nn.ReLU(), torch.nn.Linear(16, 4, bias=False)
+    )
+    method = SGP(model, SGPConfig(samples=200)) if sgp else GPM(model, GPMConfig(samples=200))
+    mix = torch.randn(5, 20, generator=g)  # task 0's inputs span 5 of the 20 input directions
+    x0 = torch.randn(200, 5, generator=g) @ mix
+    y0 = torch.randint(0, 4, (200,), generator=g)
+    method.begin_task(0)
+    train(method, model, 0, x0, y0)
+    method.end_task(0, batches(x0, y0))
+    method.begin_task(1)
+    method.trainable_parameters(1)
+    x1, y1 = torch.randn(2, 20, generator=g), torch.randint(0, 4, (2,), generator=g)
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x1), y1)
+    if extra == "two_calls":
+        loss = loss + F.cross_entropy(model(x1.flip(0) * 0.5), y1)
+    if extra == "weight_penalty":
+        loss = loss + 0.1 * model[0].weight.square().sum()
+    loss.backward()
+    raw = {n: model.get_submodule(n).weight.grad.clone().double() for n in method.layer_names}
+    method.after_backward(1)
+    name = "0"
+    m = method.bases[name]
+    assert 0 < m.shape[1] < 10  # the factored form; at 2 rows the inputs are cheaper
+    assert method._calls_checked[name] is (extra != "weight_penalty")
+    for n in method.layer_names:
+        basis = method.bases[n]
+        lam = method.importances[n] if sgp else torch.ones(basis.shape[1], dtype=torch.float64)
+        expected = raw[n] - ((raw[n] @ basis) * lam) @ basis.T
+        torch.testing.assert_close(model.get_submodule(n).weight.grad.double(), expected, atol=1e-6, rtol=1e-5)
+    assert (name in method._call_hooks) is (extra != "weight_penalty")  # a layer found wanting is not watched

@@ -7,6 +7,7 @@ its spectrum, and the approximate null basis of paper Eq. 5. Nothing here holds 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -387,20 +388,33 @@ def project_gradient(grad: Tensor, projector: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class GradientProjection:
-    """G ↦ G − G·M diag(λ) Mᵀ on gradient rows (o, d), held in the cheaper of two forms: the dense d×d matrix P
-    (o·d² multiply-adds a step) or the factors M and M diag(λ) ((G·Mλ)·Mᵀ: 2·o·d·k), which win while k < d/2."""
+    """G ↦ G − G·M diag(λ) Mᵀ on gradient rows (o, d), in the cheaper of two forms: the dense d×d matrix P (o·d²
+    multiply-adds a step), or the factors M and M diag(λ) ((G·Mλ)·Mᵀ: 2·o·d·k), which win while k < d/2."""
 
     basis: Tensor
     """M (d, k)."""
-    scaled_basis: Tensor | None
-    """M diag(λ) in the factored form (M itself for GPM's λ = 1); None in the dense form."""
+    scaled_basis: Tensor
+    """M diag(λ) (M itself for GPM's λ = 1)."""
     dense: Tensor | None
-    """P = M diag(λ) Mᵀ (d, d) in the dense form; None in the factored form."""
+    """P = M diag(λ) Mᵀ (d, d) when the dense form is the cheaper one, else None."""
 
     def __call__(self, grad: Tensor) -> Tensor:
         if self.dense is not None:
             return project_gradient(grad, self.dense)
         return grad - (grad @ self.scaled_basis) @ self.basis.T
+
+    def cost(self, outputs: int) -> int:
+        """Multiply-adds of one call on an (outputs, d) gradient."""
+        d, k = self.basis.shape
+        return outputs * d * d if self.dense is not None else 2 * outputs * d * k
+
+    def removed_from_inputs(self, calls: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+        """G·P for a Linear layer whose weight gradient is G = Σ δᵀx over its calls (x: its N×d inputs, δ: the N×o
+        gradients of its outputs), computed from the inputs: Σ δᵀ·((x·Mλ)·Mᵀ), 2·N·d·k + N·d·o multiply-adds a call
+        instead of `cost`: far less at small batches. Exact only when G comes from those calls alone."""
+        return sum(  # type: ignore[return-value]
+            delta.T @ ((x @ self.scaled_basis) @ self.basis.T) for x, delta in calls
+        )
 
 
 def gradient_projection(
@@ -409,13 +423,12 @@ def gradient_projection(
     """The projection removing P = M diag(λ) Mᵀ (`projection_matrix`) from gradients, in the cheaper form for M's
     shape, on `like`'s device and in its dtype (default: M's)."""
     d, k = basis.shape
-    if 2 * k >= d:
-        dense = projection_matrix(basis, importance)
-        return GradientProjection(basis, None, dense if like is None else dense.to(like))
     scaled = basis if importance is None else basis * importance.to(basis)
+    dense = projection_matrix(basis, importance) if 2 * k >= d else None
     if like is not None:
         basis, scaled = basis.to(like), scaled.to(like)
-    return GradientProjection(basis, scaled, None)
+        dense = None if dense is None else dense.to(like)
+    return GradientProjection(basis, scaled, dense)
 
 
 def projected_norms(basis: Tensor, covariance: Tensor) -> Tensor:
