@@ -158,3 +158,31 @@ def test_a_refused_method_says_why(tmp_path: Path) -> None:
     assert "method 'owm' cannot run on 2 processes" in done.stderr
     assert "projectors" in done.stderr
     assert not list(tmp_path.rglob("results.json"))
+
+
+def test_a_method_that_does_not_declare_itself_is_refused_on_several_processes(monkeypatch) -> None:
+    """Under torchrun a method class must say itself whether it trains data-parallel; a new one, or a subclass of a
+    safe one (its step may differ), is refused until it does, and every registered method has said so."""
+    from ness import distributed
+    from ness.methods import METHODS, NESS
+
+    class MyNESS(NESS):
+        pass
+
+    class DeclaredNESS(NESS):
+        distributed_ok = True
+
+    distributed.check_method(MyNESS, "mine")  # one process: anything goes
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match=r"'mine' \(MyNESS\) does not declare .*distributed_ok = True"):
+        distributed.check_method(MyNESS, "mine")
+    distributed.check_method(DeclaredNESS, "declared")
+    for name, method_class in METHODS.items():
+        declared = vars(method_class).get("distributed_ok")
+        assert declared in (True, False), name
+        if declared:
+            distributed.check_method(method_class, name)
+        else:
+            assert method_class.distributed_reason, name
+            with pytest.raises(ValueError, match=f"method '{name}' cannot run on 2 processes"):
+                distributed.check_method(method_class, name)

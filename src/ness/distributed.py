@@ -99,9 +99,22 @@ def device_for(device: str) -> str:
 
 
 def check_method(method_class: type, name: str) -> None:
-    """Raise before any training when a method cannot train data-parallel (its `distributed_ok` is False)."""
-    if world_size() > 1 and not getattr(method_class, "distributed_ok", True):
-        reason = getattr(method_class, "distributed_reason", "its training step uses more than the batch gradient")
+    """Raise before any training when a method cannot train data-parallel: its class declares `distributed_ok`
+    False, or does not declare it at all (a new method is not assumed safe)."""
+    if world_size() <= 1:
+        return
+    declared = vars(method_class).get("distributed_ok")
+    if declared is None:
+        raise ValueError(
+            f"method {name!r} ({method_class.__name__}) does not declare whether it trains data-parallel: set "
+            "`distributed_ok = True` in its class once its step uses the batch only through the mean gradient of its "
+            "loss and its task-boundary passes give every rank the same result (else False, with "
+            "`distributed_reason`), or run it in a single process"
+        )
+    if not declared:
+        reason = (
+            getattr(method_class, "distributed_reason", "") or "its training step uses more than the batch gradient"
+        )
         raise ValueError(
             f"method {name!r} cannot run on {world_size()} processes: {reason}, so the ranks would train different "
             "models; run it in a single process"

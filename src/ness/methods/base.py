@@ -250,9 +250,11 @@ class ContinualMethod:
 
     name: ClassVar[str]
     config_class: ClassVar[type]
-    distributed_ok: ClassVar[bool] = True
+    distributed_ok: ClassVar[bool | None] = None
     """Whether the method trains data-parallel (ness.distributed): its step uses the batch only through the mean
-    gradient of its loss, and its task-boundary passes give every rank the same result. False refuses it there."""
+    gradient of its loss, and its task-boundary passes give every rank the same result. Each method class declares
+    it itself, True or False (with `distributed_reason`); one that does not (a subclass included: its step may differ
+    from its parent's) is refused under torchrun until it does."""
     distributed_reason: ClassVar[str] = ""
     """With distributed_ok False, why: what in its step depends on each rank's own rows."""
 

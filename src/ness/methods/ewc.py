@@ -77,6 +77,7 @@ class EWC(ContinualMethod):
 
     name = "ewc"
     config_class = EWCConfig
+    distributed_ok = True
 
     def __init__(self, model: nn.Module, config: EWCConfig | None = None, forward: Forward = call_model) -> None:
         super().__init__(model, config, forward)

@@ -17,3 +17,4 @@ class FineTune(ContinualMethod):
 
     name = "finetune"
     config_class = FineTuneConfig
+    distributed_ok = True

@@ -146,6 +146,7 @@ class GPM(ContinualMethod):
 
     name = "gpm"
     config_class = GPMConfig
+    distributed_ok = True
     input_side_projection: ClassVar[bool] = True
     """Whether a projected Linear layer's weight gradient is Σ δᵀx over its calls alone, so that G·P may be taken
     from the calls' inputs (`GradientProjection.removed_from_inputs`) where that is cheaper. Subclasses whose

@@ -225,6 +225,7 @@ class HAT(ContinualMethod):
 
     name = "hat"
     config_class = HATConfig
+    distributed_ok = True
 
     def __init__(self, model: nn.Module, config: HATConfig | None = None, forward: Forward = call_model) -> None:
         super().__init__(model, config, forward)

@@ -28,6 +28,7 @@ class Joint(ContinualMethod):
 
     name = "joint"
     config_class = JointConfig
+    distributed_ok = True
 
     def data_tasks(self, t: int) -> tuple[int, ...]:
         return tuple(range(t + 1))

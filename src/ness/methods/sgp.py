@@ -38,6 +38,7 @@ class SGP(GPM):
 
     name = "sgp"
     config_class = SGPConfig
+    distributed_ok = True
 
     def __init__(self, model: nn.Module, config: SGPConfig | None = None, forward: Forward = call_model) -> None:
         super().__init__(model, config, forward)
