@@ -587,3 +587,21 @@ def test_a_prepared_training_split_gives_the_same_batches_as_the_raw_one():
     assert split is raw and transform is augmenting.transform
     split, transform = prepared_training_split(task, "cpu", limit=53 * 12 * 4 - 1)
     assert split is raw and transform is task.transform
+
+
+def test_the_prepared_copies_of_several_tasks_stay_within_one_budget():
+    from ness.data.tasks import PixelTransform
+
+    g = torch.Generator().manual_seed(2)
+    tasks = [
+        (j, Task(f"t{j}", 3, split, split, split, PixelTransform(255.0)))
+        for j, split in enumerate(
+            Split(torch.randint(0, 256, (10, 6), generator=g, dtype=torch.uint8), torch.randint(0, 3, (10,)))
+            for _ in range(3)
+        )
+    ]
+    one = 10 * 6 * 4  # bytes of one task's float32 copy
+    sets = trainer.training_sets(tasks, "cpu", limit=2 * one)
+    prepared = [split is not task.train for (_, split, _), (_, task) in zip(sets, tasks, strict=True)]
+    assert prepared == [True, True, False]  # the third would pass the budget: transformed per batch
+    assert [i for i, _, _ in sets] == [0, 1, 2]

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ness import distributed
 from ness.data import Benchmark, Split, Task, iterate_batches, iterate_mixed_batches
-from ness.data.tasks import prepared_training_split
+from ness.data.tasks import PREPARED_BYTES_LIMIT, prepared_training_split
 from ness.methods import ContinualMethod, StepProgress
 from ness.methods.base import is_count, is_number
 from ness.metrics import average_accuracy, backward_transfer
@@ -399,9 +399,18 @@ TrainingSet = tuple[int, Split, Callable[[torch.Tensor], torch.Tensor]]
 """(task id, training split, its transform): what an epoch's batches are drawn from."""
 
 
-def training_sets(sources: Sequence[tuple[int, Task]], device: str) -> list[TrainingSet]:
-    """Each source's training split, transformed once on `device` where it can be (`prepared_training_split`)."""
-    return [(i, *prepared_training_split(task, device)) for i, task in sources]
+def training_sets(
+    sources: Sequence[tuple[int, Task]], device: str, limit: int = PREPARED_BYTES_LIMIT
+) -> list[TrainingSet]:
+    """Each source's training split, transformed once on `device` where it can be (`prepared_training_split`), the
+    prepared copies of all sources together within `limit` bytes (joint training holds every task's)."""
+    sets: list[TrainingSet] = []
+    for i, task in sources:
+        split, transform = prepared_training_split(task, device, limit)
+        if split is not task.train:
+            limit -= split.inputs.element_size() * split.inputs.numel()
+        sets.append((i, split, transform))
+    return sets
 
 
 def epoch_batches(
