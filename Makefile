@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test quality clean
+.PHONY: install demo test docs quality clean
 
 $(BIN)/ness: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,13 @@ install: $(BIN)/ness
 demo: install
 	$(BIN)/ness demo --out $(DEMO_OUT)
 
-test: install
+test: install docs
 	$(BIN)/python -m pytest -q
+
+# The documentation site (MkDocs, Material theme, API pages from the docstrings), built strictly: a broken link, a
+# page missing from the navigation or an unresolved reference fails the build, and so `make test`.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 quality: install
 	$(BIN)/ruff check src tests benchmarks examples

@@ -1,4 +1,4 @@
-"""Continual-learning metrics as pure functions of the accuracy matrix R (R[i][j]: accuracy on task j, in %,
+"""Continual-learning metrics as pure functions of the accuracy matrix R (`R[i][j]`: accuracy on task j, in %,
 after training task i; entries above the diagonal are unused)."""
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ def _last_row(acc_matrix: Matrix) -> Sequence[float]:
 
 
 def average_accuracy(acc_matrix: Matrix) -> float:
-    """ACC = (1/T) Σ_j R[T−1][j]: mean accuracy over all tasks after the last one."""
+    """ACC = (1/T) Σ_j `R[T−1][j]`: mean accuracy over all tasks after the last one."""
     last = _last_row(acc_matrix)
     return sum(last[: len(acc_matrix)]) / len(acc_matrix)
 
 
 def backward_transfer(acc_matrix: Matrix) -> float:
-    """BWT = (1/(T−1)) Σ_{j<T−1} (R[T−1][j] − R[j][j]): negative means forgetting; 0 for a single task."""
+    """BWT = (1/(T−1)) Σ_{j<T−1} (`R[T−1][j]` − `R[j][j]`): negative means forgetting; 0 for a single task."""
     last, n = _last_row(acc_matrix), len(acc_matrix)
     if n == 1:
         return 0.0

@@ -490,7 +490,7 @@ def run_continual(
     observers: Sequence[RunObserver] = (),
     state: RunState | None = None,
 ) -> dict[str, Any]:
-    """Learn the benchmark's tasks in order; R[i][j] = test accuracy on task j after task i (%).
+    """Learn the benchmark's tasks in order; `R[i][j]` = test accuracy on task j after task i (%).
 
     `state` continues a run from a checkpoint (its method must be `method`); without it the run starts from task 0
     with every RNG seeded by `seed`. Observers see every epoch and task end (ness.checkpoint.Checkpointer)."""
