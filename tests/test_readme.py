@@ -14,13 +14,15 @@ from torch import nn
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+DOCS = [README, *sorted((README.parent / "docs").glob("*.md"))]
+
+
 def snippet(name: str) -> str:
-    """The ```python block that follows the marker `<!-- README snippet: name ... -->` in the README."""
-    match = re.search(
-        rf"<!-- README snippet: {re.escape(name)}\b[^>]*-->\s*```python\n(.*?)```", README.read_text(), re.S
-    )
-    assert match, f"README.md has no snippet marked {name!r}"
-    return match.group(1)
+    """The ```python block that follows the marker `<!-- README snippet: name ... -->` in the README or a docs page."""
+    pattern = rf"<!-- README snippet: {re.escape(name)}\b[^>]*-->\s*```python\n(.*?)```"
+    found = [m.group(1) for path in DOCS for m in re.finditer(pattern, path.read_text(), re.S)]
+    assert len(found) == 1, f"README.md and docs/ hold {len(found)} snippets marked {name!r}, not one"
+    return found[0]
 
 
 class DigitsNet(nn.Module):
