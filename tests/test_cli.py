@@ -414,3 +414,14 @@ def test_write_json_atomic_gives_an_ordinary_file_mode(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_the_readme_shows_the_demos_output_as_it_prints(demo):
+    """The README's demo output is what `ness demo` prints (seed 1, this machine's 2 cores), not a stale copy."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"Its output on a 2-core CPU[^\n]*\n[^\n]*\n\n```\n(.*?)```", readme, re.S)
+    assert block, "README.md has no demo output block after 'Its output on a 2-core CPU'"
+    _, stdout, _ = demo
+    printed = [line.rstrip() for line in stdout.strip().splitlines() if not line.startswith("Results: ")]
+    shown = [line.rstrip() for line in block.group(1).strip().splitlines()]
+    assert shown == printed  # all but the line naming where the results were written
