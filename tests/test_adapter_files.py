@@ -998,3 +998,12 @@ def test_cli_refuses_adapters_for_other_methods_and_a_merge_without_files(tmp_pa
     assert "--merge goes with --base" in capsys.readouterr().err
     assert main(["adapters", str(tmp_path / "none")]) == 2
     assert "no adapter directory" in capsys.readouterr().err
+
+
+def test_only_a_method_that_says_so_saves_adapters(tmp_path):
+    """The experiment asks the method's class (`saves_adapters`), and a method without adapters refuses clearly."""
+    from ness.methods import METHODS, FineTune
+
+    assert [name for name, cls in METHODS.items() if cls.saves_adapters] == ["ness"]
+    with pytest.raises(TypeError, match="finetune learns no adapters"):
+        FineTune(torch.nn.Linear(3, 2)).save_adapters(tmp_path)

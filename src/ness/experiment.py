@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from ness import distributed
-from ness.adapter_files import save_adapters as write_adapters
 from ness.adapter_files import write_state_dict
 from ness.checkpoint import (
     CHECKPOINT_NAME,
@@ -28,7 +27,7 @@ from ness.checkpoint import (
     resume_state,
 )
 from ness.data import BENCHMARKS, Benchmark, build_benchmark, resolve_data_root
-from ness.methods import METHODS, NESS, ContinualMethod, build_method
+from ness.methods import METHODS, ContinualMethod, build_method
 from ness.methods.base import is_count, is_integer, is_number
 from ness.presets import Protocol, Variant, faithful_settings, get_protocol
 from ness.results import write_json_atomic
@@ -160,8 +159,9 @@ def resolve_settings(
 
 
 def check_saves_adapters(variant: str, method: str) -> None:
-    """`--save-adapters` needs a NESS variant: only NESS learns adapters (ΔW = U·V over a base model) to write."""
-    if not issubclass(METHODS[method], NESS):
+    """`--save-adapters` needs a method that learns adapter files over a base model (NESS: ΔW = U·V); the method's
+    class says so (`ContinualMethod.saves_adapters`)."""
+    if not METHODS[method].saves_adapters:
         raise ValueError(
             f"--save-adapters works with NESS variants only; {variant!r} runs {method!r}, which learns no adapters"
         )
@@ -481,7 +481,7 @@ def run_experiment(
     if folder is not None and distributed.is_main():  # several processes: rank 0 writes for all
         if save_adapters:  # before results.json, which marks a finished run
             write_state_dict(folder / "base_model.safetensors", extras["base_model"])
-            write_adapters(runner, folder / "adapters")
+            runner.save_adapters(folder / "adapters")
         write_json_atomic(folder / "results.json", results)
         if spectra:
             write_json_atomic(folder / "spectra.json", {"spectra": spectra})

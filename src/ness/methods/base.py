@@ -16,6 +16,7 @@ import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -255,6 +256,9 @@ class ContinualMethod:
     gradient of its loss, and its task-boundary passes give every rank the same result. Each method class declares
     it itself, True or False (with `distributed_reason`); one that does not (a subclass included: its step may differ
     from its parent's) is refused under torchrun until it does."""
+    saves_adapters: ClassVar[bool] = False
+    """Whether the method writes adapter files over a base model (`save_adapters(directory)`, `ness run
+    --save-adapters`): NESS does."""
     distributed_reason: ClassVar[str] = ""
     """With distributed_ok False, why: what in its step depends on each rank's own rows."""
 
@@ -354,6 +358,10 @@ class ContinualMethod:
 
     def after_step(self, t: int) -> None:
         """Called after each optimiser step (HAT clamps its embeddings here)."""
+
+    def save_adapters(self, directory: str | Path) -> Path:
+        """Write the method's adapter files to `directory`: only methods with `saves_adapters` have any."""
+        raise TypeError(f"{self.name} learns no adapters over a base model, so it has none to save")
 
     def end_task(self, t: int, batches: Iterable[Any]) -> None:
         """Close task t; `batches` is the task's training data (x or (x, y) batches)."""

@@ -291,6 +291,7 @@ class NESS(ContinualMethod):
     name = "ness"
     config_class = NESSConfig
     distributed_ok = True
+    saves_adapters = True
 
     def __init__(self, model: nn.Module, config: NESSConfig | None = None, forward: Forward = call_model) -> None:
         super().__init__(model, config, forward)
