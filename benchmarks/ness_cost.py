@@ -29,9 +29,10 @@ from torch import nn
 from torch.utils import benchmark
 
 from ness.adapters import NullSpaceAdapter
-from ness.methods.base import adaptable_layers, replace_module
+from ness.methods.base import adaptable_layers
 from ness.methods.ness import NESS, NESSConfig
 from ness.models import alexnet, call_model, reduced_resnet18
+from ness.modules import replace_module
 from ness.subspace import covariance_spectrum, input_covariance, input_dim, layer_input_rows
 
 # name: (builder, image size, images per task boundary = the paper's training images per task after validation)

@@ -28,8 +28,8 @@ from ness.adapter_files import describe_adapters, merged_state_dict, save_adapte
 from ness.cli import main
 from ness.data import build_benchmark
 from ness.methods import FineTune
-from ness.methods.normalization import load_batchnorm_state
 from ness.models import MultiHeadNet, call_model, multi_head_mlp
+from ness.normalization import load_batchnorm_state
 from ness.presets import get_protocol
 from ness.trainer import evaluate
 

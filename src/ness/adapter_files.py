@@ -27,10 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from ness.adapters import NullSpaceAdapter
-from ness.methods.base import Forward, replace_module, short_list, tensor_digest
-from ness.methods.ness import NESS, NESSConfig
-from ness.methods.normalization import BatchNormState, batchnorm_layers, load_batchnorm_state, restore_momenta
 from ness.models import call_model, task_heads
+from ness.models.heads import Forward
+from ness.modules import replace_module, short_list, tensor_digest
+from ness.normalization import BatchNormState, batchnorm_layers, load_batchnorm_state, restore_momenta
 from ness.results import atomic_file, write_json_atomic
 from ness.subspace import SUPPORTED_LAYERS, input_dim
 
@@ -71,15 +71,18 @@ BASE_MODEL_HINT = (
 Transfer = dict[str, tuple[Tensor, Tensor]]
 """One task's transfer adapter: layer → (Ū, A), whose term Ū·A adds to the layer's W (and b, with adapt_bias)."""
 log = logging.getLogger(__name__)
+AdapterMethod = Any
+"""A method whose class says `saves_adapters` (ness.methods.ness.NESS): these files know its state, but this module
+imports nothing from ness.methods, so the dependency points one way (NESS uses this module)."""
 
 
 # -- saving ------------------------------------------------------------------------------------------------------
-def save_adapters(method: NESS, directory: str | Path) -> Path:
+def save_adapters(method: AdapterMethod, directory: str | Path) -> Path:
     """Write the method's adapters, statistics and config to `directory` (created if needed); returns it.
 
     Each file is written atomically and the config last, so a directory with a config is complete. The optimiser's
     state is not saved: training an open task continues with a fresh optimiser."""
-    if not isinstance(method, NESS):
+    if not getattr(type(method), "saves_adapters", False):
         raise TypeError(f"save_adapters takes a NESS method, got {type(method).__name__}")
     if method.tasks_done == 0:
         raise ValueError(
@@ -200,7 +203,7 @@ def _layer(model: nn.Module, name: str) -> nn.Module:
     return module.base if isinstance(module, NullSpaceAdapter) else module
 
 
-def _modules_to_save(method: NESS) -> list[str]:
+def _modules_to_save(method: AdapterMethod) -> list[str]:
     """Modules whose tensors change after task 0 outside ΔW, saved whole as PEFT's modules_to_save: the task heads
     (each task trains its own), the BatchNorm layers (batchnorm='per_task', or a custom loop) and the config's
     modules_to_save (they train fully in every task). The outermost of nested ones, in the model's order."""
@@ -251,7 +254,7 @@ def _weight_rows(weight: Tensor, bias: Tensor | None) -> Tensor:
     return w if bias is None else torch.cat([w, bias.detach().to("cpu", torch.float64)[:, None]], dim=1)
 
 
-def _base_sketch(method: NESS, name: str) -> tuple[Tensor, Tensor, Tensor]:
+def _base_sketch(method: AdapterMethod, name: str) -> tuple[Tensor, Tensor, Tensor]:
     """(g, W̃_base·g, Σ_t ΔW̃_t·g) for a fixed random g: enough to tell the base model from another one (e.g. the
     final one, whose sketch differs by exactly the shift) without keeping the base weights."""
     layer = _layer(method.model, name)
@@ -525,13 +528,16 @@ def _check_uncarried(saved: SavedAdapters, tensors: dict[str, Tensor], what: str
 
 
 # -- loading -----------------------------------------------------------------------------------------------------
-def load_adapters(model: nn.Module, directory: str | Path, forward: Forward = call_model) -> NESS:
+def load_adapters(
+    method_class: type, model: nn.Module, directory: str | Path, forward: Forward = call_model
+) -> AdapterMethod:
     """A NESS method equivalent to the saved one, built on `model`: the base model (the architecture with its
     weights after task 0). Each finished task's ΔW is merged into it in order, the modules saved whole are put
     back, the open task's adapters are re-created with their U and V (and Ū and A of its transfer adapter), each
     finished task's transfer adapter is kept for when that task is predicted, and the statistics are restored, so
     training and `begin_task` continue. Before changing anything, the model is checked to be that base: its adapted
-    weights through a sketch, every other tensor exactly against the digests saved with the adapters."""
+    weights through a sketch, every other tensor exactly against the digests saved with the adapters.
+    `method_class` (NESS, whose `load_adapters` calls this) builds the method from its saved config."""
     saved = read_adapters(directory)
     _check_format_version(saved)
     config = saved.config
@@ -544,10 +550,10 @@ def load_adapters(model: nn.Module, directory: str | Path, forward: Forward = ca
     for name, spec in config["layers"].items():
         _check_layer(name, spec, _find(model, name))
     try:
-        ness_config = NESSConfig(**_saved_settings(saved))
+        ness_config = method_class.config_class(**_saved_settings(saved))
     except TypeError as err:
         raise ValueError(f"{saved.directory / CONFIG_FILE}: its NESSConfig does not fit this ness-cl ({err})") from err
-    method = NESS(model, ness_config, forward)
+    method = method_class(model, ness_config, forward)
     extra = sorted(set(method.layer_names) - set(config["layers"]))
     if extra:
         raise ValueError(
@@ -595,7 +601,7 @@ def _check_module_state(module: nn.Module | None, name: str, state: dict[str, Te
         )
 
 
-def _method_state(saved: SavedAdapters, method: NESS) -> dict[str, Any]:
+def _method_state(saved: SavedAdapters, method: AdapterMethod) -> dict[str, Any]:
     """The saved method's NESS.state_dict() from the files, all but its "model" entry."""
     config, counts = saved.config, saved.config["statistics"]
     active = config["active"] or {"ranks": {}}
@@ -717,7 +723,7 @@ class _TaskTransfers:
         )
 
 
-def _method_transfers(method: NESS) -> _TaskTransfers:
+def _method_transfers(method: AdapterMethod) -> _TaskTransfers:
     """The method's transfer adapters by task: each finished task's `method.transfers[t]`, and the open task's terms
     as its adapters hold them now (A as trained so far)."""
     terms = {j: method.transfers[j] if j < len(method.transfers) else {} for j in range(method.tasks_done)}
@@ -727,7 +733,7 @@ def _method_transfers(method: NESS) -> _TaskTransfers:
             for name, layer in method.active.items()
             if layer.adapter.A is not None
         }
-    previewed = method.active_task is not None and method._transfer_task == method.active_task
+    previewed = method.active_task is not None and method.transfer_task == method.active_task
     return _TaskTransfers(terms, method.active_task, previewed, method.config.transfer_rank)
 
 
@@ -742,7 +748,7 @@ def _saved_transfers(saved: SavedAdapters) -> _TaskTransfers:
     return _TaskTransfers(terms, open_task, previewed, _saved_settings(saved)["transfer_rank"])
 
 
-def merge_and_unload(method: NESS, task: int | None = None) -> nn.Module:
+def merge_and_unload(method: AdapterMethod, task: int | None = None) -> nn.Module:
     """A deep copy of the method's model with the open task's adapters merged into their layers: only ordinary
     layers, every parameter trainable. The method itself is left as it was.
 
@@ -758,8 +764,8 @@ def merge_and_unload(method: NESS, task: int | None = None) -> nn.Module:
     merged = copy.deepcopy(method.model)
     for name in method.active:
         replace_module(merged, name, merged.get_submodule(name).merged())
-    if method._frozen_momenta is not None:  # batchnorm='frozen' holds running statistics during a task
-        restore_momenta(merged, method._frozen_momenta)
+    if method.frozen_momenta is not None:  # batchnorm='frozen' holds running statistics during a task
+        restore_momenta(merged, method.frozen_momenta)
     for name, (basis, factor) in own.items():
         _merge_delta(merged.get_submodule(name), basis, factor, name, name in method.bias_layers)
     if task is not None and task < len(method.batchnorm_states):  # a finished task's own (batchnorm='per_task')

@@ -10,7 +10,6 @@ the hooks it needs and never sees the trainer.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import math
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,9 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ness.models import call_model, head_parameters, logits_by_task, task_heads
+from ness.models.heads import Forward
 from ness.subspace import check_supported
 
-Forward = Callable[[nn.Module, Tensor, int], Tensor]
 Optimizer = Any  # a torch optimiser, or ness.optim.SAM: anything with step(closure), zero_grad and param_groups
 
 
@@ -185,25 +184,6 @@ def weights_and_head(model: nn.Module, names: Iterable[str], t: int) -> list[nn.
     (BatchNorm and biases stay as task 0 left them)."""
     own_head, _ = head_parameters(model, t)
     return [model.get_submodule(name).weight for name in names] + own_head
-
-
-def short_list(names: Sequence[str], most: int = 6) -> str:
-    """'a, b, c' for a few names; the first `most` and the count for more, so a message stays readable."""
-    shown = ", ".join(names[:most])
-    return shown if len(names) <= most else f"{shown}, … ({len(names)} in all)"
-
-
-def tensor_digest(tensor: Tensor) -> bytes:
-    """A digest of the tensor's bytes: two digests are equal only if the values are (bar a 2⁻¹²⁸ collision)."""
-    data = tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
-    return hashlib.blake2b(data.numpy().tobytes(), digest_size=16).digest()
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put `new` where the submodule called `name` is."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 @contextmanager

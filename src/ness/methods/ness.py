@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ness import distributed
+from ness import adapter_files, distributed
 from ness.adapters import NullSpaceAdapter, added_low_rank_terms
 from ness.methods.base import (
     ContinualMethod,
@@ -33,15 +33,14 @@ from ness.methods.base import (
     is_integer,
     is_number,
     matching_modules,
-    replace_module,
-    short_list,
     subspace_layers,
     task_inputs,
-    tensor_digest,
     unreachable_layers,
     watch_layer_inputs,
 )
-from ness.methods.normalization import (
+from ness.models import call_model, head_parameters, task_heads
+from ness.modules import replace_module, short_list, tensor_digest
+from ness.normalization import (
     BatchNormState,
     batchnorm_layers,
     batchnorm_state,
@@ -49,7 +48,6 @@ from ness.methods.normalization import (
     freeze_running_statistics,
     restore_momenta,
 )
-from ness.models import call_model, head_parameters, task_heads
 from ness.subspace import (
     SUPPORTED_LAYERS,
     THRESHOLD_RULES,
@@ -914,24 +912,28 @@ class NESS(ContinualMethod):
     # -- adapter files (PEFT-style; see ness.adapter_files) --------------------------------------------
     def save_adapters(self, directory: str | Path) -> Path:
         """Write adapter_config.json, the tasks' U and V and the statistics to `directory` (safetensors)."""
-        from ness.adapter_files import save_adapters
-
-        return save_adapters(self, directory)
+        return adapter_files.save_adapters(self, directory)
 
     @classmethod
     def load_adapters(cls, model: nn.Module, directory: str | Path, forward: Forward = call_model) -> NESS:
         """The saved method, rebuilt on `model` as it was after task 0 (the base model), ready to continue."""
-        from ness.adapter_files import load_adapters
+        return adapter_files.load_adapters(cls, model, directory, forward)
 
-        return load_adapters(model, directory, forward)
+    @property
+    def transfer_task(self) -> int | None:
+        """The task whose transfer directions `preview_task` chose (None before any)."""
+        return self._transfer_task
+
+    @property
+    def frozen_momenta(self) -> dict[str, float | None] | None:
+        """With batchnorm='frozen', the BatchNorm momenta held at 0 during the open task (None outside one)."""
+        return self._frozen_momenta
 
     def merge_and_unload(self, task: int | None = None) -> nn.Module:
         """A plain copy of the model with the open task's ΔW merged, no adapters: task=None gives the shared model
         (no task's transfer term), task=j task j's own model, with outputs `predict(x, j)`'s (its transfer term
         Ū_j·A_j merged too); see ness.adapter_files.merge_and_unload."""
-        from ness.adapter_files import merge_and_unload
-
-        return merge_and_unload(self, task)
+        return adapter_files.merge_and_unload(self, task)
 
 
 def format_roles(roles: list[LayerRole], model: nn.Module) -> str:

@@ -6,10 +6,13 @@ A model without `task_heads` (one output shared by every task, as in Permuted MN
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+Forward = Callable[[nn.Module, Tensor, int], Tensor]
+"""How a method calls the model for task t: `call_model` (heads) or any f(model, x, t)."""
 
 
 class MultiHeadNet(nn.Module):

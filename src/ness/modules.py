@@ -1,0 +1,29 @@
+"""Small helpers on module trees and tensors that the methods and the adapter files share: put a module in place of
+another, a tensor's exact digest, and a short list of names for messages."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def short_list(names: Sequence[str], most: int = 6) -> str:
+    """'a, b, c' for a few names; the first `most` and the count for more, so a message stays readable."""
+    shown = ", ".join(names[:most])
+    return shown if len(names) <= most else f"{shown}, … ({len(names)} in all)"
+
+
+def tensor_digest(tensor: Tensor) -> bytes:
+    """A digest of the tensor's bytes: two digests are equal only if the values are (bar a 2⁻¹²⁸ collision)."""
+    data = tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
+    return hashlib.blake2b(data.numpy().tobytes(), digest_size=16).digest()
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule called `name` is."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
