@@ -767,3 +767,20 @@ def test_projection_from_a_linear_layers_inputs_equals_the_projected_gradient(sg
         expected = raw[n] - ((raw[n] @ basis) * lam) @ basis.T
         torch.testing.assert_close(model.get_submodule(n).weight.grad.double(), expected, atol=1e-6, rtol=1e-5)
     assert (name in method._call_hooks) is (extra != "weight_penalty")  # a layer found wanting is not watched
+
+
+def test_a_gpm_pickled_before_the_input_side_projection_still_projects():
+    import pickle
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.ReLU(), torch.nn.Linear(5, 3, bias=False))
+    method = GPM(model, GPMConfig(samples=50))
+    x0, y0 = torch.randn(50, 6), torch.randint(0, 3, (50,))
+    method.begin_task(0)
+    train(method, model, 0, x0, y0)
+    method.end_task(0, batches(x0, y0))
+    for name in ("_calls", "_call_hooks", "_calls_checked"):  # as an older checkpoint holds the method
+        delattr(method, name)
+    restored = pickle.loads(pickle.dumps(method))
+    restored.begin_task(1)
+    train(restored, restored.model, 1, torch.randn(4, 6), torch.randint(0, 3, (4,)), steps=2)

@@ -95,6 +95,9 @@ class NullSpaceAdapter(nn.Module):
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_stacked": None}  # a cache: rebuilt on the next forward pass
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__({"_stacked": None, **state})  # checkpoints written before the cache existed
+
     @property
     def rank(self) -> int:
         return self.U.shape[1]

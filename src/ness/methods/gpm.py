@@ -173,6 +173,10 @@ class GPM(ContinualMethod):
         # Seeded from torch's global generator, so the samples follow the run seed (official: seeded np.random).
         self._generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # checkpoints written before the input-side projection: no calls recorded, nothing checked yet
+        self.__dict__.update({"_calls": {}, "_call_hooks": {}, "_calls_checked": {}, **state})
+
     def threshold(self, t: int, layer: int) -> float:
         """ε_th of the layer-th projected layer when task t ends: its task-0 value plus the increment per task."""
         base = self.config.threshold if self.config.layer_thresholds is None else self.config.layer_thresholds[layer]
