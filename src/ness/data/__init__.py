@@ -34,11 +34,9 @@ BENCHMARKS: dict[str, Callable[..., Benchmark]] = {
 
 
 def build_benchmark(name: str, *, seed: int, data_root: str | Path | None = None, **options: Any) -> Benchmark:
-    """Build a benchmark by name; split_digits needs no files and ignores data_root."""
+    """Build a benchmark by name: `BENCHMARKS[name](data_root, seed=seed, **options)` (split_digits reads no file)."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; valid names: {', '.join(BENCHMARKS)}")
-    if name == "split_digits":
-        return split_digits(seed=seed, **options)
     return BENCHMARKS[name](data_root, seed=seed, **options)
 
 

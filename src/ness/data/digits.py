@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -12,8 +14,9 @@ TEST_FRACTION = 0.25
 TEST_SEED = 0
 
 
-def split_digits(seed: int, pc_valid: float = 0.1) -> Benchmark:
-    """Five tasks of digits (2t, 2t+1) with local labels 0/1, tested on the same images for every seed.
+def split_digits(data_root: str | Path | None = None, *, seed: int, pc_valid: float = 0.1) -> Benchmark:
+    """Five tasks of digits (2t, 2t+1) with local labels 0/1, tested on the same images for every seed. The images
+    ship with scikit-learn, so `data_root` (the signature every benchmark builder shares) is not read.
 
     The test split is ceil(25 %) of each class (random_state 0); `seed` only chooses the validation split.
     """

@@ -1,13 +1,15 @@
-"""Continual-learning methods. Adding one: write one file with a ContinualMethod subclass, add one line below."""
+"""Continual-learning methods. Adding one: one file with a `@register`ed ContinualMethod subclass (CONTRIBUTING.md)."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from torch import nn
 
 from ness.methods.agem import AGEM, AGEMConfig
-from ness.methods.base import ContinualMethod, StepProgress, TaskOrderError, adaptable_layers
+from ness.methods.base import METHODS, ContinualMethod, StepProgress, TaskOrderError, adaptable_layers
 from ness.methods.dfgp import DFGP, DFGPConfig
 from ness.methods.ewc import EWC, EWCConfig
 from ness.methods.finetune import FineTune, FineTuneConfig
@@ -20,20 +22,9 @@ from ness.methods.owm import OWM, OWMConfig
 from ness.methods.sgp import SGP, SGPConfig
 from ness.methods.trgp import TRGP, TRGPConfig
 
-METHODS: dict[str, type[ContinualMethod]] = {
-    "ness": NESS,
-    "finetune": FineTune,
-    "gpm": GPM,
-    "fsdgpm": FSDGPM,
-    "sgp": SGP,
-    "trgp": TRGP,
-    "dfgp": DFGP,
-    "ewc": EWC,
-    "agem": AGEM,
-    "hat": HAT,
-    "owm": OWM,
-    "joint": Joint,
-}
+# Every module of the package is imported, so a method's own file, with `@register` on its class, is all it takes.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def build_method(name: str, model: nn.Module, options: dict[str, Any] | None = None) -> ContinualMethod:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ness.methods.base import ContinualMethod, Forward, buffers_kept, labelled_batches
+from ness.methods.base import ContinualMethod, Forward, buffers_kept, labelled_batches, register
 from ness.models import call_model
 
 
@@ -41,6 +41,7 @@ class AGEMConfig:
                 raise ValueError(f"AGEMConfig.{name} must be an integer ≥ {low}, got {value!r} ({hint})")
 
 
+@register
 class AGEM(ContinualMethod):
     """A-GEM over the flattened gradient of all trainable parameters.
 

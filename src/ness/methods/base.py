@@ -226,6 +226,24 @@ def task_inputs(batches: Iterable[Any], where: str) -> Iterator[Tensor]:
         raise ValueError(f"{where}: the task's loader yielded no batches; pass the task's training data")
 
 
+METHODS: dict[str, type[ContinualMethod]] = {}
+"""Every registered method by its `name`, in the order the package imported them."""
+
+
+def register(cls: type[ContinualMethod]) -> type[ContinualMethod]:
+    """Class decorator on a method where it is defined: it can then be built by name (`build_method`,
+    `ness run --method NAME`). `ness.methods` imports every module of the package, so a new file is found."""
+    name = vars(cls).get("name")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__}: a registered method sets its own `name` (the --method it answers to)")
+    if not hasattr(cls, "config_class"):
+        raise TypeError(f"{cls.__name__}: a registered method sets `config_class`, the dataclass of its settings")
+    if METHODS.get(name, cls) is not cls:
+        raise ValueError(f"{cls.__name__}: the method name {name!r} is already {METHODS[name].__name__}'s")
+    METHODS[name] = cls
+    return cls
+
+
 class ContinualMethod:
     """Base class: task bookkeeping and the default 'train everything' behaviour (fine-tuning)."""
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ness.methods.base import Forward, Optimizer, is_number
+from ness.methods.base import Forward, Optimizer, is_number, register
 from ness.methods.gpm import GPM, GPMConfig
 from ness.models import call_model
 from ness.optim import SAM, SAM_EPS
@@ -88,6 +88,7 @@ def ascend_lambda(lam: Tensor, grad: Tensor, step: float) -> Tensor:
 STEP_FIELDS = ("mean_loss", "mean_mixup_ce", "mean_lambda_drawn", "mean_lambda_adversarial", "mean_lambda_shift")
 
 
+@register
 class DFGP(GPM):
     """GPM trained with adversarial mixup and SAM.
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ness.methods.base import ContinualMethod, Forward, buffers_kept, labelled_batches
+from ness.methods.base import ContinualMethod, Forward, buffers_kept, labelled_batches, register
 from ness.models import call_model
 
 
@@ -68,6 +68,7 @@ def rechunk(batches: Iterable[tuple[Tensor, Tensor]], size: int) -> Iterator[tup
         yield torch.cat(xs), torch.cat(ys)
 
 
+@register
 class EWC(ContinualMethod):
     """EWC with the penalty's gradient added in `after_backward`.
 

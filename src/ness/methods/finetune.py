@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ness.methods.base import ContinualMethod
+from ness.methods.base import ContinualMethod, register
 
 
 @dataclass(frozen=True)
@@ -12,6 +12,7 @@ class FineTuneConfig:
     """Fine-tuning has no settings of its own; the optimiser and schedule come from the training config."""
 
 
+@register
 class FineTune(ContinualMethod):
     """Plain sequential training: the base class's defaults, nothing more."""
 

@@ -29,6 +29,7 @@ from ness.methods.base import (
     StepProgress,
     config_tuple,
     is_number,
+    register,
     subspace_layers,
     watch_layer_inputs,
     weights_and_head,
@@ -173,6 +174,7 @@ class _Reparametrized(nn.Module):
         return closure()
 
 
+@register
 class FSDGPM(ContinualMethod):
     """FS-DGPM on any model made of nn.Linear / nn.Conv2d layers (declared task heads get no memory).
 

@@ -25,6 +25,7 @@ from ness.methods.base import (
     config_tuple,
     is_count,
     is_number,
+    register,
     subspace_layers,
     task_inputs,
     watch_layer_inputs,
@@ -133,6 +134,7 @@ def draw_samples(inputs: Iterable[Tensor], k: int, generator: torch.Generator) -
     return pool
 
 
+@register
 class GPM(ContinualMethod):
     """GPM on any model made of nn.Linear / nn.Conv2d layers (declared task heads are never projected).
 

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ness.methods.base import ContinualMethod, Forward, StepProgress, is_number, subspace_layers
+from ness.methods.base import ContinualMethod, Forward, StepProgress, is_number, register, subspace_layers
 from ness.models import call_model, head_parameters, task_heads
 from ness.models.resnet import BasicBlock
 
@@ -220,6 +220,7 @@ def gate_placements(model: nn.Module) -> list[GatePlacement]:
 
 
 # -- the method ---------------------------------------------------------------------------------------------
+@register
 class HAT(ContinualMethod):
     """HAT on any model of nn.Linear / nn.Conv2d layers (see the module docstring for the port's choices)."""
 

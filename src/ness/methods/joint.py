@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ness.methods.base import ContinualMethod
+from ness.methods.base import ContinualMethod, register
 from ness.models import task_heads
 
 
@@ -20,6 +20,7 @@ class JointConfig:
     """Joint training has no settings of its own; the optimiser and schedule come from the training config."""
 
 
+@register
 class Joint(ContinualMethod):
     """Cumulative joint training: the model continues from the previous task's weights on the union of tasks 0..t.
 

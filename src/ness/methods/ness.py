@@ -33,6 +33,7 @@ from ness.methods.base import (
     is_integer,
     is_number,
     matching_modules,
+    register,
     subspace_layers,
     task_inputs,
     unreachable_layers,
@@ -283,6 +284,7 @@ old inputs then put at least half their energy through the directions the task t
 scale under the nuclear rule keeps 783 of MNIST's 784 pixel directions)."""
 
 
+@register
 class NESS(ContinualMethod):
     """NESS on any model made of nn.Linear / nn.Conv2d layers (declared task heads are never adapted)."""
 

@@ -24,6 +24,7 @@ from ness.methods.base import (
     StepProgress,
     config_tuple,
     is_number,
+    register,
     subspace_layers,
     weights_and_head,
 )
@@ -162,6 +163,7 @@ def project_rows(grad: Tensor, projector: Tensor) -> Tensor:
     return (grad.reshape(grad.shape[0], -1) @ projector.to(grad.dtype)).view_as(grad)
 
 
+@register
 class OWM(ContinualMethod):
     """OWM ported onto the library's networks and multi-head protocol.
 

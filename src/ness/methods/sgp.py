@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ness.methods.base import Forward
+from ness.methods.base import Forward, register
 from ness.methods.gpm import GPM, GPMConfig
 from ness.models import call_model
 from ness.subspace import GradientProjection, MemoryUpdate, gradient_projection, projected_norms, sgp_importance
@@ -33,6 +33,7 @@ class SGPConfig(GPMConfig):
             raise ValueError(f"SGPConfig.scale_coefficient must be a finite number ≥ 0, got {alpha!r} (SGP uses 10)")
 
 
+@register
 class SGP(GPM):
     """GPM whose projection is scaled by per-direction importances λ."""
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ness.methods.base import Forward, is_count, is_number, labelled_batches
+from ness.methods.base import Forward, is_count, is_number, labelled_batches, register
 from ness.methods.gpm import GPM, GPMConfig, draw_samples
 from ness.models import call_model
 from ness.subspace import (
@@ -204,6 +204,7 @@ class _ModelCall(nn.Module):
         return self.call(self.model, x, t)
 
 
+@register
 class TRGP(GPM):
     """TRGP on any model made of nn.Linear / nn.Conv2d layers (declared task heads are neither projected nor scaled).
 
