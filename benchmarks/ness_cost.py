@@ -103,7 +103,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     model = build().to(args.device)
     x = smooth_images(args.batch, size, generator, args.pixel_noise).to(args.device)
     y = torch.randint(0, 5, (args.batch,), generator=generator).to(args.device)
-    method = NESS(model, NESSConfig(eps1=args.eps1))
+    method = NESS(model, NESSConfig(eps1=args.eps1, transfer_rank=0))
     model.train()
     method.begin_task(0)
     plain_step = seconds(training_step(model, method.trainable_parameters(0), x, y, 0), args.min_run_time)

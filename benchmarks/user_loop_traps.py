@@ -156,11 +156,15 @@ def once_before_task0(call_trainable_parameters: bool) -> Callable[[NESS, int], 
 
 
 def config(**kw) -> NESSConfig | None:
-    try:
-        return NESSConfig(eps1=0.05, **kw)
-    except TypeError as err:  # an option this version of the library does not have
-        print(f"  (not in this version: {err})")
-        return None
+    error: TypeError | None = None
+    # transfer_rank=0: the setting issue 13 measured (transfer adapters came with issue 14; older versions lack it)
+    for extra in ({"transfer_rank": 0}, {}):
+        try:
+            return NESSConfig(eps1=0.05, **extra, **kw)
+        except TypeError as err:  # an option this version of the library does not have
+            error = err
+    print(f"  (not in this version: {error})")
+    return None
 
 
 def own_heads() -> nn.Module:
