@@ -457,3 +457,16 @@ def test_real_split_and_permuted_mnist_sizes(real_root: Path) -> None:
         assert (len(task.train), len(task.val), len(task.test)) == (54000, 6000, 10000)
     x, _ = next(iterate_batches(permuted.tasks[0].train, permuted.tasks[0].transform, 4096))
     assert abs(float(x.mean())) < 0.05 and abs(float(x.std()) - 1) < 0.05  # normalised with MNIST statistics
+
+
+def test_only_a_benchmark_read_from_files_needs_a_data_root(monkeypatch):
+    from ness.data import BENCHMARKS, WITHOUT_FILES, DataError, build_benchmark
+    from ness.experiment import check_data_root
+
+    monkeypatch.delenv("NESS_DATA_ROOT", raising=False)
+    assert {"split_digits"} == WITHOUT_FILES
+    check_data_root("split_digits", None)  # scikit-learn ships the digits
+    assert len(build_benchmark("split_digits", seed=0).tasks) == 5
+    for name in set(BENCHMARKS) - WITHOUT_FILES:
+        with pytest.raises(DataError, match="no data root given"):
+            check_data_root(name, None)

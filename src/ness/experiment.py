@@ -26,7 +26,7 @@ from ness.checkpoint import (
     remove_temporaries,
     resume_state,
 )
-from ness.data import BENCHMARKS, Benchmark, build_benchmark, resolve_data_root
+from ness.data import BENCHMARKS, WITHOUT_FILES, Benchmark, build_benchmark, resolve_data_root
 from ness.methods import METHODS, ContinualMethod, build_method
 from ness.methods.base import is_count, is_integer, is_number
 from ness.presets import Protocol, Variant, faithful_settings, get_protocol
@@ -112,7 +112,7 @@ def check_device(device: str) -> None:
 def check_data_root(benchmark: str, data_root: str | Path | None) -> None:
     """A benchmark read from files needs an existing data root (--data-root or $NESS_DATA_ROOT): checked once,
     before any run, rather than failing every seed."""
-    if "data_root" in inspect.signature(BENCHMARKS[benchmark]).parameters:
+    if benchmark not in WITHOUT_FILES:
         resolve_data_root(data_root)
 
 

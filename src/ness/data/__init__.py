@@ -31,6 +31,9 @@ BENCHMARKS: dict[str, Callable[..., Benchmark]] = {
     "five_datasets": five_datasets_benchmark,
     "split_miniimagenet": split_miniimagenet,
 }
+"""Each benchmark's builder, called as `builder(data_root, seed=seed, **options)`."""
+WITHOUT_FILES: frozenset[str] = frozenset({"split_digits"})
+"""Benchmarks whose data ship with a package (scikit-learn's digits): they need no data root."""
 
 
 def build_benchmark(name: str, *, seed: int, data_root: str | Path | None = None, **options: Any) -> Benchmark:
@@ -42,6 +45,7 @@ def build_benchmark(name: str, *, seed: int, data_root: str | Path | None = None
 
 __all__ = [
     "BENCHMARKS",
+    "WITHOUT_FILES",
     "Benchmark",
     "DataError",
     "Split",
