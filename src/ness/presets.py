@@ -10,6 +10,7 @@ Every value names its source in `sources`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
@@ -70,22 +71,12 @@ class Protocol:
     def network(self, benchmark: Benchmark) -> nn.Module:
         """The benchmark's network with one head per task (or one shared output, domain-incremental)."""
         classes = [t.num_classes for t in benchmark.tasks]
-        if self.network_name == "vit":
-            return _vit(benchmark, classes)
-        if self.network_name in ("alexnet", "resnet18") and len(benchmark.input_shape) != 3:
-            raise ValueError(
-                f"--network {self.network_name} needs (channels, height, width) images, but {self.benchmark} gives "
-                f"flat inputs of {benchmark.input_shape[0]} features; choose one of "
-                f"{', '.join(n for n in NETWORKS if n not in ('alexnet', 'resnet18'))} for it"
-            )
-        if self.network_name == "alexnet":
-            return alexnet(classes)
-        if self.network_name == "resnet18":
-            return reduced_resnet18(classes, input_size=benchmark.input_shape[-1])
-        options = MLP_NETWORKS[self.network_name]
-        if benchmark.shared_head:
-            return shared_head_mlp(benchmark.input_dim, self.hidden, classes[0], **options)
-        return multi_head_mlp(benchmark.input_dim, self.hidden, classes, **options)
+        if self.network_name in MLP_NETWORKS:
+            options = MLP_NETWORKS[self.network_name]
+            if benchmark.shared_head:
+                return shared_head_mlp(benchmark.input_dim, self.hidden, classes[0], **options)
+            return multi_head_mlp(benchmark.input_dim, self.hidden, classes, **options)
+        return IMAGE_NETWORKS[self.network_name](benchmark, classes)
 
     def with_network(self, name: str) -> Protocol:
         """This protocol with another network (`--network vit`); the variants and schedule stay the protocol's."""
@@ -158,6 +149,34 @@ def _vit(benchmark: Benchmark, classes: list[int]) -> nn.Module:
         backbone = VisionTransformer(shape, patch)
         return nn.Sequential(backbone, nn.Linear(backbone.feature_dim, classes[0], bias=False))
     return vision_transformer(classes, shape, patch)
+
+
+def _images(name: str, benchmark: Benchmark) -> tuple[int, ...]:
+    """The benchmark's (channels, height, width), or a clear error for flat inputs."""
+    if len(benchmark.input_shape) != 3:
+        fitting = ", ".join(n for n in NETWORKS if n not in ("alexnet", "resnet18"))
+        raise ValueError(
+            f"--network {name} needs (channels, height, width) images, but {benchmark.name} gives flat inputs of "
+            f"{benchmark.input_shape[0]} features; choose one of {fitting} for it"
+        )
+    return benchmark.input_shape
+
+
+def _alexnet(benchmark: Benchmark, classes: list[int]) -> nn.Module:
+    _images("alexnet", benchmark)
+    return alexnet(classes)
+
+
+def _resnet18(benchmark: Benchmark, classes: list[int]) -> nn.Module:
+    return reduced_resnet18(classes, input_size=_images("resnet18", benchmark)[-1])
+
+
+IMAGE_NETWORKS: dict[str, Callable[[Benchmark, list[int]], nn.Module]] = {
+    "alexnet": _alexnet,
+    "resnet18": _resnet18,
+    "vit": _vit,
+}
+"""The networks other than the MLPs, by name: each builds itself from the benchmark and its tasks' class counts."""
 
 
 # The official code's behaviour where it changes results (METHODS_SPEC §2.6–§2.7); the defaults are corrected.
@@ -236,6 +255,7 @@ _DIGITS = Protocol(
 
 
 def _mnist_variants(
+    *,
     gpm_thresholds: tuple[float, ...],
     where: str,
     ewc_lam: float,
@@ -302,8 +322,8 @@ _SPLIT_MNIST = Protocol(
     train=TrainConfig(epochs=5, lr=0.01, batch_size=10, test_batch_size=64, lr_schedule=False),
     data={"pc_valid": 0.1},
     variants=_mnist_variants(
-        (0.95, 0.99),
-        "ours: its two hidden layers; GPM has no Split MNIST script",
+        gpm_thresholds=(0.95, 0.99),
+        where="ours: its two hidden layers; GPM has no Split MNIST script",
         ewc_lam=5000.0,
         agem_memory=200,
         owm_alphas={},
@@ -327,8 +347,8 @@ _PERMUTED_MNIST = Protocol(
     train=TrainConfig(epochs=5, lr=0.01, batch_size=10, test_batch_size=64, lr_schedule=False),
     data={"pc_valid": 0.1, "num_tasks": 10},
     variants=_mnist_variants(
-        (0.95, 0.99, 0.99),
-        "the three layers, shared output included",
+        gpm_thresholds=(0.95, 0.99, 0.99),
+        where="the three layers, shared output included",
         ewc_lam=1000.0,
         agem_memory=300,
         # OWM's own MNIST code keeps α = 1; the CNN schedule's α → 1e-4 closes P within two of ten tasks here.
@@ -347,7 +367,7 @@ _PERMUTED_MNIST = Protocol(
 
 # -- the paper's benchmarks (METHODS_SPEC §2.5 and §12) ----------------------------------------------------------
 def _ness_variants(
-    eps1: float, sam: tuple[float, float], sgdm: tuple[float, float], finetune_lr: float, where: str
+    *, eps1: float, sam: tuple[float, float], sgdm: tuple[float, float], finetune_lr: float, where: str
 ) -> dict[str, Variant]:
     """NESS-SAM (lr, wd), NESS-SGDm (lr, wd), and fine-tuning and joint training at the GPM lr of the benchmark."""
     ness_options = {"eps1": eps1, "threshold": "frobenius", "memory": "covariance", "transfer_rank": 0}
@@ -417,7 +437,7 @@ RESNET32_PATCH_GEOMETRY: tuple[tuple[int, int], ...] = (
 
 
 def _projection_variants(
-    gpm: dict[str, Any], gpm_train: dict[str, Any], sgp: dict[str, Any], sgp_train: dict[str, Any], where: str
+    *, gpm: dict[str, Any], gpm_train: dict[str, Any], sgp: dict[str, Any], sgp_train: dict[str, Any], where: str
 ) -> dict[str, Variant]:
     """GPM and SGP (plain SGD, no momentum or weight decay) with their scripts' settings on one benchmark."""
     return {
@@ -429,7 +449,7 @@ def _projection_variants(
 
 
 def _trust_region_variants(
-    trgp: dict[str, Any], trgp_train: dict[str, Any], dfgp: dict[str, Any], dfgp_train: dict[str, Any], where: str
+    *, trgp: dict[str, Any], trgp_train: dict[str, Any], dfgp: dict[str, Any], dfgp_train: dict[str, Any], where: str
 ) -> dict[str, Variant]:
     """TRGP (its scripts' memory, ε₁ 0.5, top-2, 10 test passes) and DFGP (GPM + weight SAM + adversarial mixup)."""
     return {
@@ -461,7 +481,7 @@ def _trust_region_variants(
     }
 
 
-def _hat_variant(epochs: int, where: str, verified: bool) -> dict[str, Variant]:
+def _hat_variant(*, epochs: int, where: str, verified: bool) -> dict[str, Variant]:
     """HAT (c 0.75, s_max 400) with its own schedule, on the shared network with its gates ported (§8)."""
     note = "HAT's official code" if verified else "[unverified] HAT's CIFAR schedule; no official code here"
     return {
@@ -474,7 +494,7 @@ def _hat_variant(epochs: int, where: str, verified: bool) -> dict[str, Variant]:
     }
 
 
-def _fsdgpm_variant(options: dict[str, Any], where: str, verified: bool) -> dict[str, Variant]:
+def _fsdgpm_variant(*, options: dict[str, Any], where: str, verified: bool) -> dict[str, Variant]:
     """FS-DGPM (replay 1000, sharpness step, soft GPM projection) with SGD momentum 0.9 and lr 0.01 (§7)."""
     note = "FS-DGPM's CIFAR script" if verified else "[unverified] FS-DGPM's CIFAR settings with GPM's memory here"
     return {
@@ -487,7 +507,7 @@ def _fsdgpm_variant(options: dict[str, Any], where: str, verified: bool) -> dict
     }
 
 
-def _owm_variant(where: str) -> dict[str, Variant]:
+def _owm_variant(*, where: str) -> dict[str, Variant]:
     """OWM with its CNN demo's optimiser (§9); lr never decays, the schedule only restores the best-validation
     weights (the official demo picks the epoch on test accuracy)."""
     return {
@@ -501,7 +521,7 @@ def _owm_variant(where: str) -> dict[str, Variant]:
 
 
 def _regularisation_variants(
-    ewc_lr: float, agem_lr: float, agem_memory: int, schedule: dict[str, Any], where: str, verified: bool
+    *, ewc_lr: float, agem_lr: float, agem_memory: int, schedule: dict[str, Any], where: str, verified: bool
 ) -> dict[str, Variant]:
     """EWC (λ 5000, §11) and A-GEM (256-example reference batches, §10) with plain SGD on one benchmark."""
     note = "the official HAT/EWC code (§11, §12)" if verified else "[unverified] recollection of GPM's appendix"
@@ -524,27 +544,32 @@ _CIFAR100 = Protocol(
     data={"pc_valid": 0.05},
     # NESS-SAM's CIFAR script has no --weight_decay argument and crashes (§2.7 item 1): we use the SGDm script's 1e-4.
     variants={
-        **_ness_variants(1e-3, (0.05, 1e-4), (0.005, 1e-4), 0.01, "CIFAR-100"),
+        **_ness_variants(eps1=1e-3, sam=(0.05, 1e-4), sgdm=(0.005, 1e-4), finetune_lr=0.01, where="CIFAR-100"),
         **_projection_variants(
-            _ALEXNET_MEMORY,
-            {"lr": 0.01},
-            _ALEXNET_MEMORY,
-            {"lr": 0.05, "lr_min": 5e-5},
-            "CIFAR-100",
+            gpm=_ALEXNET_MEMORY,
+            gpm_train={"lr": 0.01},
+            sgp=_ALEXNET_MEMORY,
+            sgp_train={"lr": 0.05, "lr_min": 5e-5},
+            where="CIFAR-100",
         ),
         **_regularisation_variants(
-            0.05, 0.05, 200, {"lr_min": 1e-4, "lr_patience": 5, "lr_factor": 3.0}, "CIFAR-100", verified=True
+            ewc_lr=0.05,
+            agem_lr=0.05,
+            agem_memory=200,
+            schedule={"lr_min": 1e-4, "lr_patience": 5, "lr_factor": 3.0},
+            where="CIFAR-100",
+            verified=True,
         ),
         **_trust_region_variants(
-            {**_ALEXNET_MEMORY, "gradient_samples": 125},
-            {"lr": 0.01},
-            {**_ALEXNET_MEMORY, "threshold": 0.95, "mixup_alpha": 20.0, "mixup_weight": 0.1},
-            {"lr": 0.01},
-            "CIFAR-100",
+            trgp={**_ALEXNET_MEMORY, "gradient_samples": 125},
+            trgp_train={"lr": 0.01},
+            dfgp={**_ALEXNET_MEMORY, "threshold": 0.95, "mixup_alpha": 20.0, "mixup_weight": 0.1},
+            dfgp_train={"lr": 0.01},
+            where="CIFAR-100",
         ),
-        **_hat_variant(200, "CIFAR-100", verified=True),
-        **_fsdgpm_variant({}, "CIFAR-100", verified=True),
-        **_owm_variant("CIFAR-100"),
+        **_hat_variant(epochs=200, where="CIFAR-100", verified=True),
+        **_fsdgpm_variant(options={}, where="CIFAR-100", verified=True),
+        **_owm_variant(where="CIFAR-100"),
     },
     seeds=PAPER_SEEDS,
     faithful={"trgp": {"train_batchnorm": True}},  # TRGP's CIFAR code never freezes BatchNorm (§5.2)
@@ -564,33 +589,47 @@ _FIVE_DATASETS = Protocol(
     train=TrainConfig(epochs=200, lr=0.1, batch_size=64, test_batch_size=64, lr_min=1e-3, lr_patience=5, lr_factor=3),
     data={"pc_valid": 0.05, "split_seed": 1, "fashion": "real"},
     variants={
-        **_ness_variants(1e-3, (0.1, 5e-5), (0.05, 5e-5), 0.1, "5-datasets"),
+        **_ness_variants(eps1=1e-3, sam=(0.1, 5e-5), sgdm=(0.05, 5e-5), finetune_lr=0.1, where="5-datasets"),
         **_projection_variants(
-            {"threshold": 0.965, "threshold_increment": 0.0, "samples": 100, "layer_samples": _RESNET_LAYER_SAMPLES},
-            {"lr": 0.1, "epochs": 100},
-            {"threshold": 0.97, "threshold_increment": 0.003, "samples": 100, "layer_samples": _RESNET_LAYER_SAMPLES},
-            {"lr": 0.1, "epochs": 200},
-            "5-datasets",
+            gpm={
+                "threshold": 0.965,
+                "threshold_increment": 0.0,
+                "samples": 100,
+                "layer_samples": _RESNET_LAYER_SAMPLES,
+            },
+            gpm_train={"lr": 0.1, "epochs": 100},
+            sgp={
+                "threshold": 0.97,
+                "threshold_increment": 0.003,
+                "samples": 100,
+                "layer_samples": _RESNET_LAYER_SAMPLES,
+            },
+            sgp_train={"lr": 0.1, "epochs": 200},
+            where="5-datasets",
         ),
-        **_regularisation_variants(0.03, 0.1, 600, {}, "5-datasets", verified=False),
+        **_regularisation_variants(
+            ewc_lr=0.03, agem_lr=0.1, agem_memory=600, schedule={}, where="5-datasets", verified=False
+        ),
         **_trust_region_variants(
-            {
+            trgp={
                 **_RESNET_MEMORY,
                 "threshold": 0.965,
                 "threshold_increment": 0.0,
                 "gradient_samples": 500,
                 "latest_task_only_at_t2": True,
             },
-            {"lr": 0.1, "epochs": 100},
-            {**_RESNET_MEMORY, "threshold": 0.95, "mixup_alpha": 1.0, "mixup_weight": 1e-4},
-            {"lr": 0.1, "epochs": 100},
-            "5-datasets",
+            trgp_train={"lr": 0.1, "epochs": 100},
+            dfgp={**_RESNET_MEMORY, "threshold": 0.95, "mixup_alpha": 1.0, "mixup_weight": 1e-4},
+            dfgp_train={"lr": 0.1, "epochs": 100},
+            where="5-datasets",
         ),
-        **_hat_variant(200, "5-datasets", verified=False),
+        **_hat_variant(epochs=200, where="5-datasets", verified=False),
         **_fsdgpm_variant(
-            {"threshold": 0.965, "threshold_increment": 0.0, "mem_batch_size": 100}, "5-datasets", verified=False
+            options={"threshold": 0.965, "threshold_increment": 0.0, "mem_batch_size": 100},
+            where="5-datasets",
+            verified=False,
         ),
-        **_owm_variant("5-datasets [unverified: no official code]"),
+        **_owm_variant(where="5-datasets [unverified: no official code]"),
     },
     seeds=PAPER_SEEDS,
     faithful={"data": {"fashion": "mnist"}, "ness": {"memory_tasks": "first"}, **_TRGP_RESNET_FAITHFUL},
@@ -610,35 +649,47 @@ _MINIIMAGENET = Protocol(
     train=TrainConfig(epochs=100, lr=0.1, batch_size=64, test_batch_size=64, lr_min=1e-3, lr_patience=5, lr_factor=3),
     data={"pc_valid": 0.02},
     variants={
-        **_ness_variants(5e-4, (0.1, 1e-5), (0.01, 1e-5), 0.1, "miniImageNet"),
+        **_ness_variants(eps1=5e-4, sam=(0.1, 1e-5), sgdm=(0.01, 1e-5), finetune_lr=0.1, where="miniImageNet"),
         **_projection_variants(
-            {"threshold": 0.965, "threshold_increment": 0.003, "samples": 100, "layer_samples": _RESNET_LAYER_SAMPLES},
-            {"lr": 0.1, "epochs": 100},
-            {"threshold": 0.97, "threshold_increment": 0.003, "samples": 100, "layer_samples": _RESNET_LAYER_SAMPLES},
-            {"lr": 0.1, "epochs": 100},
-            "miniImageNet (NESS's baseline copies, with the correct 84×84 geometry)",
+            gpm={
+                "threshold": 0.965,
+                "threshold_increment": 0.003,
+                "samples": 100,
+                "layer_samples": _RESNET_LAYER_SAMPLES,
+            },
+            gpm_train={"lr": 0.1, "epochs": 100},
+            sgp={
+                "threshold": 0.97,
+                "threshold_increment": 0.003,
+                "samples": 100,
+                "layer_samples": _RESNET_LAYER_SAMPLES,
+            },
+            sgp_train={"lr": 0.1, "epochs": 100},
+            where="miniImageNet (NESS's baseline copies, with the correct 84×84 geometry)",
         ),
-        **_regularisation_variants(0.03, 0.1, 25, {}, "miniImageNet", verified=False),
+        **_regularisation_variants(
+            ewc_lr=0.03, agem_lr=0.1, agem_memory=25, schedule={}, where="miniImageNet", verified=False
+        ),
         **_trust_region_variants(
-            {
+            trgp={
                 **_RESNET_MEMORY,
                 "threshold": 0.985,
                 "threshold_increment": 0.0,
                 "gradient_samples": 500,
                 "latest_task_only_at_t2": True,
             },
-            {"lr": 0.1, "epochs": 200},
-            {**_RESNET_MEMORY, "threshold": 0.97, "mixup_alpha": 20.0, "mixup_weight": 0.01},
-            {"lr": 0.1, "epochs": 100},
-            "miniImageNet",
+            trgp_train={"lr": 0.1, "epochs": 200},
+            dfgp={**_RESNET_MEMORY, "threshold": 0.97, "mixup_alpha": 20.0, "mixup_weight": 0.01},
+            dfgp_train={"lr": 0.1, "epochs": 100},
+            where="miniImageNet",
         ),
-        **_hat_variant(100, "miniImageNet", verified=False),
+        **_hat_variant(epochs=100, where="miniImageNet", verified=False),
         **_fsdgpm_variant(
-            {"threshold": 0.965, "threshold_increment": 0.003, "mem_batch_size": 100},
-            "miniImageNet",
+            options={"threshold": 0.965, "threshold_increment": 0.003, "mem_batch_size": 100},
+            where="miniImageNet",
             verified=False,
         ),
-        **_owm_variant("miniImageNet [unverified: no official code]"),
+        **_owm_variant(where="miniImageNet [unverified: no official code]"),
     },
     seeds=PAPER_SEEDS,
     faithful={"gpm": {"patch_geometry": RESNET32_PATCH_GEOMETRY}, **_TRGP_RESNET_FAITHFUL},
