@@ -140,6 +140,42 @@ def test_own_heads_train_when_listed_in_modules_to_save_and_are_frozen_with_a_wa
     assert float((model(x1, 1).argmax(1) == y1 - 2).float().mean()) > 0.9
 
 
+@pytest.mark.parametrize("memory", ["covariance", "replay"])
+def test_own_heads_left_to_nesss_defaults_are_adapted_and_those_no_task_called_yet_train_freely(memory, caplog):
+    """Heads NESS was not told about (the README's defaults, nothing excluded): heads.1 and heads.2 see no input in
+    task 0, so begin_task(1) gives them U = their whole input space (a zero covariance) and says so; head 0, which
+    task 1 never calls, gets no transfer adapter and stays exactly as task 0 left it."""
+    torch.manual_seed(0)
+    model = OwnHeadsNet()
+    method = NESS(model, NESSConfig(memory=memory), forward=lambda m, x, t: m(x, t))
+    x0, y0 = task_data(0)
+    x1, y1 = task_data(1)
+    method.begin_task(0)
+    optimizer = torch.optim.SGD(method.trainable_parameters(0), lr=0.1)
+    for _ in range(20):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x0, 0), y0).backward()
+        optimizer.step()
+    method.end_task(0, batches(x0, y0, 32))
+    task0_logits = model(x0, 0).detach()
+    with caplog.at_level(logging.WARNING, logger="ness"):
+        method.begin_task(1, batches(x1, y1, 32))
+    assert "heads.1, heads.2 received no input in the finished tasks" in " ".join(caplog.messages)
+    records = {r["layer"]: r for r in method.records if r["task"] == 1}
+    assert records["heads.1"]["rank"] == records["heads.2"]["rank"] == HIDDEN  # every direction is free
+    assert "transfer_rank" not in records["heads.0"]  # task 1 never calls head 0
+    head = model.get_submodule("heads.1").base.weight.detach().clone()
+    optimizer = torch.optim.SGD(method.trainable_parameters(1), lr=0.1)
+    for _ in range(20):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x1, 1), y1 - 2).backward()
+        optimizer.step()
+    method.end_task(1, batches(x1, y1, 32))
+    assert not torch.equal(model.heads[1].weight, head)  # merged: the head learnt task 1
+    assert float((method.predict(x1, 1).argmax(1) == y1 - 2).float().mean()) > 0.9
+    assert float((method.predict(x0, 0).argmax(1) == task0_logits.argmax(1)).float().mean()) == 1.0
+
+
 def test_a_misspelt_exclude_or_modules_to_save_entry_is_an_error():
     with pytest.raises(ValueError, match=r"exclude: entry 'clasifier' matches no module"):
         NESS(SharedClassifierNet(), NESSConfig(transfer_rank=0, exclude=["clasifier"]))

@@ -362,8 +362,9 @@ class NESS(ContinualMethod):
                 covariances = {name: s.covariance for name, s in stats.items()}
                 probes = {name: s.probe for name, s in stats.items()}
             else:
-                covariances = self.covariances
-                probes = {name: torch.cat(rows) for name, rows in self.probes.items()}
+                covariances = dict(self.covariances)
+                probes = {name: torch.cat(rows) for name, rows in self.probes.items() if rows}
+            self._fill_unseen_layers(t, covariances, probes)
             bases = {name: self._null_basis(name, covariances[name]) for name in self.layer_names}
         except BaseException:
             self._probe_generator.set_state(generator_state)
@@ -387,6 +388,30 @@ class NESS(ContinualMethod):
         if not self.config.transfer_rank:  # else once preview_task has added the transfer adapters
             self._report_roles(t)
 
+    def _fill_unseen_layers(self, t: int, covariances: dict[str, Tensor], probes: dict[str, Tensor]) -> None:
+        """A layer no finished task called (a head of its own per task, say) has no old input to protect: its
+        covariance is 0, so U is its whole input space and it trains freely. Said once per layer, since it often
+        means per-task heads NESS was not told about."""
+        device = next(self.model.parameters()).device
+        unseen = [name for name in self.layer_names if name not in covariances]
+        for name in unseen:
+            module = self.model.get_submodule(name)
+            d = input_dim(module.base if isinstance(module, NullSpaceAdapter) else module) + (name in self.bias_layers)
+            covariances[name] = torch.zeros(d, d, dtype=torch.float64, device=device)
+            probes[name] = torch.zeros(0, d)
+        new = [name for name in unseen if (name, "unseen") not in self._warned]
+        if new:
+            self._warned.update((name, "unseen") for name in new)
+            log.warning(
+                "NESS, task %d: %s received no input in the finished tasks, so nothing of theirs is protected and they "
+                "train freely (U is their whole input space); if they are per-task heads, declare them as the "
+                "model's `task_heads` (an nn.ModuleList) or list them in NESSConfig.modules_to_save",
+                t,
+                short_list(new),
+            )
+        for name in self.layer_names:
+            probes.setdefault(name, torch.zeros(0, covariances[name].shape[0]))
+
     def preview_task(self, t: int, batches: Iterable[Any]) -> None:
         """With transfer_rank = k: task t's transfer directions, from one pass of its data through the model as the
         task starts (each layer's Σxxᵀ), and a transfer adapter Ū·A on every adapted layer. The trainer calls it
@@ -396,9 +421,10 @@ class NESS(ContinualMethod):
         self._check_active(t, "preview_task")
         where = f"preview_task({t})"
         stats = self._collect(((x, t) for x in task_inputs(batches, where)), where, torch.Generator().manual_seed(t))
-        directions = {
+        directions = {  # a layer the new task does not call (another task's head) needs no transfer adapter
             name: transfer_directions(stats[name].covariance, layer.adapter.U, self.config.transfer_rank, name)
             for name, layer in self.active.items()
+            if name in stats
         }
         for name, found in directions.items():
             layer = self.active[name]
