@@ -152,7 +152,7 @@ def gpm_steps(bench: Benchmark) -> dict[str, float]:
         if form == "dense":  # what GPM did before: the d×d P on every gradient, nothing taken from the inputs
             method._unwatch_linear_calls()
             method._projectors = {
-                name: GradientProjection(p.basis, p.scaled_basis, projection_matrix(method.bases[name]).to(p.basis))
+                name: GradientProjection(p.basis, p.importance, projection_matrix(method.bases[name]).to(p.basis))
                 for name, p in method._projectors.items()
             }
         times[f"trainer, gpm task 1 (bases {sizes}), {form} projection"] = trainer_step(method, 1, task1)

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from ness.methods import build_method
 from ness.methods.base import StepProgress
-from ness.methods.fsdgpm import FSDGPM, FSDGPMConfig, reach_rank, reservoir_writes, soft_project
+from ness.methods.fsdgpm import FSDGPM, FSDGPMConfig, reach_rank, reservoir_writes
 from ness.models import multi_head_mlp, shared_head_mlp
 from ness.optim import SAM
-from ness.subspace import energy_rank, project_gradient, projection_matrix
+from ness.subspace import component_in_span, energy_rank, project_gradient, projection_matrix
 
 
 def no_check(loss):
@@ -120,11 +120,13 @@ def test_soft_projection_is_the_hand_formula():
     weights = torch.tensor([0.3, 0.9], dtype=torch.float64)
     hand = grad @ basis @ torch.diag(weights) @ basis.T
     by_direction = sum(weights[j] * torch.outer(grad @ basis[:, j], basis[:, j]) for j in range(2))
-    torch.testing.assert_close(soft_project(grad, basis, weights), hand)
-    torch.testing.assert_close(soft_project(grad, basis, weights), by_direction)
+    torch.testing.assert_close(component_in_span(grad, basis, weights), hand)
+    torch.testing.assert_close(component_in_span(grad, basis, weights), by_direction)
     # λ = 1: the real-gradient projection G − G·MMᵀ is GPM's.
     ones = torch.ones(2, dtype=torch.float64)
-    torch.testing.assert_close(grad - soft_project(grad, basis, ones), project_gradient(grad, projection_matrix(basis)))
+    torch.testing.assert_close(
+        grad - component_in_span(grad, basis, ones), project_gradient(grad, projection_matrix(basis))
+    )
 
 
 def test_reservoir_writes_follow_the_official_loop():

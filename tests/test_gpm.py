@@ -721,7 +721,7 @@ def test_gradient_projection_in_either_form_removes_each_direction_by_its_import
     assert (projection.dense is None) == (2 * k < 10)  # the cheaper form: 2·o·d·k against o·d²
     torch.testing.assert_close(projection(grad), expected)
     scaled_basis = m if lam is None else m * lam
-    other = GradientProjection(m, scaled_basis, scaled_basis @ m.T if projection.dense is None else None)
+    other = GradientProjection(m, lam, scaled_basis @ m.T if projection.dense is None else None)
     torch.testing.assert_close(other(grad), expected)  # the form not chosen gives the same step
     as_float = gradient_projection(m, lam, like=grad.float())
     assert as_float(grad.float()).dtype == torch.float32
@@ -729,10 +729,9 @@ def test_gradient_projection_in_either_form_removes_each_direction_by_its_import
 
 @pytest.mark.parametrize("sgp", [False, True])
 @pytest.mark.parametrize("extra", ["none", "two_calls", "weight_penalty"])
-def test_projection_from_a_linear_layers_inputs_equals_the_projected_gradient(sgp, extra):
-    """At a small batch G·P is taken from the calls' inputs, Σ δᵀ(x·Mλ)·Mᵀ; it must equal G − G·M diag(λ) Mᵀ of the
-    whole gradient, also for two calls in one loss; a loss term on the weight itself (its gradient is then more
-    than Σ δᵀx) must be detected and projected on G instead."""
+def test_the_factored_projection_of_a_training_step_equals_the_projected_gradient(sgp, extra):
+    """A step on a basis of k < d/2 columns (the factored form): the gradient after `after_backward` is
+    G − G·M diag(λ) Mᵀ of the whole gradient, with one call, two calls in one loss, or a loss term on the weight."""
     g = torch.Generator().manual_seed(11)
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -757,30 +756,40 @@ def test_projection_from_a_linear_layers_inputs_equals_the_projected_gradient(sg
     loss.backward()
     raw = {n: model.get_submodule(n).weight.grad.clone().double() for n in method.layer_names}
     method.after_backward(1)
-    name = "0"
-    m = method.bases[name]
-    assert 0 < m.shape[1] < 10  # the factored form; at 2 rows the inputs are cheaper
-    assert method._calls_checked[name] is (extra != "weight_penalty")
+    assert 0 < method.bases["0"].shape[1] < 10  # the factored form
+    assert method._projectors["0"].dense is None
     for n in method.layer_names:
         basis = method.bases[n]
         lam = method.importances[n] if sgp else torch.ones(basis.shape[1], dtype=torch.float64)
         expected = raw[n] - ((raw[n] @ basis) * lam) @ basis.T
         torch.testing.assert_close(model.get_submodule(n).weight.grad.double(), expected, atol=1e-6, rtol=1e-5)
-    assert (name in method._call_hooks) is (extra != "weight_penalty")  # a layer found wanting is not watched
 
 
-def test_a_gpm_pickled_before_the_input_side_projection_still_projects():
-    import pickle
-
+def test_a_backward_pass_zeroed_before_the_projection_does_not_leak_into_it():
+    """A loop that runs a backward pass, zeroes it (a gradient only looked at) and then runs the real one: the
+    projected gradient is G − G·M Mᵀ of the gradient that stays, at every step (a projection that recorded the
+    layer's calls instead of reading G would have counted the discarded pass)."""
+    g = torch.Generator().manual_seed(12)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.ReLU(), torch.nn.Linear(5, 3, bias=False))
-    method = GPM(model, GPMConfig(samples=50))
-    x0, y0 = torch.randn(50, 6), torch.randint(0, 3, (50,))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(20, 16, bias=False), torch.nn.ReLU(), torch.nn.Linear(16, 4, bias=False)
+    )
+    method = GPM(model, GPMConfig(samples=200))
+    x0 = torch.randn(200, 5, generator=g) @ torch.randn(5, 20, generator=g)
+    y0 = torch.randint(0, 4, (200,), generator=g)
     method.begin_task(0)
     train(method, model, 0, x0, y0)
     method.end_task(0, batches(x0, y0))
-    for name in ("_calls", "_call_hooks", "_calls_checked"):  # as an older checkpoint holds the method
-        delattr(method, name)
-    restored = pickle.loads(pickle.dumps(method))
-    restored.begin_task(1)
-    train(restored, restored.model, 1, torch.randn(4, 6), torch.randint(0, 3, (4,)), steps=2)
+    method.begin_task(1)
+    method.trainable_parameters(1)
+    m = method.bases["0"]
+    for step in range(3):
+        x, y = torch.randn(2, 20, generator=g), torch.randint(0, 4, (2,), generator=g)
+        model.zero_grad(set_to_none=True)
+        if step > 0:  # a pass whose gradient the loop throws away
+            F.cross_entropy(model(torch.randn(2, 20, generator=g)), y).backward()
+            model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        raw = model[0].weight.grad.clone().double()
+        method.after_backward(1)
+        torch.testing.assert_close(model[0].weight.grad.double(), raw - (raw @ m) @ m.T, atol=1e-6, rtol=1e-5)

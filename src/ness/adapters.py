@@ -148,8 +148,8 @@ class NullSpaceAdapter(nn.Module):
         # Low-rank: x·B and (x·B)·F forward, N·r·(d + o); the gradient of F, N·r·o; and, when x needs a gradient,
         # N·r·(o + d) more. Merged: forming ΔW = B·F, d·r·o; in training also the gradient of W + ΔW, N·d·o, and
         # the gradient of F from it, d·r·o. The merged path also runs more kernels, which cost more than their
-        # arithmetic at small sizes (at batch 10 it measured 20-35% slower at equal FLOPs, BENCHMARKS.md): it is
-        # taken only at less than half the low-rank path's multiply-adds.
+        # arithmetic at small sizes (at batch 10 it was the slower one at equal multiply-adds): it is taken only
+        # at less than half the low-rank path's multiply-adds.
         terms = self.terms() if terms is None else terms
         base = self.base
         n = x.numel() // x.shape[-1] if isinstance(base, nn.Linear) else output_rows(base, x)

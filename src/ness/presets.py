@@ -591,19 +591,9 @@ _FIVE_DATASETS = Protocol(
     variants={
         **_ness_variants(eps1=1e-3, sam=(0.1, 5e-5), sgdm=(0.05, 5e-5), finetune_lr=0.1, where="5-datasets"),
         **_projection_variants(
-            gpm={
-                "threshold": 0.965,
-                "threshold_increment": 0.0,
-                "samples": 100,
-                "layer_samples": _RESNET_LAYER_SAMPLES,
-            },
+            gpm={**_RESNET_MEMORY, "threshold": 0.965, "threshold_increment": 0.0},
             gpm_train={"lr": 0.1, "epochs": 100},
-            sgp={
-                "threshold": 0.97,
-                "threshold_increment": 0.003,
-                "samples": 100,
-                "layer_samples": _RESNET_LAYER_SAMPLES,
-            },
+            sgp={**_RESNET_MEMORY, "threshold": 0.97, "threshold_increment": 0.003},
             sgp_train={"lr": 0.1, "epochs": 200},
             where="5-datasets",
         ),
@@ -651,19 +641,9 @@ _MINIIMAGENET = Protocol(
     variants={
         **_ness_variants(eps1=5e-4, sam=(0.1, 1e-5), sgdm=(0.01, 1e-5), finetune_lr=0.1, where="miniImageNet"),
         **_projection_variants(
-            gpm={
-                "threshold": 0.965,
-                "threshold_increment": 0.003,
-                "samples": 100,
-                "layer_samples": _RESNET_LAYER_SAMPLES,
-            },
+            gpm={**_RESNET_MEMORY, "threshold": 0.965, "threshold_increment": 0.003},
             gpm_train={"lr": 0.1, "epochs": 100},
-            sgp={
-                "threshold": 0.97,
-                "threshold_increment": 0.003,
-                "samples": 100,
-                "layer_samples": _RESNET_LAYER_SAMPLES,
-            },
+            sgp={**_RESNET_MEMORY, "threshold": 0.97, "threshold_increment": 0.003},
             sgp_train={"lr": 0.1, "epochs": 100},
             where="miniImageNet (NESS's baseline copies, with the correct 84×84 geometry)",
         ),

@@ -7,7 +7,6 @@ its spectrum, and the approximate null basis of paper Eq. 5. Nothing here holds 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -386,35 +385,30 @@ def project_gradient(grad: Tensor, projector: Tensor) -> Tensor:
     return grad - grad @ projector
 
 
+def component_in_span(grad: Tensor, basis: Tensor, weights: Tensor | None = None) -> Tensor:
+    """G·M diag(λ) Mᵀ for gradient rows G (o, d), M (d, k), λ (k,) (all 1 when None): G's component in span(M), each
+    direction scaled by its weight, as ((G·M)·λ)·Mᵀ, o·d·k multiply-adds twice instead of forming the d×d matrix;
+    differentiable in G and λ (FS-DGPM learns λ)."""
+    along = grad @ basis
+    return (along if weights is None else along * weights) @ basis.T
+
+
 @dataclass(frozen=True)
 class GradientProjection:
     """G ↦ G − G·M diag(λ) Mᵀ on gradient rows (o, d), in the cheaper of two forms: the dense d×d matrix P (o·d²
-    multiply-adds a step), or the factors M and M diag(λ) ((G·Mλ)·Mᵀ: 2·o·d·k), which win while k < d/2."""
+    multiply-adds a step), or the factors (`component_in_span`: 2·o·d·k), which win while k < d/2."""
 
     basis: Tensor
     """M (d, k)."""
-    scaled_basis: Tensor
-    """M diag(λ) (M itself for GPM's λ = 1)."""
+    importance: Tensor | None
+    """λ (k,), SGP's scaled projection; None for GPM's λ = 1."""
     dense: Tensor | None
     """P = M diag(λ) Mᵀ (d, d) when the dense form is the cheaper one, else None."""
 
     def __call__(self, grad: Tensor) -> Tensor:
         if self.dense is not None:
             return project_gradient(grad, self.dense)
-        return grad - (grad @ self.scaled_basis) @ self.basis.T
-
-    def cost(self, outputs: int) -> int:
-        """Multiply-adds of one call on an (outputs, d) gradient."""
-        d, k = self.basis.shape
-        return outputs * d * d if self.dense is not None else 2 * outputs * d * k
-
-    def removed_from_inputs(self, calls: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
-        """G·P for a Linear layer whose weight gradient is G = Σ δᵀx over its calls (x: its N×d inputs, δ: the N×o
-        gradients of its outputs), computed from the inputs: Σ δᵀ·((x·Mλ)·Mᵀ), 2·N·d·k + N·d·o multiply-adds a call
-        instead of `cost`: far less at small batches. Exact only when G comes from those calls alone."""
-        return sum(  # type: ignore[return-value]
-            delta.T @ ((x @ self.scaled_basis) @ self.basis.T) for x, delta in calls
-        )
+        return grad - component_in_span(grad, self.basis, self.importance)
 
 
 def gradient_projection(
@@ -423,12 +417,12 @@ def gradient_projection(
     """The projection removing P = M diag(λ) Mᵀ (`projection_matrix`) from gradients, in the cheaper form for M's
     shape, on `like`'s device and in its dtype (default: M's)."""
     d, k = basis.shape
-    scaled = basis if importance is None else basis * importance.to(basis)
     dense = projection_matrix(basis, importance) if 2 * k >= d else None
     if like is not None:
-        basis, scaled = basis.to(like), scaled.to(like)
+        basis = basis.to(like)
+        importance = None if importance is None else importance.to(like)
         dense = None if dense is None else dense.to(like)
-    return GradientProjection(basis, scaled, dense)
+    return GradientProjection(basis, importance, dense)
 
 
 def projected_norms(basis: Tensor, covariance: Tensor) -> Tensor:

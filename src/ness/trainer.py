@@ -308,7 +308,7 @@ class LossMonitor:
         self.on_host = device.type == "cpu" if on_host is None else on_host
         self.total: float | torch.Tensor = 0.0 if self.on_host else torch.zeros((), device=device)
         self.first_bad: torch.Tensor | None = None if self.on_host else torch.full((), -1, device=device)
-        self.step = 0
+        self.step, self.rows = 0, 0
 
     def check(self, loss: torch.Tensor) -> None:
         """`check_loss` of a training step: the loss of step `self.step` before its backward pass."""
@@ -321,7 +321,8 @@ class LossMonitor:
             self.first_bad = torch.where(bad, self.step, self.first_bad)
 
     def add(self, loss: torch.Tensor, rows: int) -> None:
-        """Count the step's loss (once per step, after it) and move to the next step."""
+        """Count the step's loss over its `rows` (once per step, after it) and move to the next step."""
+        self.rows += rows
         if self.on_host:
             self.total += loss.item() * rows
         else:
@@ -360,21 +361,19 @@ def train_epoch(
     """One epoch of task t (its batches drawn from `sets`), then the lr schedule's step on `sources`' validation
     data; updates `loop` and returns the epoch's figures."""
     epoch, lr = loop.epochs_done, loop.lr
-    monitor, count = LossMonitor(t, epoch, lr, torch.device(config.device)), 0
+    monitor = LossMonitor(t, epoch, lr, torch.device(config.device))
     single = not distributed.active()
     for step, (x, y, tasks) in enumerate(epoch_batches(sets, config, generator)):
         method.begin_step(t, StepProgress(epoch, step, batches_per_epoch, config.epochs))
         if single:  # one process: the whole batch, no per-step context
             loss = method.training_step(t, x, y, loop.optimizer, monitor.check, tasks)
             monitor.add(loss, x.shape[0])
-            count += x.shape[0]
             continue
         part = distributed.shard(x, y, tasks)  # several processes: this rank's rows of the global batch
         with distributed.training_step(method.model, part, (t, epoch, step)):
             loss = method.training_step(t, part.x, part.y, loop.optimizer, monitor.check, part.tasks)
         monitor.add(loss, part.rows)
-        count += part.rows
-    total, count = distributed.sum_over_ranks([monitor.sum(), count])
+    total, count = distributed.sum_over_ranks([monitor.sum(), monitor.rows])
     loop.epochs_done, loop.train_loss = epoch + 1, total / count
     record: dict[str, Any] = {"task": t, "epoch": epoch, "loss": loop.train_loss, "lr": lr}
     if config.lr_schedule:

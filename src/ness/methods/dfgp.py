@@ -102,7 +102,6 @@ class DFGP(GPM):
 
     name = "dfgp"
     config_class = DFGPConfig
-    input_side_projection = False  # its ascent pass records calls whose gradient is then discarded
     distributed_ok = False
     distributed_reason = (
         "its step draws mixup pairs within each rank's rows and ascends λ on them with torch.autograd.grad"

@@ -35,7 +35,7 @@ from ness.methods.base import (
     weights_and_head,
 )
 from ness.models import call_model
-from ness.subspace import covariance_spectrum, energy_rank, input_covariance, layer_input_rows
+from ness.subspace import component_in_span, covariance_spectrum, energy_rank, input_covariance, layer_input_rows
 
 LAMBDA_MOMENTUM = 0.9
 """Momentum of the soft weights' SGD: the official code uses the weights' momentum, 0.9 in all its scripts."""
@@ -136,13 +136,6 @@ def reach_rank(energies: Tensor, threshold: float) -> int:
     if energies.numel() == 0 or float(energies.sum()) <= 0:
         return 0
     return min(energy_rank(energies, threshold) + 1, energies.numel())
-
-
-def soft_project(grad: Tensor, basis: Tensor, weights: Tensor) -> Tensor:
-    """G·M diag(λ) Mᵀ for a gradient viewed as (o, d), M (d, k), λ (k,): G's component in span(M), each basis
-    direction scaled by its soft weight. Computed as ((G M) λ) Mᵀ, which costs o·d·k instead of forming the d×d
-    matrix; differentiable in G and λ."""
-    return ((grad @ basis) * weights) @ basis.T
 
 
 def reservoir_writes(seen: int, arriving: int, memories: int, generator: torch.Generator) -> dict[int, int]:
@@ -307,7 +300,7 @@ class FSDGPM(ContinualMethod):
                 if grad is None:
                     continue
                 flat = grad.reshape(grad.shape[0], -1)
-                projected = soft_project(flat, self._working_bases[name], self.soft_weights(name).to(flat))
+                projected = component_in_span(flat, self._working_bases[name], self.soft_weights(name).to(flat))
                 grad.copy_((flat - projected).view_as(grad))
 
     def on_end_task(self, t: int, batches: Iterable[Any]) -> None:
@@ -431,7 +424,7 @@ class FSDGPM(ContinualMethod):
             layer = name.removesuffix(".weight")
             if name.endswith(".weight") and layer in weights:
                 flat = grad.reshape(grad.shape[0], -1)
-                grad = soft_project(flat, self._working_bases[layer], weights[layer]).view_as(grad)
+                grad = component_in_span(flat, self._working_bases[layer], weights[layer]).view_as(grad)
             clip = self.config.grad_clip
             stepped[name] = value + eta1 * grad.clamp(-clip, clip)
         return stepped

@@ -9,16 +9,13 @@ head train (BatchNorm and biases stay as task 0 left them).
 
 from __future__ import annotations
 
-import functools
-import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ness import distributed
 from ness.methods.base import (
     ContinualMethod,
     Forward,
@@ -40,8 +37,6 @@ from ness.subspace import (
     input_covariance,
     layer_input_rows,
 )
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -149,11 +144,6 @@ class GPM(ContinualMethod):
     name = "gpm"
     config_class = GPMConfig
     distributed_ok = True
-    input_side_projection: ClassVar[bool] = True
-    """Whether a projected Linear layer's weight gradient is Σ δᵀx over its calls alone, so that G·P may be taken
-    from the calls' inputs (`GradientProjection.removed_from_inputs`) where that is cheaper. Subclasses whose
-    gradient also comes from elsewhere (TRGP's scaled weights, DFGP's unprojected ascent pass) set it False; each
-    layer's first projected step also checks it and falls back to projecting G itself."""
 
     def __init__(self, model: nn.Module, config: GPMConfig | None = None, forward: Forward = call_model) -> None:
         super().__init__(model, config, forward)
@@ -169,15 +159,8 @@ class GPM(ContinualMethod):
         self.bases: dict[str, Tensor] = {}  # M_ℓ after the finished tasks, float64
         self.records: list[dict[str, Any]] = []
         self._projectors: dict[str, GradientProjection] = {}  # P_ℓ of the open task, in the weight's dtype and device
-        self._calls: dict[str, list[tuple[Tensor, Tensor]]] = {}  # per Linear layer: (x, δ) of each call since
-        self._call_hooks: dict[str, Any] = {}  # the hooks that record them (removed at the task's end)
-        self._calls_checked: dict[str, bool] = {}  # per layer: whether Σ δᵀx was found to equal its gradient
         # Seeded from torch's global generator, so the samples follow the run seed (official: seeded np.random).
         self._generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # checkpoints written before the input-side projection: no calls recorded, nothing checked yet
-        self.__dict__.update({"_calls": {}, "_call_hooks": {}, "_calls_checked": {}, **state})
 
     def threshold(self, t: int, layer: int) -> float:
         """ε_th of the layer-th projected layer when task t ends: its task-0 value plus the increment per task."""
@@ -187,7 +170,6 @@ class GPM(ContinualMethod):
     # -- hooks -----------------------------------------------------------------------------------------
     def on_begin_task(self, t: int) -> None:
         self._projectors = self._build_projectors() if t > 0 else {}
-        self._watch_linear_calls()
 
     def task_parameters(self, t: int) -> list[nn.Parameter]:
         if t == 0:
@@ -196,76 +178,11 @@ class GPM(ContinualMethod):
 
     def after_backward(self, t: int) -> None:
         for name, projector in self._projectors.items():
-            calls = self._calls.pop(name, [])
             grad = self.model.get_submodule(name).weight.grad
-            if grad is None:
-                continue
-            if calls and not self._from_inputs_is_cheaper(projector, calls, grad):
-                self._stop_watching(name)  # batches this size: projecting G itself costs less, and so does no hook
-            elif calls and self._calls_account_for(name, calls):
-                grad.sub_(projector.removed_from_inputs(calls))
-                continue
-            grad.copy_(projector(grad.reshape(grad.shape[0], -1)).view_as(grad))
-
-    # -- G·P from a Linear layer's inputs ---------------------------------------------------------------
-    def _watch_linear_calls(self) -> None:
-        """Record (x, δ) of every training call of each projected Linear layer, while its gradient is projected."""
-        self._unwatch_linear_calls()
-        if not self.input_side_projection or distributed.active():  # several processes: G is the ranks' average
-            return
-        for name in self._projectors:
-            layer = self.model.get_submodule(name)
-            if type(layer) is nn.Linear and self._calls_checked.get(name, True):
-                self._call_hooks[name] = layer.register_forward_hook(functools.partial(self._record_call, name))
-
-    def _unwatch_linear_calls(self) -> None:
-        for handle in self._call_hooks.values():
-            handle.remove()
-        self._call_hooks, self._calls = {}, {}
-
-    def _stop_watching(self, name: str) -> None:
-        """Project this layer's G itself for the rest of the task."""
-        self._calls_checked[name] = False
-        handle = self._call_hooks.pop(name, None)
-        if handle is not None:
-            handle.remove()
-
-    def _record_call(self, name: str, layer: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-        if torch.is_grad_enabled() and output.requires_grad and layer.weight.requires_grad:
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            output.register_hook(functools.partial(self._record_output_gradient, name, x))
-
-    def _record_output_gradient(self, name: str, x: Tensor, grad: Tensor) -> None:
-        self._calls.setdefault(name, []).append((x.to(grad.dtype), grad.detach().reshape(-1, grad.shape[-1])))
-
-    @staticmethod
-    def _from_inputs_is_cheaper(
-        projector: GradientProjection, calls: list[tuple[Tensor, Tensor]], grad: Tensor
-    ) -> bool:
-        d, k = projector.basis.shape
-        rows = sum(x.shape[0] for x, _ in calls)
-        return rows * (2 * d * k + d * grad.shape[0]) < projector.cost(grad.shape[0])
-
-    def _calls_account_for(self, name: str, calls: list[tuple[Tensor, Tensor]]) -> bool:
-        """Whether the layer's gradient is Σ δᵀx over its recorded calls: checked once per task and layer (one read
-        of the device); if not (a loss term on the weight itself, weights used outside the layer's call), the layer
-        is projected on G itself from then on, and the hook removed."""
-        checked = self._calls_checked.get(name)
-        if checked is None:
-            grad = self.model.get_submodule(name).weight.grad
-            rebuilt = sum(delta.T @ x for x, delta in calls)
-            checked = bool(torch.linalg.norm(grad - rebuilt) <= 1e-4 * torch.linalg.norm(grad) + 1e-30)
-            self._calls_checked[name] = checked
-            if not checked:
-                log.info(
-                    "%s: layer '%s' gets gradient beyond its inputs; projecting the gradient itself", self.name, name
-                )
-                self._stop_watching(name)
-        return checked
+            if grad is not None:
+                grad.copy_(projector(grad.reshape(grad.shape[0], -1)).view_as(grad))
 
     def on_end_task(self, t: int, batches: Iterable[Any]) -> None:
-        self._unwatch_linear_calls()
-        self._calls_checked = {}
         x = draw_samples(task_inputs(batches, f"end_task({t})"), self.config.samples, self._generator)
         covariances, rows = self._representations(x, t)
         for i, name in enumerate(self.layer_names):
@@ -364,7 +281,6 @@ class GPM(ContinualMethod):
         self._generator.set_state(state["generator"])
         self.load_memory_state(state["memory"])
         self._projectors = self._build_projectors() if self.active_task else {}
-        self._watch_linear_calls()
 
     def memory_state(self) -> dict[str, Any]:
         """The per-layer memory as CPU tensors."""

@@ -220,7 +220,6 @@ class TRGP(GPM):
     name = "trgp"
     config_class = TRGPConfig
     distributed_ok = True
-    input_side_projection = False  # W enters the loss through W_eff = W + Σ W(QΛQᵀ − QQᵀ), not only Wx
 
     def __init__(self, model: nn.Module, config: TRGPConfig | None = None, forward: Forward = call_model) -> None:
         super().__init__(model, config, forward)
