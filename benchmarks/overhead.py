@@ -135,7 +135,7 @@ GPM_MEMORY = GPMConfig(samples=300, layer_thresholds=(0.95, 0.99, 0.99), thresho
 
 def gpm_steps(bench: Benchmark) -> dict[str, float]:
     """GPM's trainer step in task 0 (plain) and in task 1 (projected, with the bases task 0 left): as GPM chooses
-    (factored or dense per layer, or from a Linear layer's inputs), and as before (the dense d×d P everywhere)."""
+    (factored or dense per layer), and as before (the dense d×d P everywhere)."""
     task0, task1 = bench.tasks
     method = GPM(network(), GPM_MEMORY)
     method.begin_task(0)
@@ -149,8 +149,7 @@ def gpm_steps(bench: Benchmark) -> dict[str, float]:
     for form in ("chosen", "dense"):
         method.load_state_dict(copy.deepcopy(after_task0))
         method.begin_task(1)
-        if form == "dense":  # what GPM did before: the d×d P on every gradient, nothing taken from the inputs
-            method._unwatch_linear_calls()
+        if form == "dense":  # what GPM did before: the d×d P on every gradient
             method._projectors = {
                 name: GradientProjection(p.basis, p.importance, projection_matrix(method.bases[name]).to(p.basis))
                 for name, p in method._projectors.items()
