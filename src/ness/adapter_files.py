@@ -26,7 +26,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from ness.adapters import NullSpaceAdapter
+from ness.adapters import NullSpaceAdapter, base_layer
 from ness.models import call_model, task_heads
 from ness.models.heads import Forward
 from ness.modules import replace_module, short_list, tensor_digest
@@ -199,8 +199,7 @@ def _finished_transfers(state: dict[str, Any]) -> list[Transfer]:
 
 def _layer(model: nn.Module, name: str) -> nn.Module:
     """The layer called `name`, looking through its adapter when the layer is wrapped."""
-    module = model.get_submodule(name)
-    return module.base if isinstance(module, NullSpaceAdapter) else module
+    return base_layer(model.get_submodule(name))
 
 
 def _modules_to_save(method: AdapterMethod) -> list[str]:

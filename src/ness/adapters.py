@@ -65,6 +65,11 @@ def add_low_rank_shift(
     return out + low_rank_shift(base, x, basis, factor, adapt_bias)
 
 
+def base_layer(module: nn.Module) -> nn.Module:
+    """The layer that defines the operation: the module itself, or the base layer a NullSpaceAdapter wraps."""
+    return module.base if isinstance(module, NullSpaceAdapter) else module
+
+
 class NullSpaceAdapter(nn.Module):
     """A base layer plus ΔW = U·V (and Δb with `adapt_bias`); `merged()` folds them into the base layer.
 
@@ -223,7 +228,7 @@ def added_low_rank_terms(
     try:
         for name, (basis, factor) in terms.items():
             layer = model.get_submodule(name)
-            base = layer.base if isinstance(layer, NullSpaceAdapter) else layer
+            base = base_layer(layer)
             handles.append(
                 layer.register_forward_hook(
                     lambda module, args, output, b=base, u=basis, a=factor, bias=name in bias_layers: (

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ness import adapter_files, distributed
-from ness.adapters import NullSpaceAdapter, added_low_rank_terms
+from ness.adapters import NullSpaceAdapter, added_low_rank_terms, base_layer
 from ness.methods.base import (
     ContinualMethod,
     Forward,
@@ -396,7 +396,7 @@ class NESS(ContinualMethod):
         unseen = [name for name in self.layer_names if name not in covariances]
         for name in unseen:
             module = self.model.get_submodule(name)
-            d = input_dim(module.base if isinstance(module, NullSpaceAdapter) else module) + (name in self.bias_layers)
+            d = input_dim(base_layer(module)) + (name in self.bias_layers)
             covariances[name] = torch.zeros(d, d, dtype=torch.float64, device=device)
             probes[name] = torch.zeros(0, d)
         new = [name for name in unseen if (name, "unseen") not in self._warned]
@@ -409,8 +409,6 @@ class NESS(ContinualMethod):
                 t,
                 short_list(new),
             )
-        for name in self.layer_names:
-            probes.setdefault(name, torch.zeros(0, covariances[name].shape[0]))
 
     def preview_task(self, t: int, batches: Iterable[Any]) -> None:
         """With transfer_rank = k: task t's transfer directions, from one pass of its data through the model as the
@@ -502,7 +500,7 @@ class NESS(ContinualMethod):
             elif not own or isinstance(self.model.get_submodule(name.rpartition(".")[0]), NullSpaceAdapter):
                 continue  # no parameters of its own, or the base layer inside an adapter (reported with it)
             count = sum(p.numel() for p in own if id(p) in trainable)
-            kind = type(module.base if isinstance(module, NullSpaceAdapter) else module).__name__
+            kind = type(base_layer(module)).__name__
             status, reason, detail = self._role(name, module, records, head_modules, unreachable, t, count)
             roles.append(LayerRole(name, kind, status, reason, detail, count))
         return roles
@@ -810,7 +808,7 @@ class NESS(ContinualMethod):
         generator = self._probe_generator if generator is None else generator
 
         def record(name: str, module: nn.Module, x: Tensor) -> None:
-            rows = layer_input_rows(module.base if isinstance(module, NullSpaceAdapter) else module, x)
+            rows = layer_input_rows(base_layer(module), x)
             if name in self.bias_layers:
                 rows = with_bias_input(rows)
             keys = distributed.shard_keys(rows.shape[0], part, generator)
