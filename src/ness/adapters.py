@@ -112,6 +112,17 @@ class NullSpaceAdapter(nn.Module):
         super().__setstate__({"_stacked": None, **state})  # checkpoints written before the cache existed
 
     @property
+    def weight(self) -> Tensor:
+        """The base layer's weight W (without ΔW): model code that reads a layer's `weight` (its dtype, device,
+        shape, as Hugging Face models do) sees the layer it wrapped."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The base layer's bias (without Δb)."""
+        return self.base.bias
+
+    @property
     def rank(self) -> int:
         return self.U.shape[1]
 
