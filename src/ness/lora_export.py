@@ -75,8 +75,9 @@ def save_lora(
     task=None: the shared model, what task 0 and every task without a transfer adapter compute; with
     batchnorm='per_task' it holds task `upto`'s BatchNorm state. task=j ≤ upto: task j's own model, whose outputs
     are `method.predict(x, j)`'s: its transfer term Ū_j·A_j (NESSConfig.transfer_rank) stacked into the same LoRA
-    and, with batchnorm='per_task', its BatchNorm state. Heads 1..upto, and the modules above, are PEFT's
-    modules_to_save. `base_model_name_or_path` and `task_type` go into the config as PEFT's fields of those names."""
+    and, with batchnorm='per_task', its BatchNorm state. PEFT's modules_to_save hold heads 1..upto, the BatchNorm
+    layers with batchnorm='per_task' and NESSConfig.modules_to_save (refused unless `upto` is the last finished task
+    and no task is open). `base_model_name_or_path` and `task_type` go into the config as PEFT's fields."""
     if not getattr(type(method), "saves_adapters", False):
         raise TypeError(f"save_lora takes a NESS method, got {type(method).__name__}")
     last = _last_task(method, upto)
