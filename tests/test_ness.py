@@ -593,7 +593,7 @@ def test_unsupported_layer_is_named_and_exclude_skips_it():
 
 def test_model_without_adaptable_layers_is_rejected():
     model = MultiHeadNet(nn.ReLU(), 4, [2])
-    with pytest.raises(ValueError, match=r"found no nn\.Linear, nn\.Conv1d or nn\.Conv2d layer"):
+    with pytest.raises(ValueError, match=r"found no nn\.Linear, nn\.Conv1d(,| or) nn\.Conv2d"):
         NESS(model, NESSConfig(transfer_rank=0))
 
 
@@ -661,7 +661,7 @@ def test_end_task_rejects_non_finite_inputs(memory, bad):
 def test_end_task_rejects_non_tensor_batches():
     method = NESS(mlp_model(0), NESSConfig(transfer_rank=0))
     method.begin_task(0)
-    with pytest.raises(TypeError, match="a batch must be a tensor or a \\(inputs, labels\\) pair, got list"):
+    with pytest.raises(TypeError, match=r"a batch must be a tensor, an \(inputs, labels\) pair or a mapping"):
         method.end_task(0, [([1.0, 2.0], 0)])
 
 

@@ -32,7 +32,7 @@ from ness.models.heads import Forward
 from ness.modules import replace_module, short_list, tensor_digest
 from ness.normalization import BatchNormState, batchnorm_layers, load_batchnorm_state, restore_momenta
 from ness.results import atomic_file, write_json_atomic
-from ness.subspace import SUPPORTED_LAYERS, input_dim
+from ness.subspace import SUPPORTED_LAYERS, input_dim, output_dim, supported_layers, weight_matrix
 
 FORMAT = "ness-adapters"
 FORMAT_VERSION = 3
@@ -143,7 +143,7 @@ def save_adapters(method: AdapterMethod, directory: str | Path) -> Path:
             name: {
                 "type": type(_layer(model, name)).__name__,
                 "d": input_dim(_layer(model, name)),
-                "out": _layer(model, name).weight.shape[0],
+                "out": output_dim(_layer(model, name)),
                 "weight_shape": list(_layer(model, name).weight.shape),
                 "adapt_bias": name in method.bias_layers,
             }
@@ -254,8 +254,9 @@ def _dtype_name(tensor: Tensor) -> str:
 
 
 def _weight_rows(weight: Tensor, bias: Tensor | None) -> Tensor:
-    """W̃ = [W as (o, d) | b] in float64 on the CPU: the matrix U·V changes, transposed."""
-    w = weight.detach().reshape(weight.shape[0], -1).to("cpu", torch.float64)
+    """W̃ = [W | b] in float64 on the CPU, from W as `weight_matrix` gives it, (o, d): the matrix U·V changes,
+    transposed."""
+    w = weight.detach().to("cpu", torch.float64)
     return w if bias is None else torch.cat([w, bias.detach().to("cpu", torch.float64)[:, None]], dim=1)
 
 
@@ -266,12 +267,12 @@ def _base_sketch(method: AdapterMethod, name: str) -> tuple[Tensor, Tensor, Tens
     bias = layer.bias if name in method.bias_layers else None
     generator = torch.Generator().manual_seed(0)
     direction = torch.randn(input_dim(layer) + (bias is not None), generator=generator, dtype=torch.float64)
-    shift = torch.zeros(layer.weight.shape[0], dtype=torch.float64)
+    shift = torch.zeros(output_dim(layer), dtype=torch.float64)
     for deltas in method.task_deltas:
         if name in deltas:
             u, v = deltas[name]
             shift += v.double().T @ (u.double().T @ direction)  # ΔW̃ g = (U V)ᵀ g
-    return direction, _weight_rows(layer.weight, bias) @ direction - shift, shift
+    return direction, _weight_rows(weight_matrix(layer), bias) @ direction - shift, shift
 
 
 def _tensor_bytes(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -435,9 +436,11 @@ def _check_layer(name: str, spec: dict[str, Any], layer: nn.Module | None) -> No
             "they were trained on"
         )
     found = type(layer).__name__
-    if found != spec["type"] or input_dim(layer) != spec["d"] or layer.weight.shape[0] != spec["out"]:
+    if found != spec["type"] or input_dim(layer) != spec["d"] or output_dim(layer) != spec["out"]:
         described = (
-            f"{found} with d={input_dim(layer)}, {layer.weight.shape[0]} outputs" if found in LAYER_KINDS else found
+            f"{found} with d={input_dim(layer)}, {output_dim(layer)} outputs"
+            if isinstance(layer, supported_layers())
+            else found
         )
         raise ValueError(
             f"layer '{name}': the adapters expect a {saved}, the model has a {described}; build the model with the "
@@ -571,7 +574,7 @@ def load_adapters(
         if (name in method.bias_layers) != spec["adapt_bias"]:
             raise ValueError(f"layer '{name}': the model's layer has a bias, the adapters were saved for one without")
         layer = model.get_submodule(name)
-        _check_base(saved, name, layer.weight, layer.bias if spec["adapt_bias"] else None)
+        _check_base(saved, name, weight_matrix(layer), layer.bias if spec["adapt_bias"] else None)
     modules = saved.saved_modules()
     for module_name, state in modules.items():
         _check_module_state(_find(model, module_name), module_name, state, saved.directory)
@@ -806,8 +809,8 @@ def merged_state_dict(
             )
         if spec["adapt_bias"] and bias is None:
             raise ValueError(f"the base state dict has no '{name}.bias', which the adapters change (adapt_bias)")
-        _check_base(saved, name, weight, bias if spec["adapt_bias"] else None)
         layers[name] = _stand_in(spec["type"], weight, bias)
+        _check_base(saved, name, weight_matrix(layers[name]), bias if spec["adapt_bias"] else None)
     saved_modules = {
         f"{module}.{key}": value for module, tensors in saved.saved_modules().items() for key, value in tensors.items()
     }
@@ -836,7 +839,10 @@ def merged_state_dict(
 
 
 def _stand_in(kind: str, weight: Tensor, bias: Tensor | None) -> nn.Module:
-    """A layer of `kind` whose weight and bias share the given tensors' storage, so merging into it writes there."""
+    """A layer of `kind` whose weight and bias share the given tensors' storage, so merging into it writes there.
+    transformers' Conv1D (weight d×o) stands in as an nn.Linear over the transposed view: the same matrix."""
+    if kind == "Conv1D":
+        kind, weight = "Linear", weight.T
     cls = LAYER_KINDS[kind]
     size = () if cls is nn.Linear else (tuple(weight.shape[2:]),)  # a convolution's kernel size
     layer = cls(weight.shape[1], weight.shape[0], *size, bias=bias is not None, device="meta")

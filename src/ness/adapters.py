@@ -1,9 +1,10 @@
-"""The NESS adapter: a Linear or Conv1d/Conv2d layer whose weight is W + ΔW, ΔW = U·V (paper Eq. 6).
+"""The NESS adapter: a Linear, Conv1d/Conv2d or transformers Conv1D layer with weight W + ΔW, ΔW = U·V (Eq. 6).
 
 U (d×r) is a fixed buffer, the approximate null basis of earlier inputs; V (r×o) is the only trainable
 tensor and starts at zero. In the paper's layout xᵀΔW is the change of a layer's output for input row x;
-in PyTorch's weight layout (o×d) the same change is (U V)ᵀ. With `adapt_bias` the rows are x̃ = [x; 1] and U is
-(d+1)×r: the first d rows of U·V are ΔW and the last is the bias change Δb, so x̃ᵀ(U V) = xᵀΔW + Δb.
+in PyTorch's weight layout (o×d) the same change is (U V)ᵀ (transformers' Conv1D stores d×o: there it is U V).
+With `adapt_bias` the rows are x̃ = [x; 1] and U is (d+1)×r: the first d rows of U·V are ΔW and the last is the
+bias change Δb, so x̃ᵀ(U V) = xᵀΔW + Δb.
 """
 
 from __future__ import annotations
@@ -17,12 +18,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
 
-from ness.subspace import check_supported, conv_padding, conv_with_weight, input_dim
+from ness.subspace import (
+    check_supported,
+    conv_padding,
+    conv_with_weight,
+    input_dim,
+    is_linear,
+    is_transposed_linear,
+    output_dim,
+)
 
 
 def output_rows(module: nn.Module, x: Tensor) -> int:
     """N, the number of layer-input rows one forward pass multiplies (batch × output positions)."""
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         return x.numel() // x.shape[-1]
     spatial = len(module.kernel_size)  # type: ignore[arg-type]
     batch = x.shape[0] if x.dim() == spatial + 2 else 1
@@ -43,7 +52,7 @@ def low_rank_shift(base: nn.Module, x: Tensor, basis: Tensor, factor: Tensor, ad
     weight_basis = basis[:-1] if adapt_bias else basis
     if weight_basis.dtype != x.dtype:  # autocast: the layer's input decides the precision
         weight_basis = weight_basis.to(x.dtype)
-    if isinstance(base, nn.Linear):
+    if is_linear(base):
         shift = (x @ weight_basis) @ factor
         return shift + basis[-1] @ factor if adapt_bias else shift
     kernel = weight_basis.T.reshape(basis.shape[1], *base.weight.shape[1:])  # (k, C_in, k...)
@@ -60,7 +69,7 @@ def add_low_rank_shift(
 ) -> Tensor:
     """out + `low_rank_shift(base, x, basis, factor, adapt_bias)`; for a Linear layer on a batch of rows, one fused
     out + (x·B)·F (addmm), which spares a batch-sized intermediate and a kernel per layer and step."""
-    if isinstance(base, nn.Linear) and x.dim() == 2 and not adapt_bias and basis.dtype == x.dtype == out.dtype:
+    if x.dim() == 2 and not adapt_bias and is_linear(base) and basis.dtype == x.dtype == out.dtype:
         return torch.addmm(out, x @ basis, factor)
     return out + low_rank_shift(base, x, basis, factor, adapt_bias)
 
@@ -86,12 +95,11 @@ class NullSpaceAdapter(nn.Module):
             what = "d+1 with the bias row" if adapt_bias else "d"
             raise ValueError(f"{name}: null basis must be ({what}={d}, r), got {tuple(null_basis.shape)}")
         weight = base.weight  # type: ignore[union-attr]
+        outputs = output_dim(base)
         self.base = base
         self.adapt_bias = adapt_bias
         self.register_buffer("U", null_basis.to(device=weight.device, dtype=weight.dtype).contiguous())
-        self.V = nn.Parameter(
-            torch.zeros(null_basis.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
-        )
+        self.V = nn.Parameter(torch.zeros(null_basis.shape[1], outputs, device=weight.device, dtype=weight.dtype))
         self.register_buffer("transfer_basis", None)
         self.register_parameter("A", None)
         self.transfer_enabled = True
@@ -117,7 +125,9 @@ class NullSpaceAdapter(nn.Module):
         if basis.dim() != 2 or basis.shape[0] != self.U.shape[0] or basis.shape[1] == 0:
             raise ValueError(f"transfer basis must be ({self.U.shape[0]}, k>0), got {tuple(basis.shape)}")
         self.transfer_basis = basis.to(device=weight.device, dtype=weight.dtype).contiguous()
-        self.A = nn.Parameter(torch.zeros(basis.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype))
+        self.A = nn.Parameter(
+            torch.zeros(basis.shape[1], output_dim(self.base), device=weight.device, dtype=weight.dtype)
+        )
 
     def terms(self) -> list[tuple[Tensor, Tensor]]:
         """The (basis, factor) pairs acting now: U·V when r > 0, and Ū·A while the transfer term is enabled."""
@@ -136,10 +146,10 @@ class NullSpaceAdapter(nn.Module):
 
     def delta_weight(self, terms: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """ΔW in the base weight's layout, (B F)ᵀ summed over `terms` (default: U·V) and reshaped to (o, d),
-        (o, C_in, k) or (o, C_in, k_h, k_w)."""
+        (o, C_in, k) or (o, C_in, k_h, k_w); B F itself, (d, o), for transformers' Conv1D."""
         terms = [(self.U, self.V)] if terms is None else terms
-        delta = sum((basis[:-1] if self.adapt_bias else basis) @ factor for basis, factor in terms)
-        return torch.as_tensor(delta).T.reshape(self.base.weight.shape)
+        delta = torch.as_tensor(sum((basis[:-1] if self.adapt_bias else basis) @ factor for basis, factor in terms))
+        return delta if is_transposed_linear(self.base) else delta.T.reshape(self.base.weight.shape)
 
     def delta_bias(self, terms: list[tuple[Tensor, Tensor]] | None = None) -> Tensor | None:
         """Δb: the bias row of each basis times its factor (None without `adapt_bias`)."""
@@ -157,7 +167,7 @@ class NullSpaceAdapter(nn.Module):
         # at less than half the low-rank path's multiply-adds.
         terms = self.terms() if terms is None else terms
         base = self.base
-        n = x.numel() // x.shape[-1] if isinstance(base, nn.Linear) else output_rows(base, x)
+        n = output_rows(base, x)
         d, o = terms[0][0].shape[0], terms[0][1].shape[1]
         r = sum(factor.shape[0] for _, factor in terms)
         low_rank = n * r * (d + o)
@@ -198,6 +208,8 @@ class NullSpaceAdapter(nn.Module):
             bias = base.bias if delta_bias is None else base.bias + delta_bias
             if isinstance(base, nn.Linear):
                 return F.linear(x, weight, bias)
+            if is_transposed_linear(base):
+                return F.linear(x, weight.T, bias)
             return conv_with_weight(base, x, weight, bias)
         out = F.linear(x, base.weight, base.bias) if self._plain_linear_call(base) else base(x)
         for basis, factor in terms:

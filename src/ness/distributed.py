@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd import Variable
 
+from ness.batches import ModelInputs, batch_rows, select_rows
+
 log = logging.getLogger(__name__)
 
 TIMEOUT_VARIABLE = "NESS_DISTRIBUTED_TIMEOUT"
@@ -181,7 +183,7 @@ class Shard:
     """This rank's part of a global batch: rows rank::world. A rank left without rows gets the batch's first row,
     weighted 0, so that it still runs the same forward and backward passes (and collectives) as the others."""
 
-    x: Tensor
+    x: ModelInputs
     y: Tensor | None
     tasks: Tensor | None
     rows: int
@@ -195,16 +197,17 @@ class Shard:
         return slice(rank(), None, world_size())
 
 
-def shard(x: Tensor, y: Tensor | None = None, tasks: Tensor | None = None) -> Shard:
-    """Rows rank::world of a global batch (the whole batch in a single process)."""
-    total = x.shape[0]
+def shard(x: ModelInputs, y: Tensor | None = None, tasks: Tensor | None = None) -> Shard:
+    """Rows rank::world of a global batch (the whole batch in a single process); x a tensor or a mapping of them."""
+    total = batch_rows(x)
     if not active():
         return Shard(x, y, tasks, total, total)
     take = slice(rank(), None, world_size())
     rows = len(range(total)[take])
     if rows == 0:
         take = slice(0, 1)
-    return Shard(x[take], None if y is None else y[take], None if tasks is None else tasks[take], rows, total)
+    part = select_rows(x, take)
+    return Shard(part, None if y is None else y[take], None if tasks is None else tasks[take], rows, total)
 
 
 def shard_keys(rows: int, part: Shard, generator: torch.Generator) -> Tensor:
@@ -213,7 +216,7 @@ def shard_keys(rows: int, part: Shard, generator: torch.Generator) -> Tensor:
     and each row gets the key a single process gives it; a placeholder shard gets none."""
     if not active():
         return torch.rand(rows, generator=generator)
-    per_sample = rows // part.x.shape[0]
+    per_sample = rows // batch_rows(part.x)
     keys = torch.rand(part.total * per_sample, generator=generator)
     return keys.view(part.total, per_sample)[part.indices].reshape(-1)
 

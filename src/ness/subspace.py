@@ -7,6 +7,7 @@ its spectrum, and the approximate null basis of paper Eq. 5. Nothing here holds 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,11 +25,37 @@ class UnsupportedLayerError(TypeError):
 
 ConvLayer = nn.Conv1d | nn.Conv2d
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+"""The torch layers the subspace machinery models; `supported_layers()` adds transformers' Conv1D when loaded."""
+
+
+def transformers_conv1d() -> type[nn.Module] | None:
+    """transformers' Conv1D (GPT-2's layers: x·W + b with W stored d×o) when transformers is loaded, else None.
+    Looked up, never imported: the core needs no transformers, and a model holding a Conv1D has loaded it."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def supported_layers() -> tuple[type[nn.Module], ...]:
+    """`SUPPORTED_LAYERS`, plus transformers' Conv1D when transformers is loaded."""
+    conv1d = transformers_conv1d()
+    return SUPPORTED_LAYERS if conv1d is None else (*SUPPORTED_LAYERS, conv1d)
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether `module` is transformers' Conv1D: a Linear layer whose weight is stored transposed, (d, o)."""
+    conv1d = transformers_conv1d()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether `module` multiplies each input row by its weight alone (nn.Linear or transformers' Conv1D), so that
+    its input rows are the last dimension of its input, with no patches."""
+    return isinstance(module, nn.Linear) or is_transposed_linear(module)
 
 
 def check_supported(name: str, module: nn.Module) -> None:
     """Raise a clear error when `module` is not a layer whose input subspace we can model (NESS's adapters,
-    the projection methods' bases): an initialised nn.Linear, or an nn.Conv1d / nn.Conv2d with groups=1."""
+    the projection methods' bases): an initialised nn.Linear or transformers Conv1D, or an nn.Conv1d / nn.Conv2d
+    with groups=1."""
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         raise UnsupportedLayerError(
             f"layer '{name}' ({type(module).__name__}) is not initialised yet: run one forward pass "
@@ -39,10 +66,10 @@ def check_supported(name: str, module: nn.Module) -> None:
             f"layer '{name}' is a {type(module).__name__} with groups={module.groups}: each group sees its own "
             f"input subspace, which the subspace methods do not model. Exclude it with exclude=['{name}']."
         )
-    if not isinstance(module, SUPPORTED_LAYERS):
+    if not isinstance(module, supported_layers()):
         raise UnsupportedLayerError(
-            f"layer '{name}' is a {type(module).__name__}; the subspace methods handle nn.Linear, nn.Conv1d and "
-            "nn.Conv2d only."
+            f"layer '{name}' is a {type(module).__name__}; the subspace methods handle nn.Linear, nn.Conv1d, "
+            "nn.Conv2d and transformers' Conv1D only."
         )
 
 
@@ -84,7 +111,7 @@ def layer_input_rows(module: nn.Module, x: Tensor, geometry: tuple[int, int] | N
     `geometry` = (stride, map size m) replaces the conv's own grid by the one a script assumed: s = ⌊(m + 2p − k)/
     stride⌋ + 1 positions per side from the top-left of the padded input (only to reproduce official code, §3.3).
     """
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         return x.reshape(-1, x.shape[-1])
     if isinstance(module, nn.Conv1d):
         if geometry is not None:
@@ -119,9 +146,21 @@ def layer_input_rows(module: nn.Module, x: Tensor, geometry: tuple[int, int] | N
     raise UnsupportedLayerError(f"no layer-input rows for {type(module).__name__}")
 
 
+def weight_matrix(module: nn.Module) -> Tensor:
+    """The layer's weight as an (o, d) matrix, a view of it: rows · weight_matrixᵀ is the layer without its bias.
+    (transformers' Conv1D stores the transpose, d×o; a convolution's kernel is flattened in its rows' order.)"""
+    weight = module.weight  # type: ignore[union-attr]
+    return weight.T if is_transposed_linear(module) else weight.reshape(weight.shape[0], -1)
+
+
 def input_dim(module: nn.Module) -> int:
     """d, the length of one layer-input row (in_features, or C_in·k_h·k_w)."""
-    return module.weight[0].numel()  # type: ignore[index]
+    return weight_matrix(module).shape[1]
+
+
+def output_dim(module: nn.Module) -> int:
+    """o, the layer's number of outputs (out_features, or output channels)."""
+    return weight_matrix(module).shape[0]
 
 
 def with_bias_input(rows: Tensor) -> Tensor:
@@ -512,7 +551,7 @@ def output_change(v: Tensor, sigma: Tensor) -> float:
 def old_output_energy(covariance: Tensor, layer: nn.Module, bias: bool = False) -> float:
     """Σ_x ‖x̃ᵀW̃‖² = tr(W̃ C W̃ᵀ) over the inputs C = Σx̃x̃ᵀ recorded: what the old inputs put out through the layer.
     W̃ is the weight as (o, d) rows, with the bias as a last column when `bias` (rows x̃ = [x; 1])."""
-    weight = layer.weight.detach().reshape(layer.weight.shape[0], -1).to(covariance.device, torch.float64)
+    weight = weight_matrix(layer).detach().to(covariance.device, torch.float64)
     if bias:
         weight = torch.cat([weight, layer.bias.detach().to(weight)[:, None]], dim=1)
     return float(((weight @ covariance.to(torch.float64)) * weight).sum())

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ness.batches import ModelInputs, model_inputs, tensors_of
 from ness.models import call_model, head_parameters, logits_by_task, task_heads
 from ness.models.heads import Forward
 from ness.subspace import check_supported
@@ -153,7 +154,7 @@ def subspace_layers(
 ) -> list[str]:
     """Names of the layers a subspace method (NESS, GPM, ...) works on: `adaptable_layers`, each checked supported;
     an error when there is none, or when a target names no layer the method can work on."""
-    names = [f"nn.{k.__name__}" for k in kinds]
+    names = [("nn." if k.__module__.startswith("torch.") else "transformers ") + k.__name__ for k in kinds]
     kind_names = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
     check_patterns_match(model, exclude, f"{method}: exclude")
     unreachable = unreachable_layers(model)
@@ -170,7 +171,11 @@ def subspace_layers(
             raise ValueError(f"{method}: target {target!r} matches only layers it cannot adapt ({why})")
         if not any(isinstance(m, kinds) for _, m in reachable):
             found = ", ".join(f"{n} ({type(m).__name__})" for n, m in hits[:5])
-            raise ValueError(f"{method}: target {target!r} matches only {found}; {method} adapts {kind_names} layers")
+            raise ValueError(
+                f"{method}: target {target!r} matches only {found}; {method} adapts {kind_names} layers (an "
+                "embedding or a normalisation layer has no input rows to project: leave it out of the targets, or "
+                "train it fully with modules_to_save where the method has it)"
+            )
     layers = adaptable_layers(model, exclude, targets, kinds)
     for name, module in layers.items():
         check_supported(name, module)
@@ -211,14 +216,13 @@ def watch_layer_inputs(
         model.train(was_training)
 
 
-def task_inputs(batches: Iterable[Any], where: str) -> Iterator[Tensor]:
-    """The model inputs of an iterable of `x` or `(x, y, ...)` batches, checked finite and non-empty."""
+def task_inputs(batches: Iterable[Any], where: str) -> Iterator[ModelInputs]:
+    """The model inputs of an iterable of `x`, `(x, y, ...)` or mapping batches (`ness.batches.model_inputs`),
+    checked finite and non-empty."""
     seen = False
     for batch in batches:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{where}: a batch must be a tensor or a (inputs, labels) pair, got {type(x).__name__}")
-        if x.is_floating_point() and not torch.isfinite(x).all():
+        x = model_inputs(batch, where)
+        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors_of(x)):
             raise ValueError(f"{where}: a batch of inputs holds NaN or Inf; clean the data before training")
         seen = True
         yield x

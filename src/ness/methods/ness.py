@@ -23,6 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ness import adapter_files, distributed, lora_export
 from ness.adapters import NullSpaceAdapter, added_low_rank_terms, base_layer
+from ness.batches import attention_mask, to_device, token_rows
 from ness.methods.base import (
     ContinualMethod,
     Forward,
@@ -50,18 +51,20 @@ from ness.normalization import (
     restore_momenta,
 )
 from ness.subspace import (
-    SUPPORTED_LAYERS,
     THRESHOLD_RULES,
     CovarianceSum,
     NullBasis,
     ThresholdRule,
     clip_spectral_norm,
     input_dim,
+    is_linear,
     layer_input_rows,
     null_basis,
     old_output_energy,
     output_change,
+    output_dim,
     project_to_output_budget,
+    supported_layers,
     transfer_directions,
     with_bias_input,
 )
@@ -286,7 +289,8 @@ scale under the nuclear rule keeps 783 of MNIST's 784 pixel directions)."""
 
 @register
 class NESS(ContinualMethod):
-    """NESS on any model made of nn.Linear / nn.Conv2d layers (declared task heads are never adapted)."""
+    """NESS on any model made of nn.Linear / nn.Conv1d / nn.Conv2d layers or transformers' Conv1D (declared task
+    heads are never adapted)."""
 
     name = "ness"
     config_class = NESSConfig
@@ -304,12 +308,12 @@ class NESS(ContinualMethod):
             (*self.config.exclude, *self.saved_modules),
             "NESS",
             self.config.target_modules,
-            kinds=SUPPORTED_LAYERS,
+            kinds=supported_layers(),
         )
         self.layer_names = [name for name in layers if self._saved_module(name) is None]
         if not self.layer_names:
             raise ValueError(f"NESS: every adaptable layer lies inside modules_to_save {self.saved_modules}")
-        candidates = adaptable_layers(model, (), self.config.target_modules, SUPPORTED_LAYERS)
+        candidates = adaptable_layers(model, (), self.config.target_modules, supported_layers())
         self.excluded_layers = [n for n in candidates if n not in layers and self._saved_module(n) is None]
         # Layers whose bias NESS adapts: with adapt_bias, every adapted layer that has one.
         self.bias_layers = {
@@ -460,7 +464,7 @@ class NESS(ContinualMethod):
             "task": t,
             "layer": name,
             "d": basis.singular_values.numel(),
-            "out": self.model.get_submodule(name).weight.shape[0],
+            "out": output_dim(base_layer(self.model.get_submodule(name))),
             "rank": basis.rank,
             "frozen": basis.rank == 0,
             "rule": self.config.layer_config(name).threshold,
@@ -564,7 +568,7 @@ class NESS(ContinualMethod):
             "frozen",
             "not_adaptable",
             (
-                f"NESS adapts only Linear / Conv1d / Conv2d layers, not a {type(module).__name__}; list it in "
+                f"NESS adapts only Linear / Conv1d / Conv2d / Conv1D layers, not a {type(module).__name__}; list it in "
                 "modules_to_save to train it fully"
             ),
         )
@@ -715,7 +719,13 @@ class NESS(ContinualMethod):
         if self.config.memory_tasks == "first" and t > 0:
             return None
         if self.config.memory == "replay":
-            return torch.cat([x.detach().cpu() for x in task_inputs(batches, where)])
+            inputs = list(task_inputs(batches, where))
+            if not all(isinstance(x, Tensor) for x in inputs):
+                raise TypeError(
+                    f"NESS, {where}: memory='replay' keeps tensor inputs, and this task's batches are mappings (a "
+                    "Hugging Face batch); use memory='covariance', which keeps each layer's statistics"
+                )
+            return torch.cat([x.detach().cpu() for x in inputs])
         return self._collect(((x, t) for x in task_inputs(batches, where)), where=where)
 
     def _replay_batches(self) -> Iterator[tuple[Tensor, int]]:
@@ -804,15 +814,21 @@ class NESS(ContinualMethod):
         sums: dict[str, CovarianceSum] = {}  # each layer's Σxxᵀ, one float64 product per pooled chunk of rows
         k = self.config.probe_samples
         part: distributed.Shard | None = None  # this rank's part of the batch being passed
+        mask: Tensor | None = None  # its attention mask: which token rows are real
 
         generator = self._probe_generator if generator is None else generator
 
         def record(name: str, module: nn.Module, x: Tensor) -> None:
-            rows = layer_input_rows(base_layer(module), x)
+            layer = base_layer(module)
+            rows = layer_input_rows(layer, x)
             if name in self.bias_layers:
                 rows = with_bias_input(rows)
             keys = distributed.shard_keys(rows.shape[0], part, generator)
             rows = rows[: keys.numel()]  # a rank without rows passed a placeholder row: none of its rows count
+            real = None if mask is None or not is_linear(layer) else token_rows(x, mask, name)
+            if real is not None:  # padding positions: their keys are drawn (the stream stays aligned), then dropped
+                real = real[: keys.numel()].to(rows.device)
+                rows, keys = rows[real], keys[real.cpu()]
             s = stats.get(name)
             if s is None:
                 empty = rows[:0].detach().float().cpu()
@@ -831,7 +847,8 @@ class NESS(ContinualMethod):
         with watch_layer_inputs(self.model, self.layer_names, record):
             for x, task in inputs:
                 part = distributed.shard(x)
-                self.predict(part.x.to(device), task)
+                mask = attention_mask(part.x)
+                self.predict(to_device(part.x, device), task)
         for name, s in stats.items():
             s.covariance = sums[name].result()
         if not stats:

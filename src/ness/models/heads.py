@@ -6,13 +6,15 @@ A model without `task_heads` (one output shared by every task, as in Permuted MN
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-Forward = Callable[[nn.Module, Tensor, int], Tensor]
-"""How a method calls the model for task t: `call_model` (heads) or any f(model, x, t)."""
+Forward = Callable[[nn.Module, Any, int], Tensor]
+"""How a method calls the model for task t: `call_model` (heads, mapping batches) or any f(model, x, t)."""
 
 
 class MultiHeadNet(nn.Module):
@@ -38,8 +40,20 @@ def task_heads(model: nn.Module) -> nn.ModuleList | None:
     return heads if isinstance(heads, nn.ModuleList) else None
 
 
-def call_model(model: nn.Module, x: Tensor, task: int) -> Tensor:
-    """Logits of task `task`: through its own head when the model declares heads."""
+def call_model(model: nn.Module, x: Tensor | Mapping[str, Any], task: int) -> Tensor:
+    """Logits of task `task`: through its own head when the model declares heads. A mapping batch (a Hugging Face
+    model's input_ids, attention_mask, ...) is passed as keyword arguments, and an output's `logits` returned."""
+    if isinstance(x, Mapping):
+        try:
+            inspect.signature(model.forward).bind(**x)
+        except TypeError as error:
+            raise TypeError(
+                f"a mapping batch is passed to the model as keyword arguments (a Hugging Face batch), but "
+                f"{type(model).__name__}.forward does not take its keys {sorted(x)} ({error}); give tensor or "
+                "(inputs, labels) batches, or keys the forward takes"
+            ) from None
+        out = model(**x)
+        return getattr(out, "logits", out)
     heads = task_heads(model)
     if heads is None:
         return model(x)
