@@ -297,3 +297,68 @@ def test_the_core_imports_neither_peft_nor_transformers():
     code = "import sys, ness, ness.lora_export; print(sorted({'peft', 'transformers'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_gpt2_conv1d_layers_export_with_fan_in_fan_out(tmp_path):
+    """GPT-2's attention and MLP are transformers' Conv1D (weight d×o): PEFT's LoRA holds them as Linear layers with
+    fan_in_fan_out, lora_A (r, d) and lora_B (o, r), and the loaded model is the NESS model after each task."""
+    transformers = pytest.importorskip("transformers", reason="GPT-2 needs transformers")
+    from hf_models import pad_batch, token_task
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+        return transformers.GPT2LMHeadModel(config)
+
+    def language_batch(items: list[dict]) -> dict[str, torch.Tensor]:
+        batch = pad_batch(items)  # the labels: the next tokens, padding ignored
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return batch
+
+    model = build()
+    targets = ("c_attn", "c_proj", "c_fc")
+    method = NESS(model, NESSConfig(threshold="rank", rank=6, target_modules=targets, transfer_rank=2))
+    inputs = {k: v for k, v in language_batch(token_task(9, vocab=64)).items() if k != "labels"}
+    after = []
+    for t in range(3):
+        loader = [language_batch(token_task(t, vocab=64))]
+        method.begin_task(t, loader)
+        optimizer = torch.optim.SGD(method.trainable_parameters(t), lr=0.5)
+        for _ in range(3):
+            model(**loader[0]).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        method.end_task(t, loader)
+        model.eval()
+        with torch.no_grad():
+            after.append((method.merge_and_unload().eval()(**inputs).logits, method.predict(inputs, t)))
+        model.train()
+        if t == 0:
+            base = copy.deepcopy(model)
+    assert len(method.layer_names) == 8
+    assert not torch.allclose(after[2][0], after[2][1], atol=1e-4)  # task 2's transfer adapter matters
+    assert all(type(base.get_submodule(n)).__name__ == "Conv1D" for n in method.layer_names)
+
+    def peft_logits(directory: Path) -> torch.Tensor:
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), directory).eval()
+        with torch.no_grad():
+            return loaded(**inputs).logits
+
+    for upto in (1, 2):
+        directory = method.save_lora(tmp_path / f"shared{upto}", upto=upto)
+        torch.testing.assert_close(peft_logits(directory), after[upto][0], atol=1e-5, rtol=1e-5)
+        own = method.save_lora(tmp_path / f"own{upto}", upto=upto, task=upto)
+        torch.testing.assert_close(peft_logits(own), after[upto][1], atol=1e-5, rtol=1e-5)
+    config, tensors = lora_config(directory), load_file(directory / "adapter_model.safetensors")
+    assert config["fan_in_fan_out"] and config["modules_to_save"] is None
+    layer = "transformer.h.0.attn.c_attn"  # weight (32, 96): d = 32, o = 96
+    u, v = zip(*(deltas[layer] for deltas in method.task_deltas), strict=True)
+    assert tensors[f"base_model.model.{layer}.lora_A.weight"].shape == (12, 32)
+    assert tensors[f"base_model.model.{layer}.lora_B.weight"].shape == (96, 12)
+    a, b = tensors[f"base_model.model.{layer}.lora_A.weight"], tensors[f"base_model.model.{layer}.lora_B.weight"]
+    expected = sum(ut.double() @ vt.double() for ut, vt in zip(u, v, strict=True))  # Σ U_t V_t, as W is stored
+    torch.testing.assert_close((b.double() @ a.double()).T, expected, atol=1e-6, rtol=0)
+    merged = peft.PeftModel.from_pretrained(copy.deepcopy(base), directory).merge_and_unload()
+    want = method.merge_and_unload().state_dict()
+    for key, value in merged.state_dict().items():
+        torch.testing.assert_close(value, want[key], atol=1e-6, rtol=1e-6)

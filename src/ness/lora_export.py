@@ -33,7 +33,7 @@ from ness.models import task_heads
 from ness.modules import short_list
 from ness.normalization import batchnorm_layers
 from ness.results import write_json_atomic
-from ness.subspace import UnsupportedLayerError
+from ness.subspace import UnsupportedLayerError, is_transposed_linear
 
 LORA_FORMAT = "ness-lora"
 """The `ness_format` of the exported safetensors file's metadata (PEFT reads only the tensors)."""
@@ -214,7 +214,7 @@ def lora_factors(name: str, layer: nn.Module, terms: list[Term], adapt_bias: boo
 
 def _peft_kind(name: str, layer: nn.Module) -> str:
     """How PEFT's LoRA holds this layer: 'linear', 'conv' (nn.Conv1d / nn.Conv2d), 'fan_in_fan_out' (transformers'
-    Conv1D, found by its class name and nx / nf, so this module needs no transformers); else a clear error."""
+    Conv1D, a Linear layer whose weight is stored d×o); else a clear error."""
     if isinstance(layer, nn.Linear):
         return "linear"
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
@@ -236,7 +236,7 @@ def _peft_kind(name: str, layer: nn.Module) -> str:
                 f"(NESSConfig.exclude=['{name}']) in a new run"
             )
         return "conv"
-    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nx") and hasattr(layer, "nf"):
+    if is_transposed_linear(layer):
         return "fan_in_fan_out"
     raise UnsupportedLayerError(
         f"save_lora: layer '{name}' is a {type(layer).__name__}, which has no PEFT LoRA form here (nn.Linear, "
