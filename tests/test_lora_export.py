@@ -21,7 +21,8 @@ from torch import nn
 
 from ness import NESS, NESSConfig
 from ness.lora_export import lora_factors
-from ness.models import MultiHeadNet, call_model, task_heads
+from ness.models import MultiHeadNet, call_model
+from ness.models.heads import Forward
 from ness.subspace import UnsupportedLayerError
 from test_adapter_files import (
     HEADS,
@@ -56,13 +57,15 @@ def outputs(method: NESS, case: Case) -> dict[str, list[torch.Tensor]]:
     method.model.eval()
     shared = method.merge_and_unload().eval()
     heads = range(method.tasks_done)
-    return {"own": [method.predict(x, j) for j in heads], "shared": [call_model(shared, x, j) for j in heads]}
+    return {"own": [method.predict(x, j) for j in heads], "shared": [method.forward(shared, x, j) for j in heads]}
 
 
-def history(case: Case, tasks: int = 3) -> tuple[NESS, nn.Module, list[dict[str, list[torch.Tensor]]]]:
+def history(
+    case: Case, tasks: int = 3, forward: Forward = call_model
+) -> tuple[NESS, nn.Module, list[dict[str, list[torch.Tensor]]]]:
     """(method after `tasks` tasks, the task-0 model, each finished task's `outputs` as it ended)."""
     torch.manual_seed(0)
-    method = NESS(case.build(), case.config)
+    method = NESS(case.build(), case.config, forward)
     base, after = None, []
     for t in range(tasks):
         begin(method, case, t)
@@ -81,14 +84,19 @@ def trained(request):
     return case, *history(case)
 
 
+def with_task(model: nn.Module, x: torch.Tensor, t: int) -> torch.Tensor:
+    """A multi-head model's task-t output: model(x, t). (`call_model` sees no declared heads through a PeftModel.)"""
+    return model(x, t)
+
+
 @torch.no_grad()
-def peft_outputs(base: nn.Module, directory: Path, case: Case, tasks: int) -> list[torch.Tensor]:
-    """Heads 0..tasks-1 of the PEFT model loaded from `directory` onto a copy of `base` (without heads: its output)."""
+def peft_outputs(
+    base: nn.Module, directory: Path, case: Case, tasks: int, forward: Forward = with_task
+) -> list[torch.Tensor]:
+    """Heads 0..tasks-1 of the PEFT model loaded from `directory` onto a copy of `base`."""
     model = peft.PeftModel.from_pretrained(copy.deepcopy(base), directory).eval()
     x, _ = task_data(case, 99)
-    if task_heads(base) is None:
-        return [model(x)] * tasks
-    return [model(x, j) for j in range(tasks)]
+    return [forward(model, x, j) for j in range(tasks)]
 
 
 def assert_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
@@ -210,15 +218,33 @@ def test_config_modules_to_save_are_exported_after_the_last_task_and_refused_bef
     method, base, after = history(case)
     directory = method.save_lora(tmp_path / "lora")
     assert lora_config(directory)["modules_to_save"] == ["classifier"]
-    model = peft.PeftModel.from_pretrained(copy.deepcopy(base), directory).eval()
-    x, _ = task_data(case, 99)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), after[2]["own"][0], atol=1e-5, rtol=1e-5)
+    assert_close(peft_outputs(base, directory, case, 1, lambda model, x, t: model(x)), after[2]["own"][:1])
     with pytest.raises(ValueError, match=r"modules_to_save \['classifier'\].*not their state after task 1"):
         method.save_lora(tmp_path / "early", upto=1)
     begin(method, case, 3)
     with pytest.raises(ValueError, match="task 3 is open"):
         method.save_lora(tmp_path / "open")
+
+
+class OwnHeadsNet(nn.Module):
+    """Per-task heads the model does not declare as `task_heads`, trained through NESSConfig.modules_to_save."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(12, 16), nn.ReLU())
+        self.heads = nn.ModuleList(nn.Linear(16, n) for n in HEADS)
+
+    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        return self.heads[t](self.features(x))
+
+
+def test_a_module_list_in_modules_to_save_is_exported_by_its_members(tmp_path):
+    """PEFT wraps each module of modules_to_save, and a wrapped ModuleList cannot be indexed: its heads go singly."""
+    case = Case(OwnHeadsNet, (12,), paper_ness(threshold="rank", rank=5, modules_to_save=["heads"]))
+    method, base, after = history(case, forward=with_task)
+    directory = method.save_lora(tmp_path / "lora")
+    assert lora_config(directory)["modules_to_save"] == [f"heads.{j}" for j in range(len(HEADS))]
+    assert_close(peft_outputs(base, directory, case, 3), after[2]["own"])
 
 
 def test_adapted_biases_beside_a_layer_without_one_load_exactly_with_a_warning(tmp_path, caplog):
