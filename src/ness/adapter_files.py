@@ -210,6 +210,12 @@ def _modules_to_save(method: AdapterMethod) -> list[str]:
     chosen = {*batchnorm_layers(model), *method.saved_modules}
     if task_heads(model) is not None:
         chosen.add("task_heads")
+    return outermost_modules(model, chosen)
+
+
+def outermost_modules(model: nn.Module, chosen: set[str]) -> list[str]:
+    """The modules named in `chosen` that lie in no other chosen module, in the model's order: each module's
+    tensors once when a module and one inside it are both saved whole."""
     return [
         name
         for name, _ in model.named_modules()
@@ -269,17 +275,19 @@ def _base_sketch(method: AdapterMethod, name: str) -> tuple[Tensor, Tensor, Tens
     return direction, _weight_rows(weight_matrix(layer), bias) @ direction - shift, shift
 
 
-def _tensor_bytes(tensors: dict[str, Tensor]) -> bytes:
-    """The safetensors serialisation of CPU, contiguous copies of `tensors`."""
+def _tensor_bytes(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors serialisation of CPU, contiguous copies of `tensors`; `metadata` adds to or replaces the
+    header's {"format": "pt", "ness_format": ...}."""
     cpu = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
-    return safetensors.torch.save(cpu, metadata={"format": "pt", "ness_format": FORMAT})
+    return safetensors.torch.save(cpu, metadata={"format": "pt", "ness_format": FORMAT, **(metadata or {})})
 
 
-def write_state_dict(path: str | Path, state: dict[str, Tensor]) -> Path:
-    """A model's state dict as one safetensors file, written atomically (the base model, a merged model)."""
+def write_state_dict(path: str | Path, state: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """A model's state dict as one safetensors file, written atomically (the base model, a merged model, a LoRA
+    export); `metadata` as in `_tensor_bytes`."""
     path = Path(path)
     with atomic_file(path, "wb") as f:
-        f.write(_tensor_bytes(state))
+        f.write(_tensor_bytes(state, metadata))
     return path
 
 
@@ -678,9 +686,10 @@ def _merge_delta(layer: nn.Module, basis: Tensor, factor: Tensor, name: str, ada
 
 # -- merging -----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class _TaskTransfers:
+class TaskTransfers:
     """The transfer adapter of every task that has begun (finished ones and the open one; {} where a task has none),
-    with what explains a missing one: the choice of `merge_and_unload(method, task)` and `merged_state_dict`."""
+    with what explains a missing one: the choice of `merge_and_unload(method, task)`, `merged_state_dict` and
+    `ness.lora_export.save_lora`."""
 
     terms: dict[int, Transfer]
     open_task: int | None
@@ -725,7 +734,7 @@ class _TaskTransfers:
         )
 
 
-def _method_transfers(method: AdapterMethod) -> _TaskTransfers:
+def method_transfers(method: AdapterMethod) -> TaskTransfers:
     """The method's transfer adapters by task: each finished task's `method.transfers[t]`, and the open task's terms
     as its adapters hold them now (A as trained so far)."""
     terms = {j: method.transfers[j] if j < len(method.transfers) else {} for j in range(method.tasks_done)}
@@ -736,10 +745,10 @@ def _method_transfers(method: AdapterMethod) -> _TaskTransfers:
             if layer.adapter.A is not None
         }
     previewed = method.active_task is not None and method.transfer_task == method.active_task
-    return _TaskTransfers(terms, method.active_task, previewed, method.config.transfer_rank)
+    return TaskTransfers(terms, method.active_task, previewed, method.config.transfer_rank)
 
 
-def _saved_transfers(saved: SavedAdapters) -> _TaskTransfers:
+def _saved_transfers(saved: SavedAdapters) -> TaskTransfers:
     """The saved method's transfer adapters by task, from the files (none before format version 3)."""
     config, active = saved.config, saved.config["active"]
     terms = {0: {}, **{task["task"]: t for task, t in zip(config["tasks"], saved.task_transfers(), strict=True)}}
@@ -747,7 +756,7 @@ def _saved_transfers(saved: SavedAdapters) -> _TaskTransfers:
     if open_task is not None:
         terms[open_task] = saved.active_transfers()
     previewed = open_task is not None and config.get("transfer_task") == open_task
-    return _TaskTransfers(terms, open_task, previewed, _saved_settings(saved)["transfer_rank"])
+    return TaskTransfers(terms, open_task, previewed, _saved_settings(saved)["transfer_rank"])
 
 
 def merge_and_unload(method: AdapterMethod, task: int | None = None) -> nn.Module:
@@ -762,7 +771,7 @@ def merge_and_unload(method: AdapterMethod, task: int | None = None) -> nn.Modul
     transfer term Ū_j·A_j (NESSConfig.transfer_rank) merged into W (and b, for adapted biases) and, with
     batchnorm='per_task', task j's BatchNorm state. A ValueError for a task that does not exist or has no transfer
     adapter."""
-    own = {} if task is None else _method_transfers(method).of(task, "merge_and_unload")
+    own = {} if task is None else method_transfers(method).of(task, "merge_and_unload")
     merged = copy.deepcopy(method.model)
     for name in method.active:
         replace_module(merged, name, merged.get_submodule(name).merged())

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ness import adapter_files, distributed
+from ness import adapter_files, distributed, lora_export
 from ness.adapters import NullSpaceAdapter, added_low_rank_terms, base_layer
 from ness.batches import attention_mask, to_device, token_rows
 from ness.methods.base import (
@@ -961,6 +961,22 @@ class NESS(ContinualMethod):
     def load_adapters(cls, model: nn.Module, directory: str | Path, forward: Forward = call_model) -> NESS:
         """The saved method, rebuilt on `model` as it was after task 0 (the base model), ready to continue."""
         return adapter_files.load_adapters(cls, model, directory, forward)
+
+    def save_lora(
+        self,
+        directory: str | Path,
+        upto: int | None = None,
+        task: int | None = None,
+        *,
+        base_model_name_or_path: str | None = None,
+        task_type: str | None = None,
+    ) -> Path:
+        """Write tasks 1..`upto` (default: every finished task; never the open one) as one PEFT LoRA adapter that
+        `peft.PeftModel.from_pretrained(task0_model, directory)` loads: the shared model, or with task=j task j's
+        own (its transfer term and BatchNorm state); see ness.lora_export.save_lora."""
+        return lora_export.save_lora(
+            self, directory, upto, task, base_model_name_or_path=base_model_name_or_path, task_type=task_type
+        )
 
     @property
     def transfer_task(self) -> int | None:
