@@ -75,6 +75,20 @@ def test_target_modules_take_the_names_people_use(build, targets, expected) -> N
     assert method.layer_names == expected
 
 
+def test_a_layer_the_targets_leave_out_is_frozen_as_not_targeted() -> None:
+    method = NESS(gpt2(), NESSConfig(target_modules=("c_attn",), modules_to_save=("score",), transfer_rank=0))
+    method.begin_task(0)
+    method.end_task(0, [pad_batch(token_task(0))])
+    method.begin_task(1)
+    roles = {role.module: role for role in method.layer_roles(1)}
+    assert roles["transformer.h.0.attn.c_attn"].status == "adapted"
+    assert (roles["transformer.h.0.mlp.c_fc"].status, roles["transformer.h.0.mlp.c_fc"].reason) == (
+        "frozen",
+        "not_targeted",
+    )
+    assert roles["transformer.wte"].reason == "not_adaptable"
+
+
 @pytest.mark.parametrize(("build", "target", "kind"), [(gpt2, "wte", "Embedding"), (bert, "LayerNorm", "LayerNorm")])
 def test_targeting_an_embedding_or_a_layernorm_is_a_clear_error(build, target, kind) -> None:
     with pytest.raises(ValueError, match=rf"target '{target}' matches only .*\({kind}\).*modules_to_save"):

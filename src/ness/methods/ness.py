@@ -272,14 +272,14 @@ class LayerRole:
     status: Literal["adapted", "trains", "frozen"]
     reason: str
     """Why, as a code: adapted, transfer (rank 0 with a transfer adapter), rank0, modules_to_save, head, other_head,
-    batchnorm, excluded, unreachable, not_adaptable."""
+    batchnorm, excluded, unreachable, not_targeted, not_adaptable."""
     detail: str
     """Why, in words."""
     trainable: int
     """Parameters the task trains here (V's entries for an adapted layer)."""
 
 
-SURPRISING_FREEZES = ("rank0", "excluded", "unreachable", "not_adaptable")
+SURPRISING_FREEZES = ("rank0", "excluded", "unreachable", "not_targeted", "not_adaptable")
 """Reasons a module is frozen that a user may not expect: `begin_task` warns about each once."""
 PROTECTS_LITTLE = 0.5
 """U's share of the earlier inputs' energy Σ‖x‖² from which `begin_task` warns that an adapted layer protects little:
@@ -564,6 +564,12 @@ class NESS(ContinualMethod):
             return "frozen", "excluded", "excluded by NESSConfig.exclude; list it in modules_to_save to train it fully"
         if name in unreachable:
             return "frozen", "unreachable", f"not adaptable: {unreachable[name]}"
+        if isinstance(module, supported_layers()):  # an adaptable kind that the target_modules leave out
+            return (
+                "frozen",
+                "not_targeted",
+                "not in NESSConfig.target_modules; add it there to adapt it, or to modules_to_save to train it fully",
+            )
         return (
             "frozen",
             "not_adaptable",
