@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequence", choices=("vision", "text", "both"), default="both")
     parser.add_argument("--data-root", default=None, help="folder holding mnist/ (default: $NESS_DATA_ROOT)")
-    parser.add_argument("--train-per-task", type=int, default=1000, help="Split MNIST images per task")
+    parser.add_argument("--train-per-task", type=int, help="examples per task (default: 1000 images, 600 texts)")
     parser.add_argument("--epochs", type=int, help="epochs per task (default: 2 for vision, 4 for text)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- the two task sequences ------------------------------------------------------------------------------------
 def mnist_tasks(args: argparse.Namespace) -> list[tuple[Items, Items]]:
     """Split MNIST as (train, test) lists of {"pixel_values": (1, 28, 28), "labels": 0/1} items."""
-    benchmark = split_mnist(args.data_root, seed=args.seed, train_per_task=args.train_per_task)
+    benchmark = split_mnist(args.data_root, seed=args.seed, train_per_task=args.train_per_task or 1000)
 
     def items(task: Any, split: Any) -> Items:
         images = task.transform(split.inputs).reshape(-1, 1, 28, 28)
@@ -192,12 +192,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
         tasks, epochs = mnist_tasks(args), args.epochs or 2
         matrices = {name: run(name, vit, tasks, stack_images, args, epochs) for name in ("finetune", "ness")}
         results["vision"] = report(
-            f"ViT (transformers, from a config) on Split MNIST: 5 tasks, {args.train_per_task} images each, shared "
-            f"2-way head, {epochs} epochs, AdamW, seed {args.seed}",
+            f"ViT (transformers, from a config) on Split MNIST: 5 tasks, {args.train_per_task or 1000} images each, "
+            f"shared 2-way head, {epochs} epochs, AdamW, seed {args.seed}",
             matrices,
         )
     if args.sequence in ("text", "both"):
-        tasks, epochs = token_tasks(args.seed), args.epochs or 4
+        tasks, epochs = token_tasks(args.seed, train=args.train_per_task or 600), args.epochs or 4
         matrices = {name: run(name, gpt2, tasks, pad_tokens, args, epochs) for name in ("finetune", "ness")}
         results["text"] = report(
             f"GPT-2 (transformers, from a config) on 4 synthetic key-token tasks (the key's meaning flips), padded "
