@@ -47,7 +47,7 @@ from ness.validation import (
         ),
         (number(above=0, at_most=1), [1, 1.0, np.int64(1), 0.3], [0.0, 1.01], "a finite number in (0, 1]"),
         (number(at_least=0, below=1), [0, 0.0, np.int32(0), 0.99], [1, -1e-9], "a finite number in [0, 1)"),
-        (number(at_least=0), [0, 3, 1e30, np.float16(2)], [-1, -1e-30], "a finite number ≥ 0"),
+        (number(at_least=0), [0, 3, 1e30, 10**400, np.float16(2)], [-1, -1e-30], "a finite number ≥ 0"),
         (number(above=1), [1.5, np.uint8(2)], [1, 0.5], "a finite number > 1"),
         (number(), [-3, 0, 2.5e-300, np.float64(-1)], [], "a finite number"),
         (integer(at_least=0), [0, 7, np.int64(3), np.uint16(3)], [-1, 2.0, np.float64(3)], "an integer ≥ 0"),

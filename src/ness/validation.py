@@ -44,8 +44,12 @@ class Rule:
 
 
 def is_number(value: Any) -> bool:
-    """A finite real number, Python's or NumPy's, not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite real number, Python's or NumPy's, not a bool (an integer of any size is finite)."""
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and (isinstance(value, numbers.Integral) or math.isfinite(value))
+    )
 
 
 def is_integer(value: Any) -> bool:
@@ -118,7 +122,7 @@ def flag(fix: str = "") -> Rule:
     return Rule(lambda value: isinstance(value, bool | np.bool_), "True or False", fix, bool)
 
 
-def choice(options: Sequence[Any], fix: str = "") -> Rule:
+def choice(options: Sequence[str], fix: str = "") -> Rule:
     """One of the strings `options`."""
     return Rule(lambda value: isinstance(value, str) and value in options, f"one of {tuple(options)}", fix)
 
