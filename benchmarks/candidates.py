@@ -21,6 +21,7 @@ from ness.data import build_benchmark, resolve_data_root
 from ness.experiment import resolve_settings
 from ness.methods import build_method
 from ness.metrics import average_accuracy, backward_transfer
+from ness.runs import RunSpec
 from ness.trainer import RunObserver, RunState, evaluate, run_continual, seed_everything
 
 
@@ -55,13 +56,12 @@ def parse_candidate(text: str) -> tuple[str, dict[str, Any]]:
 def run(
     benchmark: str, preset: str, seed: int, method: str, options: dict[str, Any], network: str | None = None
 ) -> dict[str, Any]:
-    protocol, variant, train, data, method_options = resolve_settings(
-        benchmark, method, preset, options, network=network
-    )
+    settings = resolve_settings(RunSpec(benchmark, method, seed, preset, network, overrides=options))
+    train = settings.train
     seed_everything(seed)  # as `ness run` does: the network's initial weights come from the run's seed
-    bench = build_benchmark(benchmark, seed=seed, data_root=resolve_data_root(None), **data)
-    model = protocol.network(bench)
-    runner = build_method(variant.method, model, method_options)
+    bench = build_benchmark(benchmark, seed=seed, data_root=resolve_data_root(None), **settings.data)
+    model = settings.protocol.network(bench)
+    runner = build_method(settings.variant.method, model, settings.options)
     validation = ValidationMatrix(bench, train.device)
     started = time.perf_counter()
     result = run_continual(model, runner, bench, train, seed, progress=False, observers=[validation])

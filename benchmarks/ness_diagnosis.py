@@ -30,6 +30,7 @@ from ness.data import Benchmark, build_benchmark, resolve_data_root
 from ness.experiment import resolve_settings
 from ness.methods import adaptable_layers, build_method
 from ness.models import call_model
+from ness.runs import RunSpec
 from ness.subspace import SUPPORTED_LAYERS
 from ness.trainer import RunObserver, RunState, evaluate, run_continual, seed_everything
 
@@ -73,13 +74,13 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_option)
     parser.add_argument("--json")
     args = parser.parse_args()
-    protocol, variant, train, data, options = resolve_settings(
-        args.benchmark, args.method, args.preset, dict(args.overrides)
-    )
+    spec = RunSpec(args.benchmark, args.method, args.seed, args.preset, overrides=dict(args.overrides))
+    settings = resolve_settings(spec)
+    train = settings.train
     seed_everything(args.seed)  # as `ness run` does: the initial weights come from the run's seed
-    bench = build_benchmark(args.benchmark, seed=args.seed, data_root=resolve_data_root(None), **data)
-    model = protocol.network(bench)
-    method = build_method(variant.method, model, options)
+    bench = build_benchmark(args.benchmark, seed=args.seed, data_root=resolve_data_root(None), **settings.data)
+    model = settings.protocol.network(bench)
+    method = build_method(settings.variant.method, model, settings.options)
     snapshots = Snapshots()
     started = time.perf_counter()
     result = run_continual(model, method, bench, train, args.seed, progress=False, observers=[snapshots])

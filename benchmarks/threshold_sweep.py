@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from ness.experiment import run_experiment
 from ness.plots import save_figure
 from ness.results import write_json_atomic
+from ness.runs import RunSpec
 
 KNOB = {"frobenius": "eps1", "nuclear": "eps1", "energy": "delta", "rank": "rank"}
 
@@ -29,9 +30,8 @@ def sweep(benchmark: str, preset: str, seed: int, out: Path, grid: dict[str, lis
         for value in values:
             knob = int(value) if rule == "rank" else value
             overrides = {"threshold": rule, KNOB[rule]: knob}
-            result = run_experiment(
-                benchmark, "ness_sam", seed, preset, out=out / f"{rule}_{value:g}", overrides=overrides, progress=False
-            )
+            spec = RunSpec(benchmark, "ness_sam", seed, preset, overrides=overrides)
+            result = run_experiment(spec, out=out / f"{rule}_{value:g}", progress=False)
             last = max(r["task"] for r in result["diagnostics"])
             share = [r["rank"] / r["d"] for r in result["diagnostics"] if r["task"] == last]
             rows.append({"rule": rule, "knob": knob, "acc": result["acc"], "bwt": result["bwt"], "rank_share": share})

@@ -26,6 +26,7 @@ from ness.data import build_benchmark
 from ness.experiment import resolve_settings, run_experiment
 from ness.methods import NESS, FineTune, FSDGPMConfig, GPMConfig, NESSConfig, OWMConfig
 from ness.presets import get_protocol
+from ness.runs import RunSpec
 from ness.trainer import TrainConfig
 
 RUN = ["run", "--benchmark", "split_digits", "--method", "ness", "--seeds", "1", "--quiet"]
@@ -74,7 +75,7 @@ def test_unknown_benchmark_lists_the_valid_ones(tmp_path, capsys, no_training):
     err = argparse_error(capsys, ["run", "--benchmark", "split_cifar", "--method", "ness", "--out", str(tmp_path)])
     assert_says(err, "--benchmark", "invalid choice: 'split_cifar'", "split_cifar100", "split_digits", "split_mnist")
     with pytest.raises(ValueError, match=r"unknown benchmark 'split_cifar'; choose one of \[.*'split_digits'"):
-        run_experiment("split_cifar", "ness", 1)
+        run_experiment(RunSpec("split_cifar", "ness", 1))
     with pytest.raises(ValueError, match=r"unknown benchmark 'split_cifar'; valid names: split_digits"):
         build_benchmark("split_cifar", seed=1)
 
@@ -96,7 +97,7 @@ def test_network_the_benchmark_cannot_feed_names_the_ones_it_can(tmp_path, capsy
     assert_says(err, "--network alexnet needs (channels, height, width) images", "flat inputs of 64", "mlp", "vit")
     assert not list(tmp_path.rglob("results.json"))
     with pytest.raises(ValueError, match=r"network 'mlp' needs MLP widths.*choose one of alexnet, resnet18, vit"):
-        resolve_settings("split_cifar100", "ness", "quick", network="mlp")  # no data needed to know
+        resolve_settings(RunSpec("split_cifar100", "ness", 1, network="mlp"))  # no data needed to know
 
 
 def test_unknown_preset_lists_the_valid_ones(tmp_path, capsys, no_training):
@@ -112,24 +113,24 @@ def test_unknown_preset_lists_the_valid_ones(tmp_path, capsys, no_training):
 @pytest.mark.parametrize(
     ("setting", "words"),
     [
-        ("epochs=0", ["epochs=0", "an integer ≥ 1"]),
-        ("epochs=-3", ["epochs=-3", "an integer ≥ 1"]),
-        ("batch_size=0", ["batch_size=0", "an integer ≥ 1"]),
-        ("lr=0", ["lr=0", "a finite number > 0"]),
-        ("lr=-0.1", ["lr=-0.1", "a finite number > 0"]),
-        ("lr=nan", ["lr=nan", "a finite number > 0"]),
-        ("lr=inf", ["lr=inf", "a finite number > 0"]),
-        ("momentum=1", ["momentum=1", "[0, 1)"]),
-        ("momentum=1.5", ["momentum=1.5", "[0, 1)"]),
-        ("epochs=abc", ["epochs='abc'", "an integer ≥ 1"]),
-        ("epochs=2.5", ["epochs=2.5", "an integer ≥ 1"]),
-        ("epochs=true", ["epochs=True", "an integer ≥ 1"]),
-        ("lr=fast", ["lr='fast'", "a finite number > 0"]),
-        ("drop_last=3", ["drop_last=3", "true or false"]),
-        ("sam_tasks=some", ["sam_tasks='some'", "'all', 'first'"]),
-        ("device=tpu", ["device='tpu'", "a torch device name such as 'cpu'"]),
-        ("pc_valid=2", ["split_digits data option pc_valid=2", "[0, 1)"]),
-        ("pc_valid=half", ["pc_valid='half'", "[0, 1)"]),
+        ("epochs=0", ["TrainConfig.epochs: got 0;", "an integer ≥ 1"]),
+        ("epochs=-3", ["TrainConfig.epochs: got -3;", "an integer ≥ 1"]),
+        ("batch_size=0", ["TrainConfig.batch_size: got 0;", "an integer ≥ 1"]),
+        ("lr=0", ["TrainConfig.lr: got 0;", "a finite number > 0"]),
+        ("lr=-0.1", ["TrainConfig.lr: got -0.1;", "a finite number > 0"]),
+        ("lr=nan", ["TrainConfig.lr: got nan;", "a finite number > 0"]),
+        ("lr=inf", ["TrainConfig.lr: got inf;", "a finite number > 0"]),
+        ("momentum=1", ["TrainConfig.momentum: got 1;", "[0, 1)"]),
+        ("momentum=1.5", ["TrainConfig.momentum: got 1.5;", "[0, 1)"]),
+        ("epochs=abc", ["TrainConfig.epochs: got 'abc';", "an integer ≥ 1"]),
+        ("epochs=2.5", ["TrainConfig.epochs: got 2.5;", "an integer ≥ 1"]),
+        ("epochs=true", ["TrainConfig.epochs: got True;", "an integer ≥ 1"]),
+        ("lr=fast", ["TrainConfig.lr: got 'fast';", "a finite number > 0"]),
+        ("drop_last=3", ["TrainConfig.drop_last: got 3;", "True or False"]),
+        ("sam_tasks=some", ["TrainConfig.sam_tasks: got 'some';", "'all', 'first'"]),
+        ("device=tpu", ["TrainConfig.device: got 'tpu';", "a torch device name such as 'cpu'"]),
+        ("pc_valid=2", ["split_digits data option pc_valid: got 2;", "[0, 1)", "held out"]),
+        ("pc_valid=half", ["pc_valid: got 'half';", "[0, 1)"]),
     ],
 )
 def test_bad_training_or_data_setting_is_refused_naming_it(setting, words, tmp_path, capsys, no_training):
@@ -152,25 +153,28 @@ def test_set_without_key_and_value_is_an_argparse_error(setting, tmp_path, capsy
 
 def test_configs_refuse_bools_strings_and_floats_for_integers():
     for bad in (True, "3", 2.5):
-        with pytest.raises(ValueError, match=rf"TrainConfig: invalid epochs={bad!r} \(must be an integer ≥ 1"):
+        with pytest.raises(ValueError, match=rf"TrainConfig\.epochs: got {bad!r}; an integer ≥ 1"):
             TrainConfig(epochs=bad)
     with pytest.raises(
-        ValueError, match=r"lr='x' \(must be a finite number > 0\); batch_size=64\.0 \(must be an integer"
+        ValueError,
+        match=r"TrainConfig\.lr: got 'x'; a finite number > 0\nTrainConfig\.batch_size: got 64\.0; an integer",
     ):
-        TrainConfig(batch_size=64.0, lr="x")  # every bad field in one message
-    with pytest.raises(ValueError, match=r"NESSConfig\.probe_samples must be an integer ≥ 0, got True"):
+        TrainConfig(batch_size=64.0, lr="x")  # every bad field in one message, a line each
+    with pytest.raises(ValueError, match=r"NESSConfig\.probe_samples: got True; an integer ≥ 0"):
         NESSConfig(probe_samples=True)
-    with pytest.raises(TypeError, match=r"NESSConfig\.exclude must be a list, got the single value 3"):
+    with pytest.raises(
+        TypeError, match=r"NESSConfig\.exclude: got 3; a list of strings .* \(write \[3\] for one entry"
+    ):
         NESSConfig(exclude=3)
-    with pytest.raises(TypeError, match=r"NESSConfig\.target_modules must be a list of strings"):
+    with pytest.raises(TypeError, match=r"NESSConfig\.target_modules: got \[0\]; a non-empty list of strings"):
         NESSConfig(target_modules=[0])
-    with pytest.raises(TypeError, match=r"GPMConfig\.layer_samples must be a list, got the single value 100"):
+    with pytest.raises(TypeError, match=r"GPMConfig\.layer_samples: got 100; a non-empty list.*write \[100\] for one"):
         GPMConfig(layer_samples=100)
-    with pytest.raises(TypeError, match=r"GPMConfig\.patch_geometry entry must be a list, got the single value 2"):
+    with pytest.raises(TypeError, match=r"GPMConfig\.patch_geometry: got \[2\]; .* \(stride, map size\) pair"):
         GPMConfig(patch_geometry=[2])
-    with pytest.raises(TypeError, match=r"OWMConfig\.layer_alphas must be a list, got the single value 0\.5"):
+    with pytest.raises(TypeError, match=r"OWMConfig\.layer_alphas: got 0\.5; .*write \[0\.5\] for one entry"):
         OWMConfig(layer_alphas=0.5)
-    with pytest.raises(TypeError, match=r"FSDGPMConfig\.exclude must be a list of strings"):
+    with pytest.raises(TypeError, match=r"FSDGPMConfig\.exclude: got \[1\]; a list of strings"):
         FSDGPMConfig(exclude=[1])
 
 
@@ -182,21 +186,24 @@ def test_eps1_outside_0_1_is_refused(eps1, tmp_path, capsys, no_training):
     # ε₁ scales the threshold τ = ε₁·‖I‖_F (or ε₁·Σσ): ε₁ ≤ 0 keeps no direction, ε₁ ≥ 1 keeps every direction of
     # the Frobenius rule (σᵢ ≤ ‖σ‖ always), i.e. no protection; METHODS_SPEC §2 uses 1e-3 and 5e-4.
     err = user_error(capsys, [*RUN, "--out", str(tmp_path), "--set", f"eps1={eps1}"])
-    assert_says(err, "NESSConfig.eps1 must be", "(0, 1)")
+    assert_says(err, "NESSConfig.eps1: got", "a finite number in (0, 1)", "the paper uses 1e-3")
 
 
 @pytest.mark.parametrize(
     ("setting", "words"),
     [
-        ("threshold=spectral", ["NESSConfig.threshold must be one of", "'frobenius'", "'energy'", "'spectral'"]),
-        ("layer_rules={'backbone.0': {'epsilon': 0.1}}", ["layer_rules['backbone.0']", "unknown settings", "'eps1'"]),
-        ("layer_rules=[1]", ["NESSConfig.layer_rules must be a dict of pattern → settings", "[1]"]),
-        ("layer_rules={'backbone.0': {'threshold': 'rank'}}", ["threshold='rank' needs rank=r"]),
-        ("memory=disk", ["NESSConfig.memory must be one of", "'covariance'", "'replay'"]),
-        ("delta=1.5", ["NESSConfig.delta must be a number in (0, 1)"]),
-        ("probe_samples=2.5", ["NESSConfig.probe_samples must be an integer ≥ 0, got 2.5"]),
-        ("rank=true", ["NESSConfig.rank must be an integer ≥ 1 or None, got True"]),
-        ("exclude='backbone.0'", ["NESSConfig.exclude must be a list of patterns, not a single string"]),
+        ("threshold=spectral", ["NESSConfig.threshold: got 'spectral'; one of", "'frobenius'", "'energy'"]),
+        ("layer_rules={'backbone.0': {'epsilon': 0.1}}", ["NESSConfig.layer_rules", "unknown settings", "'eps1'"]),
+        ("layer_rules=[1]", ["NESSConfig.layer_rules: got [1]; a dict of module-name pattern → {setting: value}"]),
+        ("layer_rules={'backbone.0': {'threshold': 'rank'}}", ["layer_rules['backbone.0']", "needs rank=r"]),
+        ("memory=disk", ["NESSConfig.memory: got 'disk'; one of", "'covariance'", "'replay'"]),
+        ("delta=1.5", ["NESSConfig.delta: got 1.5; a finite number in (0, 1)"]),
+        ("probe_samples=2.5", ["NESSConfig.probe_samples: got 2.5; an integer ≥ 0"]),
+        ("rank=true", ["NESSConfig.rank: got True; an integer ≥ 1, or None"]),
+        (
+            "exclude='backbone.0'",
+            ["NESSConfig.exclude: got 'backbone.0'; a list", "write ['backbone.0'] for one entry"],
+        ),
     ],
 )
 def test_bad_ness_option_is_refused_naming_it(setting, words, tmp_path, capsys, no_training):
@@ -279,11 +286,11 @@ def test_any_value_or_type_error_building_the_method_is_a_user_error(
 def test_negative_seed_is_refused_before_any_run(tmp_path, capsys, no_training):
     argv = ["run", "--benchmark", "split_digits", "--method", "ness", "--seeds", "1", "-1", "--out", str(tmp_path)]
     err = user_error(capsys, argv)
-    assert_says(err, "seed -1 is out of range", "0..4294967295", "--seeds")
-    with pytest.raises(ValueError, match="seed -1 is out of range"):
-        run_experiment("split_digits", "ness", -1)
+    assert_says(err, "RunSpec.seed: got -1; an integer in 0..4294967295", "--seeds")
+    with pytest.raises(ValueError, match=r"RunSpec\.seed: got -1"):
+        run_experiment(RunSpec("split_digits", "ness", -1))
     err = user_error(capsys, ["demo", "--seed", "-1", "--out", str(tmp_path), "--quiet"], command="demo")
-    assert_says(err, "seed -1 is out of range")
+    assert_says(err, "RunSpec.seed: got -1")
 
 
 def test_repeated_seeds_and_methods_run_once_with_a_warning(tmp_path, capsys):
@@ -455,12 +462,11 @@ def test_checkpoint_header_without_its_checksum_is_refused(tmp_path, capsys, mon
 def test_checkpoint_of_other_settings_names_what_differs(tmp_path, monkeypatch):
     path = interrupted_run(tmp_path, monkeypatch)
     with pytest.raises(CheckpointError) as refused:
-        run_experiment(
-            "split_digits", "ness", 1, out=tmp_path, overrides={"epochs": 2, "eps1": 0.01}, resume=True, progress=False
-        )
+        spec = RunSpec("split_digits", "ness", 1, overrides={"epochs": 2, "eps1": 0.01})
+        run_experiment(spec, out=tmp_path, resume=True, progress=False)
     assert_says(str(refused.value), f"cannot resume '{path}'", "other settings")
-    assert_says(str(refused.value), "train.epochs = 1 in the checkpoint, 2 now", "method.eps1")
-    assert "train.lr" not in str(refused.value)  # only what differs
+    assert_says(str(refused.value), "overrides.epochs = 1 in the checkpoint, 2 now", "overrides.eps1 = 'unset'")
+    assert "lr =" not in str(refused.value)  # only what differs
 
 
 def test_damaged_results_file_of_a_resumed_run_is_named(tmp_path, capsys, monkeypatch):
@@ -523,7 +529,7 @@ def test_diverging_loss_keeps_the_last_good_checkpoint_and_says_where(tmp_path, 
     argv = [*FINETUNE_RUN, "--out", str(tmp_path), "--set", "epochs=1"]
     err = user_error(capsys, argv)
     checkpoint = tmp_path / "split_digits" / "finetune" / "seed_1" / CHECKPOINT_NAME
-    lr = resolve_settings("split_digits", "finetune", "quick")[2].lr
+    lr = resolve_settings(RunSpec("split_digits", "finetune", 1)).train.lr
     assert_says(err, f"task 1, epoch 0, step 0: the loss is nan; lower the learning rate (now {lr:g})")
     assert_says(
         err,
@@ -535,7 +541,9 @@ def test_diverging_loss_keeps_the_last_good_checkpoint_and_says_where(tmp_path, 
     assert read_header(checkpoint)["meta"]["position"] == {"tasks_done": 1}
     assert (checkpoint.parent / "failure.txt").is_file()
     with pytest.raises(FloatingPointError) as stopped:
-        run_experiment("split_digits", "finetune", 1, out=tmp_path / "api", overrides={"epochs": 1}, progress=False)
+        run_experiment(
+            RunSpec("split_digits", "finetune", 1, overrides={"epochs": 1}), out=tmp_path / "api", progress=False
+        )
     assert isinstance(stopped.value.__cause__, FloatingPointError)  # the trainer's own error, kept
     assert str(stopped.value).startswith(str(stopped.value.__cause__))
 
@@ -558,10 +566,12 @@ def test_other_run_options(tmp_path, capsys, monkeypatch, no_training):
     assert_says(err, "device='cuda': this machine has 0 CUDA device(s)", "--set device=cpu")
     err = user_error(capsys, [*RUN, "--out", str(tmp_path), "--set", "train_per_task=0"])
     assert_says(err, "unknown option 'train_per_task'", "data options: ['pc_valid']")  # digits: none
-    with pytest.raises(ValueError, match=r"five_datasets data option datasets='mnist': it must be a list"):
-        resolve_settings("five_datasets", "ness_sgdm", "quick", {"datasets": "mnist"})
-    with pytest.raises(ValueError, match=r"split_mnist data option train_per_task=0: it must be an integer ≥ 1"):
-        resolve_settings("split_mnist", "ness", "quick", {"train_per_task": 0})
+    with pytest.raises(
+        ValueError, match=r"five_datasets data option datasets: got 'mnist'; a list .*write \['mnist'\]"
+    ):
+        resolve_settings(RunSpec("five_datasets", "ness_sgdm", 1, overrides={"datasets": "mnist"}))
+    with pytest.raises(ValueError, match=r"split_mnist data option train_per_task: got 0; an integer ≥ 1, or None"):
+        resolve_settings(RunSpec("split_mnist", "ness", 1, overrides={"train_per_task": 0}))
 
 
 # -- eigendecomposition failure -----------------------------------------------------------------------------------

@@ -134,14 +134,14 @@ def test_config_defaults_are_the_cifar100_column():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"mixup_alpha": 0.0}, "mixup_alpha must be a finite number > 0"),
-        ({"mixup_alpha": float("inf")}, "mixup_alpha must be"),
-        ({"mixup_weight": -0.1}, "mixup_weight must be a finite number ≥ 0"),
-        ({"mixup_weight": True}, "mixup_weight must be"),
-        ({"rho": 0.0}, "rho must be a finite number > 0"),
-        ({"lambda_rho": -1.0}, "lambda_rho must be a finite number ≥ 0"),
-        ({"lambda_rho": float("nan")}, "lambda_rho must be"),
-        ({"threshold": 1.5}, r"DFGPConfig.threshold must be a number in \(0, 1\]"),
+        ({"mixup_alpha": 0.0}, r"DFGPConfig\.mixup_alpha: got 0\.0; a finite number > 0"),
+        ({"mixup_alpha": float("inf")}, r"DFGPConfig\.mixup_alpha: got inf"),
+        ({"mixup_weight": -0.1}, r"DFGPConfig\.mixup_weight: got -0\.1; a finite number ≥ 0"),
+        ({"mixup_weight": True}, r"DFGPConfig\.mixup_weight: got True"),
+        ({"rho": 0.0}, r"DFGPConfig\.rho: got 0\.0; a finite number > 0"),
+        ({"lambda_rho": -1.0}, r"DFGPConfig\.lambda_rho: got -1\.0; a finite number ≥ 0"),
+        ({"lambda_rho": float("nan")}, r"DFGPConfig\.lambda_rho: got nan"),
+        ({"threshold": 1.5}, r"DFGPConfig\.threshold: got 1\.5; a finite number in \(0, 1\]"),
     ],
 )
 def test_config_rejects_bad_values(options, message):
@@ -150,7 +150,7 @@ def test_config_rejects_bad_values(options, message):
 
 
 def test_config_rejects_a_non_bool_swap_flag():
-    with pytest.raises(TypeError, match="swapped_label_weights must be True or False"):
+    with pytest.raises(TypeError, match=r"DFGPConfig\.swapped_label_weights: got 1; True or False"):
         DFGPConfig(swapped_label_weights=1)
 
 

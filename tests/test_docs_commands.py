@@ -90,7 +90,7 @@ def documented_commands() -> list[tuple[str, list[str]]]:
 def test_every_documented_command_is_valid():
     """Each `ness` command shown in the README and the docs parses, and each `ness run --benchmark` one resolves its
     settings (benchmark, method or variant, preset, --set keys and values, --network) as a real run would."""
-    from ness.cli import build_parser
+    from ness.cli import Plan, build_parser
     from ness.experiment import resolve_settings
 
     commands = documented_commands()
@@ -101,10 +101,10 @@ def test_every_documented_command_is_valid():
         except SystemExit as err:
             raise AssertionError(f"{where}: `ness {' '.join(argv)}` does not parse") from err
         if args.command == "run" and args.benchmark:
-            overrides = dict(args.set or [])
-            overrides.pop("device", None)  # a GPU command: this machine may have none, and that is not the doc's fault
-            for method in args.method:
-                try:
-                    resolve_settings(args.benchmark, method, args.preset, overrides, args.faithful, False, args.network)
-                except ValueError as err:
-                    raise AssertionError(f"{where}: `ness {' '.join(argv)}`: {err}") from err
+            # a GPU command: this machine may have none, and that is not the doc's fault
+            args.set = [(key, value) for key, value in args.set or [] if key != "device"]
+            try:
+                for spec in Plan.from_args(args).runs:  # as `ness run` builds and resolves them
+                    resolve_settings(spec)
+            except ValueError as err:
+                raise AssertionError(f"{where}: `ness {' '.join(argv)}`: {err}") from err

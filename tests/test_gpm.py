@@ -597,17 +597,17 @@ def test_load_state_dict_refuses_another_config_or_method():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"threshold": 0.0}, r"threshold must be a number in \(0, 1\]"),
-        ({"threshold": 1.5}, r"threshold must be a number in \(0, 1\]"),
-        ({"threshold": float("nan")}, "threshold must be"),
-        ({"threshold": True}, "threshold must be"),
-        ({"threshold_increment": -0.001}, "threshold_increment must be a finite number ≥ 0"),
-        ({"layer_thresholds": (0.9, 1.2)}, "layer_thresholds must be a non-empty list of numbers in"),
-        ({"layer_thresholds": ()}, "layer_thresholds must be a non-empty"),
-        ({"samples": 0}, "samples must be an integer ≥ 1"),
-        ({"samples": 2.5}, "samples must be an integer ≥ 1"),
-        ({"layer_samples": (10, 200)}, r"layer_samples must be .* in 1..samples=125"),
-        ({"layer_samples": (0, 5)}, "layer_samples must be"),
+        ({"threshold": 0.0}, r"GPMConfig\.threshold: got 0\.0; a finite number in \(0, 1\]"),
+        ({"threshold": 1.5}, r"GPMConfig\.threshold: got 1\.5; a finite number in \(0, 1\]"),
+        ({"threshold": float("nan")}, r"GPMConfig\.threshold: got nan"),
+        ({"threshold": True}, r"GPMConfig\.threshold: got True"),
+        ({"threshold_increment": -0.001}, r"GPMConfig\.threshold_increment: got -0\.001; a finite number ≥ 0"),
+        ({"layer_thresholds": (0.9, 1.2)}, r"layer_thresholds: got \(0\.9, 1\.2\); a non-empty list, each a finite"),
+        ({"layer_thresholds": ()}, r"GPMConfig\.layer_thresholds: got \(\); a non-empty list"),
+        ({"samples": 0}, r"GPMConfig\.samples: got 0; an integer ≥ 1"),
+        ({"samples": 2.5}, r"GPMConfig\.samples: got 2\.5; an integer ≥ 1"),
+        ({"layer_samples": (10, 200)}, r"layer_samples: got \(10, 200\); entries of at most samples=125"),
+        ({"layer_samples": (0, 5)}, r"GPMConfig\.layer_samples: got \(0, 5\); a non-empty list, each an integer ≥ 1"),
     ],
 )
 def test_config_rejects_bad_values(options, message):
@@ -616,11 +616,11 @@ def test_config_rejects_bad_values(options, message):
 
 
 def test_config_rejects_strings_for_lists_and_bad_alpha():
-    with pytest.raises(TypeError, match="exclude must be a sequence"):
+    with pytest.raises(TypeError, match=r"GPMConfig\.exclude: got 'backbone\.0'; a list of strings"):
         GPMConfig(exclude="backbone.0")
-    with pytest.raises(ValueError, match=r"SGPConfig.threshold must"):
+    with pytest.raises(ValueError, match=r"SGPConfig\.threshold: got 2\.0"):
         SGPConfig(threshold=2.0)
-    with pytest.raises(ValueError, match="scale_coefficient must be a finite number ≥ 0"):
+    with pytest.raises(ValueError, match=r"SGPConfig\.scale_coefficient: got -1\.0; a finite number ≥ 0"):
         SGPConfig(scale_coefficient=-1.0)
     assert GPMConfig(layer_samples=[5, 6]).layer_samples == (5, 6)
 

@@ -78,13 +78,13 @@ def sigmoid(v: float) -> float:
 @pytest.mark.parametrize(
     ("field", "value", "match"),
     [
-        ("c", -0.1, "c must be"),
-        ("c", float("nan"), "c must be"),
-        ("s_max", 0.5, "s_max must be"),
-        ("s_max", True, "s_max must be"),
-        ("clip_grad_norm", 0.0, "clip_grad_norm"),
-        ("clip_grad_norm", float("inf"), "clip_grad_norm"),
-        ("embedding_bound", -6.0, "embedding_bound"),
+        ("c", -0.1, r"HATConfig\.c: got -0\.1; a finite number ≥ 0"),
+        ("c", float("nan"), r"HATConfig\.c: got nan"),
+        ("s_max", 0.5, r"HATConfig\.s_max: got 0\.5; a finite number ≥ 1"),
+        ("s_max", True, r"HATConfig\.s_max: got True"),
+        ("clip_grad_norm", 0.0, r"HATConfig\.clip_grad_norm: got 0\.0; a finite number > 0, or None"),
+        ("clip_grad_norm", float("inf"), r"HATConfig\.clip_grad_norm: got inf"),
+        ("embedding_bound", -6.0, r"HATConfig\.embedding_bound: got -6\.0"),
     ],
 )
 def test_config_rejects_bad_values(field, value, match):

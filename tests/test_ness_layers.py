@@ -266,8 +266,8 @@ def test_target_modules_select_layers_as_peft_does(targets, exclude, expected):
     [
         (("query",), "target 'query' matches no module of the model"),
         (("norm",), r"target 'norm' matches only backbone\.blocks\.0\.norm \(LayerNorm\)"),
-        ((), "target_modules is empty"),
-        ("q", "must be a list of patterns, not a single string"),
+        ((), r"NESSConfig\.target_modules: got \(\); a non-empty list of strings"),
+        ("q", r"NESSConfig\.target_modules: got 'q'; .*write \['q'\] for one entry"),
     ],
 )
 def test_bad_target_modules_are_explained(targets, message):
@@ -379,9 +379,9 @@ def test_per_task_batchnorm_without_swapping_would_change_task0():
 
 
 def test_batchnorm_mode_is_validated():
-    with pytest.raises(ValueError, match=r"batchnorm must be one of \('frozen', 'per_task'\)"):
+    with pytest.raises(ValueError, match=r"NESSConfig\.batchnorm: got 'per_layer'; one of \('frozen', 'per_task'\)"):
         NESSConfig(transfer_rank=0, batchnorm="per_layer")
-    with pytest.raises(TypeError, match="adapt_bias must be True or False"):
+    with pytest.raises(TypeError, match=r"NESSConfig\.adapt_bias: got 'yes'; True or False"):
         NESSConfig(transfer_rank=0, adapt_bias="yes")
 
 

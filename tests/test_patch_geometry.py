@@ -12,6 +12,7 @@ from ness.methods import GPM, GPMConfig
 from ness.methods.base import adaptable_layers
 from ness.models import reduced_resnet18
 from ness.presets import RESNET32_PATCH_GEOMETRY
+from ness.runs import RunSpec
 from ness.subspace import layer_input_rows
 
 
@@ -70,9 +71,9 @@ def test_the_preset_geometry_is_the_specs_lists_in_our_layer_order():
 
 
 def test_faithful_miniimagenet_gpm_uses_the_32_grid_and_counts_its_rows():
-    *_, options = resolve_settings("split_miniimagenet", "gpm", "paper", {}, faithful=True)
+    options = resolve_settings(RunSpec("split_miniimagenet", "gpm", 1, "paper", faithful=True)).options
     assert options["patch_geometry"] == RESNET32_PATCH_GEOMETRY
-    *_, fixed = resolve_settings("split_miniimagenet", "gpm", "paper", {}, faithful=False)
+    fixed = resolve_settings(RunSpec("split_miniimagenet", "gpm", 1, "paper")).options
     assert "patch_geometry" not in fixed
     torch.manual_seed(0)
     model = reduced_resnet18([5, 5], input_size=84)

@@ -6,9 +6,10 @@ import dataclasses
 
 import pytest
 
-from ness.experiment import resolve_settings
+from ness.experiment import ResolvedSettings, resolve_settings
 from ness.methods import METHODS, NESSConfig
 from ness.presets import FAITHFUL, PAPER_SEEDS, PROTOCOLS, get_protocol
+from ness.runs import RunSpec
 from ness.trainer import TrainConfig
 
 # METHODS_SPEC §2.5, column by column: (lr, ε₁, weight decay, momentum, SAM ρ) per variant; schedule per benchmark.
@@ -28,10 +29,16 @@ SPEC_SCHEDULE = {  # epochs, (lr_min, patience, factor), pc_valid, batch train/t
 NETWORK_OF = {"split_cifar100": "alexnet", "five_datasets": "resnet18", "split_miniimagenet": "resnet18"}
 
 
+def settings(benchmark: str, method: str, preset: str, overrides: dict | None = None, **spec) -> ResolvedSettings:
+    """What a run of `method` on `benchmark` (seed 1) resolves to; `spec` takes network and faithful."""
+    return resolve_settings(RunSpec(benchmark, method, 1, preset, overrides=overrides or {}, **spec))
+
+
 @pytest.mark.parametrize(("benchmark", "variant"), sorted(SPEC_25))
 def test_paper_preset_matches_spec_table(benchmark, variant):
     lr, eps1, wd, momentum, rho = SPEC_25[(benchmark, variant)]
-    _, v, train, data, options = resolve_settings(benchmark, variant, "paper")
+    run = settings(benchmark, variant, "paper")
+    v, train, data, options = run.variant, run.train, run.data, run.options
     assert (train.lr, train.weight_decay, train.momentum, train.sam_rho) == (lr, wd, momentum, rho)
     assert options["eps1"] == eps1
     epochs, (lr_min, patience, factor), pc_valid, (batch, test_batch) = SPEC_SCHEDULE[benchmark]
@@ -47,7 +54,7 @@ def test_paper_preset_matches_spec_table(benchmark, variant):
 
 
 def test_five_datasets_fixed_validation_seed_and_real_fashion_mnist():
-    _, _, _, data, _ = resolve_settings("five_datasets", "ness_sgdm", "paper")
+    data = settings("five_datasets", "ness_sgdm", "paper").data
     assert data["split_seed"] == 1 and data["fashion"] == "real"
 
 
@@ -70,36 +77,37 @@ def test_every_value_has_a_source_and_every_variant_resolves(benchmark, preset):
         assert "quick" in protocol.sources  # says what was shrunk
     for name, variant in protocol.variants.items():
         assert variant.method in METHODS
-        options = resolve_settings(benchmark, name, preset)[4]
+        options = settings(benchmark, name, preset).options
         METHODS[variant.method].config_class(**options)
         if variant.train:
             assert variant.sources, f"{benchmark}/{name} changes training settings without naming a source"
 
 
 def test_faithful_applies_the_official_code_settings_and_overrides_win():
-    _, _, train, data, options = resolve_settings("five_datasets", "ness_sam", "paper", faithful=True)
+    run = settings("five_datasets", "ness_sam", "paper", faithful=True)
+    train, data, options = run.train, run.data, run.options
     assert options["threshold"] == "nuclear" and options["memory"] == "replay" and options["memory_tasks"] == "first"
     assert train.sam_tasks == "first" and data["fashion"] == "mnist"
     # The general FAITHFUL table applies everywhere; the 5-datasets extras only there.
-    _, _, train, data, options = resolve_settings("split_cifar100", "ness_sam", "paper", faithful=True)
+    run = settings("split_cifar100", "ness_sam", "paper", faithful=True)
+    data, options = run.data, run.options
     assert options["threshold"] == FAITHFUL["ness"]["threshold"] and "memory_tasks" not in options
     assert "fashion" not in data
     # Explicit overrides beat --faithful, which beats the variant, which beats the preset.
-    _, _, train, _, options = resolve_settings(
-        "split_cifar100", "ness_sam", "paper", {"threshold": "frobenius", "lr": 0.2}, faithful=True
-    )
+    run = settings("split_cifar100", "ness_sam", "paper", {"threshold": "frobenius", "lr": 0.2}, faithful=True)
+    train, options = run.train, run.options
     assert options["threshold"] == "frobenius" and train.lr == 0.2 and train.sam_tasks == "first"
 
 
 def test_unknown_names_and_bad_values_fail_before_training():
     with pytest.raises(ValueError, match="unknown method or variant 'nes'"):
-        resolve_settings("split_cifar100", "nes", "paper")
+        settings("split_cifar100", "nes", "paper")
     with pytest.raises(ValueError, match="unknown option 'epsilon'"):
-        resolve_settings("split_cifar100", "ness_sam", "paper", {"epsilon": 0.1})
+        settings("split_cifar100", "ness_sam", "paper", {"epsilon": 0.1})
     with pytest.raises(ValueError, match="eps1"):
-        resolve_settings("split_cifar100", "ness_sam", "paper", {"eps1": 2.0})
+        settings("split_cifar100", "ness_sam", "paper", {"eps1": 2.0})
     with pytest.raises(ValueError, match="no download option"):
-        resolve_settings("split_mnist", "ness", "quick", download=True)
+        resolve_settings(RunSpec("split_mnist", "ness", 1), download=True)
     with pytest.raises(ValueError, match="unknown preset"):
         get_protocol("split_cifar100", "full")
 
@@ -133,7 +141,8 @@ SPEC_PROJECTION = {
 @pytest.mark.parametrize(("benchmark", "variant"), sorted(SPEC_PROJECTION))
 def test_projection_presets_match_spec(benchmark, variant):
     lr, epochs, lr_min, threshold, increment, samples = SPEC_PROJECTION[(benchmark, variant)]
-    _, v, train, _, options = resolve_settings(benchmark, variant, "paper")
+    run = settings(benchmark, variant, "paper")
+    v, train, options = run.variant, run.train, run.options
     assert v.method == variant and (train.lr, train.epochs, train.lr_min) == (lr, epochs, lr_min)
     assert (train.momentum, train.weight_decay, train.sam_rho) == (0.0, 0.0, 0.0)  # plain SGD (§1.4)
     assert (options["threshold"], options["threshold_increment"], options["samples"]) == (threshold, increment, samples)
@@ -141,7 +150,7 @@ def test_projection_presets_match_spec(benchmark, variant):
     if variant == "sgp":
         assert options["scale_coefficient"] == 10.0
     # quick caps every variant's epochs, whatever the variant asks for
-    assert resolve_settings(benchmark, variant, "quick")[2].epochs == get_protocol(benchmark, "quick").epoch_cap
+    assert settings(benchmark, variant, "quick").train.epochs == get_protocol(benchmark, "quick").epoch_cap
 
 
 def test_resnet_layer_samples_follow_the_official_17_list_with_shortcuts():
@@ -152,19 +161,20 @@ def test_resnet_layer_samples_follow_the_official_17_list_with_shortcuts():
         expanded.append(b)
         if position in (6, 10, 14):
             expanded.append(b17[position - 1])
-    options = resolve_settings("five_datasets", "gpm", "paper")[4]
+    options = settings("five_datasets", "gpm", "paper").options
     assert tuple(expanded) == options["layer_samples"]
 
 
 def test_gpm_mnist_memory_is_gpms_permuted_mnist_setting():
-    options = resolve_settings("permuted_mnist", "gpm", "paper")[4]
+    options = settings("permuted_mnist", "gpm", "paper").options
     assert options["samples"] == 300 and options["layer_thresholds"] == (0.95, 0.99, 0.99)
     assert options["threshold_increment"] == 0.0
 
 
 def test_ewc_cifar_preset_is_the_official_code():
     # METHODS_SPEC §11: λ 5000, lr 0.05, SGD without momentum, lr_min 1e-4, patience 5, factor 3, clip 100.
-    _, v, train, _, options = resolve_settings("split_cifar100", "ewc", "paper")
+    run = settings("split_cifar100", "ewc", "paper")
+    v, train, options = run.variant, run.train, run.options
     assert v.method == "ewc" and options["lam"] == 5000.0
     assert (train.lr, train.momentum, train.lr_min, train.lr_patience, train.lr_factor) == (0.05, 0.0, 1e-4, 5, 3.0)
     assert METHODS["ewc"].config_class(**options).clip_grad_norm == 100.0
@@ -172,7 +182,8 @@ def test_ewc_cifar_preset_is_the_official_code():
 
 @pytest.mark.parametrize(("benchmark", "per_task"), [("split_cifar100", 200), ("five_datasets", 600)])
 def test_agem_memory_is_recorded_and_unverified_values_say_so(benchmark, per_task):
-    _, v, _, _, options = resolve_settings(benchmark, "agem", "paper")
+    run = settings(benchmark, "agem", "paper")
+    v, options = run.variant, run.options
     assert options["memory_per_task"] == per_task and options["memory_batch_size"] == 256
     assert "[unverified]" in v.sources["all"]
 
@@ -196,9 +207,10 @@ def test_every_row_of_the_papers_table_has_its_variant_on_its_benchmark():
 def test_faithful_takes_a_nuclear_scale_eps1_on_mnist_and_the_scripts_elsewhere(benchmark, eps1):
     """The official code's nuclear τ = ε₁·Σσᵢ with the Frobenius-scale ε₁ of our MNIST presets (0.1, 0.03) keeps
     nearly every direction: --faithful uses a nuclear-scale ε₁ there, with its source, and the scripts' elsewhere."""
-    protocol, _, _, _, options = resolve_settings(benchmark, "ness", "paper", faithful=True)
+    run = settings(benchmark, "ness", "paper", faithful=True)
+    protocol, options = run.protocol, run.options
     assert (options["threshold"], options["eps1"]) == ("nuclear", eps1)
-    _, _, _, _, corrected = resolve_settings(benchmark, "ness", "paper")
+    corrected = settings(benchmark, "ness", "paper").options
     default = NESSConfig(**corrected)
     if benchmark.endswith("mnist"):  # the corrected runs use NESSConfig's defaults: the energy rule, transfer
         assert (default.threshold, default.delta, default.transfer_rank) == ("energy", 1e-3, 100)

@@ -17,6 +17,7 @@ import torch
 from ness.checkpoint import CHECKPOINT_NAME, Checkpointer
 from ness.experiment import run_experiment
 from ness.methods import METHODS, ContinualMethod
+from ness.runs import RunSpec
 from run_compare import comparable
 
 SETTINGS = {"epochs": 2}
@@ -50,7 +51,9 @@ def test_stopped_twice_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, m
     overrides = {**SETTINGS, **SMALL.get(method, {})}
 
     def run(out, resume=False):
-        return run_experiment("split_digits", method, 1, out=out, overrides=overrides, progress=False, resume=resume)
+        return run_experiment(
+            RunSpec("split_digits", method, 1, overrides=overrides), out=out, progress=False, resume=resume
+        )
 
     reference = run(tmp_path / "reference")
     out = tmp_path / "stopped"
@@ -108,12 +111,11 @@ def test_checkpoint_interval_skips_epoch_checkpoints_but_never_a_task_end(tmp_pa
         save(self, state, where)
 
     monkeypatch.setattr(Checkpointer, "save", record)
-    run_experiment("split_digits", "finetune", 1, out=tmp_path, overrides=SETTINGS, progress=False)
+    spec = RunSpec("split_digits", "finetune", 1, overrides=SETTINGS)
+    run_experiment(spec, out=tmp_path, progress=False)
     assert len(saved) == 5 * (SETTINGS["epochs"] + 1)  # every epoch and every task end
     saved.clear()
-    run_experiment(
-        "split_digits", "finetune", 1, out=tmp_path / "b", overrides=SETTINGS, progress=False, checkpoint_interval=3600
-    )
+    run_experiment(spec, out=tmp_path / "b", progress=False, checkpoint_interval=3600)
     # the first epoch is saved (no checkpoint yet), then only task ends within the hour
     assert saved == [{"task": 0, "epochs_done": 1}] + [{"tasks_done": t} for t in range(1, 6)]
     with pytest.raises(ValueError, match="checkpoint interval -1"):
@@ -155,7 +157,7 @@ def test_diverged_run_resumes_from_its_last_good_checkpoint_with_a_lower_lr(tmp_
     assert results["config"]["train"]["lr"] == 0.01
     assert results["changed_on_resume"] == [{"position": {"task": 1, "epochs_done": 1}, "train.lr": [0.05, 0.01]}]
     plans = list((tmp_path / ".ness").glob("plan-*.json"))
-    assert len(plans) == 1 and ["lr", 0.01] in json.loads(plans[0].read_text())["set"]
+    assert len(plans) == 1 and json.loads(plans[0].read_text())["runs"][0]["overrides"] == {"epochs": 3, "lr": 0.01}
     used.clear()
     assert main(["run", "--resume", str(tmp_path), "--quiet"]) == 0
     assert used == [], "a finished run is not run again"

@@ -59,12 +59,12 @@ def test_energy_basis_carries_at_most_delta_of_the_inputs_energy():
     ("options", "match"),
     [
         ({"threshold": "rank"}, "needs rank"),
-        ({"rank": 0}, "rank must be"),
-        ({"delta": 0.0}, "delta must be"),
-        ({"delta": 1.5}, "delta must be"),
+        ({"rank": 0}, r"NESSConfig\.rank: got 0; an integer ≥ 1"),
+        ({"delta": 0.0}, r"NESSConfig\.delta: got 0\.0; a finite number in \(0, 1\)"),
+        ({"delta": 1.5}, r"NESSConfig\.delta: got 1\.5; a finite number in \(0, 1\)"),
         ({"layer_rules": {"backbone.0": {"budget": 3}}}, "unknown settings"),
         ({"layer_rules": {"backbone.0": {"threshold": "rank"}}}, "needs rank"),
-        ({"layer_rules": {"backbone.0": {"eps1": 2.0}}}, "eps1"),
+        ({"layer_rules": {"backbone.0": {"eps1": 2.0}}}, r"layer_rules\['backbone\.0'\]: NESSConfig\.eps1: got 2\.0"),
     ],
 )
 def test_bad_rule_settings_are_clear_errors(options, match):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -12,8 +13,9 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -29,7 +31,11 @@ from ness.results import (
     paper_table_markdown,
     write_text_atomic,
 )
+from ness.runs import RunSpec
 from ness.trainer import use_deterministic_algorithms
+
+if TYPE_CHECKING:
+    from ness.experiment import ResolvedSettings
 
 log = logging.getLogger("ness")
 
@@ -79,7 +85,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ness.experiment import run_experiment
 
     runs = {
-        m: run_experiment("split_digits", m, args.seed, "quick", out=args.out, progress=shows_progress(args.quiet))
+        m: run_experiment(RunSpec("split_digits", m, args.seed), out=args.out, progress=shows_progress(args.quiet))
         for m in ("finetune", "ness")
     }
     ness, ft = runs["ness"], runs["finetune"]
@@ -96,20 +102,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-RUN_KEYS: tuple[str, ...] = (
+WHAT_TO_RUN: tuple[str, ...] = (
     "benchmark",
     "method",
     "seeds",
     "preset",
     "network",
     "faithful",
-    "download",
-    "data_root",
     "set",
     "save_adapters",
     "checkpoint",
 )
-"""The options of `ness run` that make up a plan; `--resume DIR` reads them back from DIR/.ness/."""
+"""The options of `ness run` that say what to run: `--resume DIR` reads them from the plans recorded in DIR."""
 RUN_DEFAULTS: dict[str, Any] = {
     "preset": "quick",
     "faithful": False,
@@ -117,7 +121,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "save_adapters": False,
     "checkpoint": "epoch",
 }
-"""The defaults of the plan's options that are not None."""
+"""The defaults of `ness run`'s options that are not None."""
 RUN_OUT = "runs"
 """`ness run`'s default output folder."""
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError)
@@ -136,18 +140,60 @@ RESUME_TAKES: tuple[str, ...] = (
 """The options `--resume` accepts beside it: where things are and how to show them, not what to run."""
 
 
-def record_plan(args: argparse.Namespace) -> Path:
-    """Write this command's plan to OUT/.ness/plan-<hash>.json (one file per distinct command, so commands
-    sharing an output folder never overwrite each other's), for `ness run --resume OUT`."""
-    plan = {key: getattr(args, key) for key in RUN_KEYS}
-    plan["set"] = [[k, v] for k, v in (args.set or [])]
-    text = json.dumps(plan, sort_keys=True)
-    path = Path(args.out) / ".ness" / f"plan-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
+@dataclass(frozen=True)
+class Plan:
+    """What one `ness run` command runs: its runs, one RunSpec per (method, seed), and how to run them (where the data
+    is, what each run saves). `dataclasses.asdict` of it is what OUT/.ness/plan-<hash>.json records for `--resume`."""
+
+    runs: tuple[RunSpec, ...]
+    data_root: str | None = None
+    download: bool = False
+    save_adapters: bool = False
+    checkpoint: str = RUN_DEFAULTS["checkpoint"]
+    """'epoch', 'task' or 'none' (`--checkpoint`)."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Plan:
+        """The plan of a `ness run` command, each run's spec validated; repeated methods and seeds run once."""
+        missing = [flag for flag, value in (("--benchmark", args.benchmark), ("--method", args.method)) if not value]
+        if missing:
+            raise ValueError(f"ness run needs {' and '.join(missing)} (or --resume DIR to continue a run)")
+        methods = once_each("--method", args.method)
+        seeds = once_each("--seeds", args.seeds or list(get_protocol(args.benchmark, args.preset).seeds))
+        overrides = dict(args.set or [])
+        runs = tuple(
+            RunSpec(args.benchmark, method, seed, args.preset, args.network, args.faithful, overrides)
+            for method in methods
+            for seed in seeds
+        )
+        return cls(runs, args.data_root, args.download, args.save_adapters, args.checkpoint)
+
+    @classmethod
+    def from_json(cls, plan: dict[str, Any]) -> Plan:
+        """A plan read back from its file; one written before run specs existed is read as the runs it stands for."""
+        if "runs" not in plan:
+            plan = _runs_of_option_plan(plan)
+        return cls(**{**plan, "runs": tuple(RunSpec(**run) for run in plan["runs"])})
+
+
+def _runs_of_option_plan(plan: dict[str, Any]) -> dict[str, Any]:
+    """A plan file of the layout before run specs (one key per option of `ness run`) in today's layout."""
+    seeds = plan["seeds"] or get_protocol(plan["benchmark"], plan["preset"]).seeds
+    spec = {key: plan[key] for key in ("benchmark", "preset", "network", "faithful")} | {"overrides": dict(plan["set"])}
+    runs = [{**spec, "method": method, "seed": seed} for method in plan["method"] for seed in seeds]
+    return {key: plan[key] for key in ("data_root", "download", "save_adapters", "checkpoint")} | {"runs": runs}
+
+
+def record_plan(plan: Plan, out: str | Path) -> Path:
+    """Write a plan to OUT/.ness/plan-<hash>.json (one file per distinct plan, so commands sharing an output folder
+    never overwrite each other's), for `ness run --resume OUT`."""
+    text = json.dumps(dataclasses.asdict(plan), sort_keys=True)
+    path = Path(out) / ".ness" / f"plan-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
     write_text_atomic(path, text + "\n")
     return path
 
 
-def read_plans(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
+def read_plans(folder: Path) -> list[tuple[Path, Plan]]:
     """Every plan recorded in folder/.ness/ with its file, oldest first."""
     if not folder.is_dir():
         raise FileNotFoundError(f"--resume '{folder}': no such folder; give the --out folder of the run to resume")
@@ -160,19 +206,22 @@ def read_plans(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
     plans = []
     for path in paths:
         try:
-            plans.append((path, json.loads(path.read_text())))
+            plans.append((path, Plan.from_json(json.loads(path.read_text()))))
         except json.JSONDecodeError as err:
             raise ValueError(f"--resume: '{path}' is not valid JSON ({err}); delete it or restore it") from err
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"--resume: '{path}' is not a plan this ness-cl can read ({err!r}); resume with the ness-cl that "
+                "wrote it, or delete it and run its command again"
+            ) from err
     return plans
 
 
-def resume_plans(args: argparse.Namespace) -> list[argparse.Namespace]:
-    """The commands `--resume DIR` continues: each plan in DIR, with the options given beside --resume. A `--set`
-    of training options in RESUME_CHANGEABLE (a lower lr after a diverged loss) changes every plan from here on:
-    its plan file is rewritten and its runs continue with the new values."""
-    given = [
-        key for key in RUN_KEYS if key not in (*RESUME_TAKES, "set") and getattr(args, key) != RUN_DEFAULTS.get(key)
-    ]
+def resume_plans(args: argparse.Namespace) -> list[Plan]:
+    """The plans `--resume DIR` continues, with the data root and download given beside --resume. A `--set` of
+    training options in RESUME_CHANGEABLE (a lower lr after a diverged loss) changes every run of every plan from
+    here on: its plan file is rewritten and its runs continue with the new values."""
+    given = [key for key in WHAT_TO_RUN if key != "set" and getattr(args, key) != RUN_DEFAULTS.get(key)]
     changes = dict(args.set or [])
     if set(changes) - set(RESUME_CHANGEABLE):
         given.append("set " + ", ".join(sorted(set(changes) - set(RESUME_CHANGEABLE))))
@@ -185,20 +234,18 @@ def resume_plans(args: argparse.Namespace) -> list[argparse.Namespace]:
         )
     if args.out != RUN_OUT and Path(args.out) != Path(args.resume):
         raise ValueError(f"--resume DIR continues the runs in DIR and writes there; drop --out {args.out}")
-    commands = []
-    for path, plan in read_plans(Path(args.resume)):
-        command = argparse.Namespace(**vars(args))
-        for key in RUN_KEYS:
-            if key not in RESUME_TAKES or getattr(args, key) in (None, False):
-                setattr(command, key, plan[key])
-        command.set = list({**dict(tuple(pair) for pair in plan["set"]), **changes}.items())
-        command.out = args.resume
-        command.resume_changes = tuple(changes)
-        # the plan now runs with the new values, later resumes too
-        if changes and distributed.is_main() and record_plan(command) != path:
-            path.unlink()
-        commands.append(command)
-    return commands
+    plans = []
+    for path, recorded in read_plans(Path(args.resume)):
+        plan = dataclasses.replace(
+            recorded, data_root=args.data_root or recorded.data_root, download=args.download or recorded.download
+        )
+        if changes:  # the plan now runs with the new values, later resumes too
+            runs = tuple(dataclasses.replace(spec, overrides={**spec.overrides, **changes}) for spec in plan.runs)
+            plan = dataclasses.replace(plan, runs=runs)
+            if distributed.is_main() and record_plan(plan, args.resume) != path:
+                path.unlink()
+        plans.append(plan)
+    return plans
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -207,137 +254,90 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def run_commands(args: argparse.Namespace) -> int:
-    """The commands of `ness run`: the one given, or every plan recorded in the folder of --resume."""
+    """The plans of `ness run`: the command's own, or every plan recorded in the folder of --resume."""
     if args.resume is not None:
-        commands = resume_plans(args)
-    else:
-        missing = [flag for flag, value in (("--benchmark", args.benchmark), ("--method", args.method)) if not value]
-        if missing:
-            raise ValueError(f"ness run needs {' and '.join(missing)} (or --resume DIR to continue a run)")
-        commands = [args]
-    status = 0
-    for command in commands:
-        status = max(status, run_command(command, resume=args.resume is not None))
-    return status
+        return max(run_plan(plan, args, Path(args.resume), resume=True) for plan in resume_plans(args))
+    return run_plan(Plan.from_args(args), args, Path(args.out), resume=False)
 
 
-def run_command(args: argparse.Namespace, resume: bool) -> int:
-    """Every (method, seed) of one command; a failing run is reported with its traceback and the others go on."""
-    from ness.experiment import (
-        check_builds,
-        check_data_root,
-        check_saves_adapters,
-        check_seed,
-        resolve_settings,
-        run_experiment,
-        run_folder,
-        run_label,
-    )
+def run_plan(plan: Plan, args: argparse.Namespace, out: Path, resume: bool) -> int:
+    """Every run of one plan into `out`, each resolved once; a failing run is reported with its traceback and the
+    others go on. `args` gives how the runs show, log and save their progress."""
+    from ness.experiment import check_builds, check_data_root, check_saves_adapters, resolve_settings, run_experiment
 
-    overrides = dict(args.set or [])
-    protocol = get_protocol(args.benchmark, args.preset)
-    args.method = once_each("--method", args.method)
-    seeds = once_each("--seeds", args.seeds or list(protocol.seeds))
-    for seed in seeds:
-        check_seed(seed)
-    for method in args.method:  # fail before any training if a name or a setting is wrong
-        _, variant, *_ = resolve_settings(
-            args.benchmark, method, args.preset, overrides, args.faithful, args.download, args.network
-        )
-        if args.save_adapters:
-            check_saves_adapters(method, variant.method)
-    check_data_root(args.benchmark, args.data_root)
+    # fail before any training if a name or a setting is wrong
+    runs = [resolve_settings(spec, plan.download) for spec in plan.runs]
+    if plan.save_adapters:
+        for run in runs:
+            check_saves_adapters(run.spec.method, run.variant.method)
+    benchmark = plan.runs[0].benchmark
+    check_data_root(benchmark, plan.data_root)
     if not args.checkpoint_interval >= 0:  # also NaN
         raise ValueError(f"--checkpoint-interval {args.checkpoint_interval}: give seconds ≥ 0 (0: every epoch)")
-    check_writable(Path(args.out))
+    check_writable(out)
     # a setting refused only once the model exists (a layer pattern, target_modules, a network the data cannot feed)
-    # is the user's error too: it fails here, once, rather than in every seed
-    check_builds(
-        args.benchmark,
-        args.method,
-        seeds[0],
-        args.preset,
-        data_root=args.data_root,
-        overrides=overrides,
-        faithful=args.faithful,
-        download=args.download,
-        network=args.network,
-    )
+    # is the user's error too: it fails here, once (with the first seed), rather than in every seed
+    check_builds([run for run in runs if run.spec.seed == plan.runs[0].seed], plan.data_root)
     if not resume and distributed.is_main():
-        record_plan(args)
-
-    def folder(method: str, seed: int) -> Path:
-        return run_folder(
-            args.out, args.benchmark, run_label(args.benchmark, method, args.preset, args.network), args.faithful, seed
-        )
+        record_plan(plan, out)
 
     failures = []
-    for method in args.method:
-        for seed in seeds:
-            try:
-                with run_logs(args, method, seed) as logs:
-                    r = run_experiment(
-                        args.benchmark,
-                        method,
-                        seed,
-                        args.preset,
-                        data_root=args.data_root,
-                        out=args.out,
-                        overrides=overrides,
-                        faithful=args.faithful,
-                        download=args.download,
-                        progress=shows_progress(args.quiet),
-                        network=args.network,
-                        save_adapters=args.save_adapters,
-                        checkpoint=None if args.checkpoint == "none" else args.checkpoint,
-                        checkpoint_interval=args.checkpoint_interval,
-                        resume=resume,
-                        resume_changes=getattr(args, "resume_changes", ()),
-                        observers=logs,
-                    )
-                if distributed.is_main():
-                    print(
-                        f"{args.benchmark} {method} seed {seed}: ACC {r['acc']:.2f}  BWT {r['bwt']:.2f}  "
-                        f"({r['timings']['total_seconds']:.1f} s)"
-                    )
-            except Exception as err:  # every failure is reported, kept in failure.txt, and fails the command
-                trace = traceback.format_exc()
-                if distributed.is_main():
-                    write_text_atomic(folder(method, seed) / "failure.txt", trace)
-                if len(seeds) * len(args.method) == 1 and isinstance(err, USER_ERRORS):
-                    raise  # one run: main() prints the message alone
-                if distributed.world_size() > 1:
-                    raise  # the other ranks may wait in a collective: this process ends, and torchrun ends them
-                failures.append((method, seed))
-                detail = f" {err}" if isinstance(err, USER_ERRORS) else f"\n{trace}"  # a user error: its message
-                print(f"{args.benchmark} {method} seed {seed} FAILED:{detail}", file=sys.stderr)
-            else:
-                if distributed.is_main():
-                    (folder(method, seed) / "failure.txt").unlink(missing_ok=True)
+    for run in runs:
+        spec = run.spec
+        try:
+            with run_logs(args.log_dir, run) as logs:
+                r = run_experiment(
+                    run,
+                    data_root=plan.data_root,
+                    out=out,
+                    progress=shows_progress(args.quiet),
+                    save_adapters=plan.save_adapters,
+                    checkpoint=None if plan.checkpoint == "none" else plan.checkpoint,
+                    checkpoint_interval=args.checkpoint_interval,
+                    resume=resume,
+                    resume_changes=tuple(dict(args.set or [])) if resume else (),
+                    observers=logs,
+                )
+            if distributed.is_main():
+                print(
+                    f"{benchmark} {spec.method} seed {spec.seed}: ACC {r['acc']:.2f}  BWT {r['bwt']:.2f}  "
+                    f"({r['timings']['total_seconds']:.1f} s)"
+                )
+        except Exception as err:  # every failure is reported, kept in failure.txt, and fails the command
+            trace = traceback.format_exc()
+            if distributed.is_main():
+                write_text_atomic(run.folder(out) / "failure.txt", trace)
+            if len(runs) == 1 and isinstance(err, USER_ERRORS):
+                raise  # one run: main() prints the message alone
+            if distributed.world_size() > 1:
+                raise  # the other ranks may wait in a collective: this process ends, and torchrun ends them
+            failures.append(spec)
+            detail = f" {err}" if isinstance(err, USER_ERRORS) else f"\n{trace}"  # a user error: its message
+            print(f"{benchmark} {spec.method} seed {spec.seed} FAILED:{detail}", file=sys.stderr)
+        else:
+            if distributed.is_main():
+                (run.folder(out) / "failure.txt").unlink(missing_ok=True)
     if failures:
-        runs = ", ".join(f"{m} seed {s}" for m, s in failures)
+        failed = ", ".join(f"{spec.method} seed {spec.seed}" for spec in failures)
         print(
-            f"{len(failures)} run(s) failed ({runs}); they are not in the results, and each one's traceback is in "
+            f"{len(failures)} run(s) failed ({failed}); they are not in the results, and each one's traceback is in "
             "its seed folder's failure.txt. Fix the cause, then `ness run --resume "
-            f"{args.out}` runs what is missing.",
+            f"{out}` runs what is missing.",
             file=sys.stderr,
         )
         return 1
     if distributed.is_main():
-        print(paper_table_markdown(paper_table(load_results(Path(args.out) / args.benchmark))))
+        print(paper_table_markdown(paper_table(load_results(out / benchmark))))
     return 0
 
 
 @contextlib.contextmanager
-def run_logs(args: argparse.Namespace, method: str, seed: int) -> Iterator[list[RunLog]]:
+def run_logs(log_dir: str | None, run: ResolvedSettings) -> Iterator[list[RunLog]]:
     """The run's --log-dir logger, in LOG_DIR/<benchmark>/<variant>/seed_N (none without --log-dir), closed after."""
-    from ness.experiment import run_folder, run_label
-
-    if args.log_dir is None or not distributed.is_main():  # several processes: rank 0 logs
+    if log_dir is None or not distributed.is_main():  # several processes: rank 0 logs
         yield []
         return
-    label = run_label(args.benchmark, method, args.preset, args.network)
-    run_log = RunLog(run_folder(args.log_dir, args.benchmark, label, args.faithful, seed))
+    run_log = RunLog(run.folder(log_dir))
     try:
         yield [run_log]
     finally:

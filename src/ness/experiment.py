@@ -1,4 +1,4 @@
-"""One run = (benchmark, method variant, seed, preset): build everything, train, write results.json."""
+"""One run: a RunSpec resolved once into its settings, then built, trained (resuming when asked), results.json."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import logging
 import platform
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,9 @@ from ness.checkpoint import (
 )
 from ness.data import BENCHMARKS, WITHOUT_FILES, Benchmark, build_benchmark, resolve_data_root
 from ness.methods import METHODS, ContinualMethod, build_method
-from ness.methods.base import is_count, is_integer, is_number
 from ness.presets import Protocol, Variant, faithful_settings, get_protocol
 from ness.results import write_json_atomic
+from ness.runs import SEED_LIMIT, RunSpec
 from ness.trainer import (
     RunObserver,
     RunState,
@@ -39,6 +40,7 @@ from ness.trainer import (
     run_continual,
     seed_everything,
 )
+from ness.validation import Rule, checked, count, entries, flag, integer, number, optional
 
 log = logging.getLogger(__name__)
 
@@ -73,28 +75,17 @@ def split_overrides(
     return routed
 
 
-SEED_LIMIT = 2**32
-"""Seeds are integers in 0..2**32 − 1: NumPy's seeding accepts no others."""
-DATA_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "pc_valid": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1), the share of training images held out"),
-    "train_per_task": (lambda v: v is None or is_count(v), "an integer ≥ 1, or none for every image"),
-    "num_tasks": (is_count, "an integer ≥ 1"),
-    "split_seed": (lambda v: is_integer(v) and 0 <= v < SEED_LIMIT, f"an integer in 0..{SEED_LIMIT - 1}"),
-    "verify_md5": (lambda v: isinstance(v, bool), "true or false"),
-    "download": (lambda v: isinstance(v, bool), "true or false"),
-    "datasets": (lambda v: isinstance(v, (list, tuple)), "a list of dataset names, e.g. \"('mnist', 'svhn')\""),
+DATA_RULES: dict[str, Rule] = {
+    "pc_valid": number(at_least=0, below=1, fix="the share of training images held out"),
+    "train_per_task": optional(count(), "for every image"),
+    "num_tasks": count(),
+    "split_seed": integer(at_least=0, at_most=SEED_LIMIT - 1),
+    "verify_md5": flag(),
+    "download": flag(),
+    "datasets": entries(fix="dataset names, e.g. ['mnist', 'svhn']"),
 }
-"""The type and range of the data options that several benchmarks share, checked before any file is read."""
-
-
-def check_data_options(benchmark: str, data: dict[str, Any]) -> None:
-    """Raise ValueError naming a data option of the wrong type or range, before the benchmark reads any file."""
-    for key, value in data.items():
-        if key not in DATA_RULES:
-            continue  # a benchmark's own option (fashion, ...): its builder checks it before reading files
-        valid, rule = DATA_RULES[key]
-        if not valid(value):
-            raise ValueError(f"{benchmark} data option {key}={value!r}: it must be {rule} (--set {key}=...)")
+"""The type and range of the data options that several benchmarks share, checked before any file is read; a
+benchmark's own options (fashion, ...) are checked by its builder, also before it reads files."""
 
 
 def check_device(device: str) -> None:
@@ -116,46 +107,73 @@ def check_data_root(benchmark: str, data_root: str | Path | None) -> None:
         resolve_data_root(data_root)
 
 
-def check_seed(seed: Any) -> None:
-    """A run's seed must be an integer in 0..2**32 − 1, the range NumPy's seeding accepts."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed {seed!r} is out of range: seeds are integers in 0..{SEED_LIMIT - 1} (--seeds 1 2 3)")
+@dataclass(frozen=True)
+class ResolvedSettings:
+    """Everything a run uses, resolved once from its RunSpec (`resolve_settings`) and passed down from there."""
+
+    spec: RunSpec
+    protocol: Protocol
+    """The (benchmark, preset) protocol, with the spec's network in place of its own."""
+    variant: Variant
+    train: TrainConfig
+    data: dict[str, Any]
+    """The benchmark builder's options."""
+    options: dict[str, Any]
+    """The method config's fields: the variant's, --faithful's, then the overrides."""
+    faithful_settings: dict[str, dict[str, Any]]
+    """What --faithful changed (empty without it), by 'data', 'train' or method name."""
+    label: str
+    """The run's name in results: the method or variant, `<method>_<network>` when the network is not the
+    protocol's own."""
+
+    def folder(self, out: str | Path) -> Path:
+        """Where the run's files go: out/benchmark/<label>[_faithful]/seed_N."""
+        name = f"{self.label}_faithful" if self.spec.faithful else self.label
+        return Path(out) / self.spec.benchmark / name / f"seed_{self.spec.seed}"
+
+    def record(self) -> dict[str, Any]:
+        """What the run resolved to, in JSON form, as results.json and checkpoints keep it. The device is left out
+        (a run may move between machines) and so is `download` (where the files come from)."""
+        settings = {
+            "benchmark": self.spec.benchmark,
+            "variant": self.label,
+            "seed": self.spec.seed,
+            "preset": self.spec.preset,
+            "faithful": self.spec.faithful,
+            "network": self.protocol.network_name,
+            "method": dataclasses.asdict(METHODS[self.variant.method].config_class(**self.options)),
+            "train": {k: v for k, v in dataclasses.asdict(self.train).items() if k != "device"},
+            "data": {k: v for k, v in self.data.items() if k != "download"},
+        }
+        return json.loads(json.dumps(settings))
 
 
-def resolve_settings(
-    benchmark: str,
-    method: str,
-    preset: str,
-    overrides: dict[str, Any] | None = None,
-    faithful: bool = False,
-    download: bool = False,
-    network: str | None = None,
-) -> tuple[Protocol, Variant, TrainConfig, dict[str, Any], dict[str, Any]]:
-    """(protocol, variant, training config, data options, method options) of a run, each layer of settings
-    applied in order preset < variant < --faithful < overrides; every value is validated here, before training.
-    `network` (e.g. 'vit') replaces the protocol's network."""
-    protocol = get_protocol(benchmark, preset)
-    if network is not None:
-        protocol = protocol.with_network(network)
-    variant = protocol.variant(method)
-    faithful_over = faithful_settings(protocol) if faithful else {}
-    method_over, train_over, data_over = split_overrides(variant.method, benchmark, overrides or {})
+def resolve_settings(spec: RunSpec, download: bool = False) -> ResolvedSettings:
+    """Resolve a run's settings once, each layer applied in order preset < variant < --faithful < overrides; every
+    value is validated here, before any data is read. `download` lets the benchmark's builder fetch missing files."""
+    base = get_protocol(spec.benchmark, spec.preset)
+    protocol = base if spec.network is None else base.with_network(spec.network)
+    variant = protocol.variant(spec.method)
+    faithful_over = faithful_settings(protocol) if spec.faithful else {}
+    method_over, train_over, data_over = split_overrides(variant.method, spec.benchmark, spec.overrides)
     train = dataclasses.replace(protocol.train, **{**variant.train, **faithful_over.get("train", {})})
     if protocol.epoch_cap is not None:  # a quick preset caps every variant's epochs
         train = dataclasses.replace(train, epochs=min(train.epochs, protocol.epoch_cap))
     train = dataclasses.replace(train, **train_over)
     check_device(train.device)
-    data = {**protocol.data, **faithful_over.get("data", {}), **data_over}
-    check_data_options(benchmark, data)
+    data = checked(
+        f"{spec.benchmark} data option ", {**protocol.data, **faithful_over.get("data", {}), **data_over}, DATA_RULES
+    )
     if download:
-        if "download" not in data_options(benchmark):
-            raise ValueError(f"{benchmark} has no download option; its files are read from the data root only")
+        if "download" not in data_options(spec.benchmark):
+            raise ValueError(f"{spec.benchmark} has no download option; its files are read from the data root only")
         data["download"] = True
     options = {**variant.options, **faithful_over.get(variant.method, {}), **method_over}
     METHODS[variant.method].config_class(**options)  # raises on a bad value, naming the field
-    distributed.check_method(METHODS[variant.method], method)  # under torchrun: refused methods fail here
+    distributed.check_method(METHODS[variant.method], spec.method)  # under torchrun: refused methods fail here
     train = dataclasses.replace(train, device=distributed.device_for(train.device))
-    return protocol, variant, train, data, options
+    label = spec.method if protocol.network_name == base.network_name else f"{spec.method}_{protocol.network_name}"
+    return ResolvedSettings(spec, protocol, variant, train, data, options, faithful_over, label)
 
 
 def check_saves_adapters(variant: str, method: str) -> None:
@@ -172,58 +190,31 @@ class SettingsError(ValueError):
     network the data cannot feed): the user's to fix, and every seed would fail on it the same way."""
 
 
-def build_runner(
-    method: str, benchmark: str, protocol: Protocol, variant: Variant, bench: Benchmark, options: dict[str, Any]
-) -> ContinualMethod:
-    """The variant's method on the protocol's network for `bench`. A ValueError or TypeError raised while building
-    them comes from the settings, so it is raised again as a SettingsError naming the method and benchmark."""
+def build_runner(run: ResolvedSettings, bench: Benchmark) -> ContinualMethod:
+    """The run's method on the protocol's network for `bench`. A ValueError or TypeError raised while building them
+    comes from the settings, so it is raised again as a SettingsError naming the method and benchmark."""
     try:
-        return build_method(variant.method, protocol.network(bench), options)
+        return build_method(run.variant.method, run.protocol.network(bench), run.options)
     except (ValueError, TypeError) as err:
-        raise SettingsError(f"--method {method} on {benchmark}: {err}") from err
+        raise SettingsError(f"--method {run.spec.method} on {run.spec.benchmark}: {err}") from err
 
 
-def check_builds(
-    benchmark: str,
-    methods: Sequence[str],
-    seed: int,
-    preset: str = "quick",
-    *,
-    data_root: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
-    faithful: bool = False,
-    download: bool = False,
-    network: str | None = None,
-) -> None:
-    """Build the benchmark (with `seed`) and each method on its network once, as a run would, then drop them: a
-    setting refused only once the model exists fails here as a SettingsError, once, before any seed trains.
-    A benchmark that cannot be built (missing files) is left to the runs: the data is at fault, not the settings,
-    so each seed reports it as before, and `--resume` runs the same settings once the files are there."""
-    benches: dict[str, Benchmark | None] = {}  # one benchmark per distinct data options; None: it failed
-    for method in methods:
-        protocol, variant, _, data, options = resolve_settings(
-            benchmark, method, preset, overrides, faithful, download, network
-        )
-        key = json.dumps(data, sort_keys=True, default=repr)
+def check_builds(runs: Sequence[ResolvedSettings], data_root: str | Path | None = None) -> None:
+    """Build each run's benchmark and method on its network once, as the run would, then drop them: a setting refused
+    only once the model exists fails here as a SettingsError, once, before any run trains. A benchmark that cannot be
+    built (missing files) is left to the runs: the data is at fault, not the settings, so each run reports it, and
+    `--resume` runs the same settings once the files are there."""
+    benches: dict[str, Benchmark | None] = {}  # one benchmark per distinct seed and data options; None: it failed
+    for run in runs:
+        key = json.dumps([run.spec.benchmark, run.spec.seed, run.data], sort_keys=True, default=repr)
         if key not in benches:
             try:
-                benches[key] = build_benchmark(benchmark, seed=seed, data_root=data_root, **data)
+                benches[key] = build_benchmark(run.spec.benchmark, seed=run.spec.seed, data_root=data_root, **run.data)
             except Exception as err:  # the runs build it again and report the error, with its traceback
-                log.debug("the check of the settings skips %s: its benchmark failed (%s)", method, err)
+                log.debug("the check of the settings skips %s: its benchmark failed (%s)", run.spec.method, err)
                 benches[key] = None
         if (bench := benches[key]) is not None:
-            build_runner(method, benchmark, protocol, variant, bench, options)
-
-
-def run_label(benchmark: str, method: str, preset: str, network: str | None) -> str:
-    """The variant's name in results: `method`, or `method_<network>` when `network` is not the protocol's own."""
-    own = network is None or network == get_protocol(benchmark, preset).network_name
-    return method if own else f"{method}_{network}"
-
-
-def run_folder(out: str | Path, benchmark: str, label: str, faithful: bool, seed: int) -> Path:
-    """Where a run's files go: out/benchmark/<variant>[_faithful]/seed_N."""
-    return Path(out) / benchmark / (f"{label}_faithful" if faithful else label) / f"seed_{seed}"
+            build_runner(run, bench)
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -266,33 +257,6 @@ class BaseModelKeeper(RunObserver):
             state.extras["base_model"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def run_settings(
-    benchmark: str,
-    label: str,
-    seed: int,
-    preset: str,
-    faithful: bool,
-    network: str,
-    method_config: dict[str, Any],
-    train: TrainConfig,
-    data: dict[str, Any],
-) -> dict[str, Any]:
-    """What makes a run the run it is, in JSON form: a checkpoint resumes only under the same settings. The device
-    is left out (a run may move between machines) and so is `download` (where the files come from)."""
-    settings = {
-        "benchmark": benchmark,
-        "variant": label,
-        "seed": seed,
-        "preset": preset,
-        "faithful": faithful,
-        "network": network,
-        "method": method_config,
-        "train": {k: v for k, v in dataclasses.asdict(train).items() if k != "device"},
-        "data": {k: v for k, v in data.items() if k != "download"},
-    }
-    return json.loads(json.dumps(settings))
-
-
 def flat_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """{'train.epochs': 3, 'seed': 1, ...}: a settings dict flattened one level, for naming what differs."""
     flat: dict[str, Any] = {}
@@ -323,6 +287,18 @@ def check_same_settings(
             "with the command that started it, or delete the checkpoint to start this run afresh"
         )
     return {key: [old.get(key), new.get(key)] for key in differ}
+
+
+def check_resumable(
+    meta: dict[str, Any], run: ResolvedSettings, where: Path, may_change: Sequence[str]
+) -> dict[str, list[Any]]:
+    """The schedule changes ({'train.lr': [then, now]}) a run resumes `where` with: its spec must be the one the
+    checkpoint's header records, but for overrides of the training options `may_change`, and so must what the spec
+    resolves to (the same spec resolves otherwise under another ness-cl whose presets changed). A checkpoint
+    written before run specs existed records only the resolved settings, and is checked on those."""
+    if "spec" in meta:
+        check_same_settings(meta["spec"], dataclasses.asdict(run.spec), where, [f"overrides.{k}" for k in may_change])
+    return check_same_settings(meta["settings"], run.record(), where, [f"train.{k}" for k in may_change])
 
 
 def finished_run(folder: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -360,18 +336,11 @@ def apply_schedule_changes(state: RunState, train: TrainConfig, changes: dict[st
 
 
 def run_experiment(
-    benchmark: str,
-    method: str,
-    seed: int,
-    preset: str = "quick",
+    run: RunSpec | ResolvedSettings,
     *,
     data_root: str | Path | None = None,
     out: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
-    faithful: bool = False,
-    download: bool = False,
     progress: bool = True,
-    network: str | None = None,
     save_adapters: bool = False,
     checkpoint: str | None = "epoch",
     checkpoint_interval: float = 0.0,
@@ -379,33 +348,30 @@ def run_experiment(
     resume: bool = False,
     observers: Sequence[RunObserver] = (),
 ) -> dict[str, Any]:
-    """Run one seed of a method or variant (e.g. `ness_sam`) on `benchmark`.
+    """Run one RunSpec (resolved here), or settings already resolved from one (`resolve_settings(spec,
+    download=True)` lets the builder download missing files).
 
-    Writes `out/benchmark/<variant>/seed_N/results.json` (and `spectra.json` when the method reports spectra).
-    `faithful` applies the official code's behaviour where it changes results (presets.FAITHFUL). `network`
-    (e.g. 'vit') trains that network instead of the protocol's; the run is then labelled `<variant>_<network>`.
+    Writes `out/benchmark/<label>/seed_N/results.json` (and `spectra.json` when the method reports spectra); the
+    label is the spec's method or variant, `<variant>_<network>` with a network other than the protocol's.
     `save_adapters` (NESS variants) also writes `seed_N/base_model.safetensors`, the model as task 0 left it, and
     `seed_N/adapters/` (ness.adapter_files), from which the final model can be rebuilt or merged.
     With `out`, the run saves `seed_N/checkpoint.pt` after every epoch (`checkpoint="epoch"`) or task ("task"; None:
     never; with `checkpoint_interval` seconds, epoch checkpoints at most that often) and deletes it once results.json
-    is written; `resume=True` continues from that checkpoint when there is
-    one (and its settings are this run's). `observers` also see every epoch and task (logs).
+    is written; `resume=True` continues from that checkpoint when there is one and it was written for this spec (the
+    training options `resume_changes` excepted). `observers` also see every epoch and task (logs).
     """
-    check_seed(seed)
-    settings = resolve_settings(benchmark, method, preset, overrides, faithful, download, network)
-    protocol, variant, train, data, options = settings
+    settings = run if isinstance(run, ResolvedSettings) else resolve_settings(run)
+    spec, protocol, variant, train = settings.spec, settings.protocol, settings.variant, settings.train
+    benchmark, label, seed = spec.benchmark, settings.label, spec.seed
     if save_adapters:
-        check_saves_adapters(method, variant.method)
+        check_saves_adapters(spec.method, variant.method)
         if out is None:
             raise ValueError("save_adapters needs an `out` folder to write the adapters to")
     if checkpoint is not None and checkpoint not in EVERY:
         raise ValueError(f"checkpoint={checkpoint!r}: choose one of {EVERY}, or None for no checkpoints")
-    label = run_label(benchmark, method, preset, network)
-    faithful_over = faithful_settings(protocol) if faithful else {}
-    folder = None if out is None else run_folder(out, benchmark, label, faithful, seed)
+    folder = None if out is None else settings.folder(out)
     checkpoint_path = None if folder is None else folder / CHECKPOINT_NAME
-    method_config = dataclasses.asdict(METHODS[variant.method].config_class(**options))
-    identity = run_settings(benchmark, label, seed, preset, faithful, protocol.network_name, method_config, train, data)
+    identity = settings.record()
     if resume and folder is not None:
         finished = finished_run(folder, identity)
         distributed.agree(finished is not None, f"whether '{folder}' holds this run's results")
@@ -418,11 +384,10 @@ def run_experiment(
     distributed.agree(resuming, f"whether to resume from '{checkpoint_path}'")
     changes: dict[str, list[Any]] = {}
     if resuming:  # check before building anything: a wrong checkpoint fails in a second
-        saved = read_header(checkpoint_path)["meta"]["settings"]
-        changes = check_same_settings(saved, identity, checkpoint_path, [f"train.{k}" for k in resume_changes])
+        changes = check_resumable(read_header(checkpoint_path)["meta"], settings, checkpoint_path, resume_changes)
     start = time.perf_counter()
     seed_everything(seed)
-    bench = build_benchmark(benchmark, seed=seed, data_root=data_root, **data)
+    bench = build_benchmark(benchmark, seed=seed, data_root=data_root, **settings.data)
     if resuming:
         meta, state = resume_state(checkpoint_path, map_location=train.device)
         runner, run_id = state.method, meta["run_id"]
@@ -433,7 +398,7 @@ def run_experiment(
             log.warning("%s %s seed %d: resuming with %s", benchmark, label, seed, changes)
         log.info("%s %s seed %d: resuming from %s (%s)", benchmark, label, seed, checkpoint_path, meta["position"])
     else:
-        runner, run_id = build_runner(method, benchmark, protocol, variant, bench, options), uuid.uuid4().hex
+        runner, run_id = build_runner(settings, bench), uuid.uuid4().hex
         state = new_run_state(runner, bench, seed)
     distributed.barrier()  # several processes: every rank has read the checkpoint before rank 0 overwrites it
     if not distributed.is_main():  # only rank 0 shows progress and feeds the logs
@@ -443,7 +408,7 @@ def run_experiment(
     if save_adapters:
         watchers.append(BaseModelKeeper())
     if checkpoint_path is not None and checkpoint is not None:
-        meta = {"run_id": run_id, "settings": identity}
+        meta = {"run_id": run_id, "spec": dataclasses.asdict(spec), "settings": identity}
         watchers.append(Checkpointer(checkpoint_path, meta, checkpoint, checkpoint_interval))
     try:
         outcome = run_continual(model, runner, bench, train, seed, progress, [*watchers, *observers], state)
@@ -456,8 +421,8 @@ def run_experiment(
         "variant": label,
         "network": protocol.network_name,
         "benchmark": benchmark,
-        "preset": preset,
-        "faithful": faithful,
+        "preset": spec.preset,
+        "faithful": spec.faithful,
         "seed": seed,
         "run_id": run_id,
         "settings": identity,
@@ -467,11 +432,11 @@ def run_experiment(
         "config": {
             "method": dataclasses.asdict(runner.config),
             "train": dataclasses.asdict(train),
-            "data": data,
+            "data": settings.data,
             "protocol": protocol.describe(),
             "variant_sources": variant.sources,
-            "faithful_settings": faithful_over,
-            "overrides": overrides or {},
+            "faithful_settings": settings.faithful_settings,
+            "overrides": spec.overrides,
         },
         **outcome,
         "timings": {"total_seconds": extras["elapsed_seconds"]},

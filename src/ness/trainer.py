@@ -10,7 +10,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -22,18 +22,27 @@ from ness import distributed
 from ness.data import Benchmark, Split, Task, iterate_batches, iterate_mixed_batches
 from ness.data.tasks import PREPARED_BYTES_LIMIT, prepared_training_split
 from ness.methods import ContinualMethod, StepProgress
-from ness.methods.base import is_count, is_number
 from ness.metrics import average_accuracy, backward_transfer
 from ness.models import call_model
 from ness.optim import SAM
+from ness.validation import Rule, Validated, choice, count, flag, number
 
 log = logging.getLogger(__name__)
 
 SAM_TASKS: tuple[str, ...] = ("all", "first")
 
 
+def is_device(value: Any) -> bool:
+    """A string torch reads as a device ('cpu', 'cuda', 'cuda:1', 'mps')."""
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError):
+        return False
+    return isinstance(value, str)
+
+
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Validated):
     """Optimiser and schedule per task; defaults are the GPM-family protocol (METHODS_SPEC §1.4)."""
 
     epochs: int = 200
@@ -63,43 +72,23 @@ class TrainConfig:
     BatchNorm with running statistics ('--network mlp_bn' sets it)."""
     device: str = "cpu"
 
-    def __post_init__(self) -> None:
-        bad = [
-            f"{name}={getattr(self, name)!r} (must be {rule})"
-            for name, (valid, rule) in TRAIN_RULES.items()
-            if not valid(getattr(self, name))
-        ]
-        if bad:
-            raise ValueError(f"TrainConfig: invalid {'; '.join(bad)}")
-
-
-def is_device(value: Any) -> bool:
-    """A string torch reads as a device ('cpu', 'cuda', 'cuda:1', 'mps')."""
-    try:
-        torch.device(value)
-    except (RuntimeError, TypeError):
-        return False
-    return isinstance(value, str)
-
-
-TRAIN_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "epochs": (is_count, "an integer ≥ 1, the most epochs per task"),
-    "lr": (lambda v: is_number(v) and v > 0, "a finite number > 0"),
-    "batch_size": (is_count, "an integer ≥ 1"),
-    "test_batch_size": (is_count, "an integer ≥ 1"),
-    "momentum": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "weight_decay": (lambda v: is_number(v) and v >= 0, "a finite number ≥ 0"),
-    "lr_schedule": (lambda v: isinstance(v, bool), "true or false"),
-    "lr_min": (lambda v: is_number(v) and v >= 0, "a finite number ≥ 0"),
-    "lr_patience": (is_count, "an integer ≥ 1"),
-    "lr_factor": (lambda v: is_number(v) and v > 1, "a finite number > 1"),
-    "sam_rho": (lambda v: is_number(v) and v >= 0, "a finite number ≥ 0; 0: no SAM"),
-    "sam_tasks": (lambda v: v in SAM_TASKS, f"one of {SAM_TASKS}"),
-    "eval_passes": (is_count, "an integer ≥ 1"),
-    "drop_last": (lambda v: isinstance(v, bool), "true or false"),
-    "device": (is_device, "a torch device name such as 'cpu', 'cuda' or 'cuda:1'"),
-}
-"""Each TrainConfig field's check and, for the error message, what it accepts."""
+    RULES: ClassVar[dict[str, Rule]] = {
+        "epochs": count(fix="the most epochs per task"),
+        "lr": number(above=0),
+        "batch_size": count(),
+        "test_batch_size": count(),
+        "momentum": number(at_least=0, below=1),
+        "weight_decay": number(at_least=0),
+        "lr_schedule": flag(),
+        "lr_min": number(at_least=0),
+        "lr_patience": count(),
+        "lr_factor": number(above=1),
+        "sam_rho": number(at_least=0, fix="0: no SAM"),
+        "sam_tasks": choice(SAM_TASKS),
+        "eval_passes": count(),
+        "drop_last": flag(),
+        "device": Rule(is_device, "a torch device name such as 'cpu', 'cuda' or 'cuda:1'"),
+    }
 
 
 def seed_everything(seed: int) -> torch.Generator:

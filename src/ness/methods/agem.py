@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +17,11 @@ from torch import Tensor, nn
 
 from ness.methods.base import ContinualMethod, Forward, buffers_kept, labelled_batches, register
 from ness.models import call_model
+from ness.validation import Rule, Validated, count, integer
 
 
 @dataclass(frozen=True)
-class AGEMConfig:
+class AGEMConfig(Validated):
     """A-GEM settings; memory_batch_size is the official 256 (METHODS_SPEC §10)."""
 
     memory_per_task: int = 200
@@ -30,15 +31,11 @@ class AGEMConfig:
     seed: int = 0
     """Seed of the choice of stored examples and of the memory batches."""
 
-    def __post_init__(self) -> None:
-        for name, low, hint in (
-            ("memory_per_task", 1, "use the finetune method for no memory"),
-            ("memory_batch_size", 1, "the official value is 256"),
-            ("seed", 0, "any integer ≥ 0"),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"AGEMConfig.{name} must be an integer ≥ {low}, got {value!r} ({hint})")
+    RULES: ClassVar[dict[str, Rule]] = {
+        "memory_per_task": count(fix="use the finetune method for no memory"),
+        "memory_batch_size": count(fix="the official value is 256"),
+        "seed": integer(at_least=0),
+    }
 
 
 @register

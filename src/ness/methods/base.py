@@ -10,8 +10,6 @@ the hooks it needs and never sees the trainer.
 from __future__ import annotations
 
 import fnmatch
-import math
-import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,32 +49,6 @@ class StepProgress:
     def task_fraction(self) -> float:
         """(epoch + epoch_fraction) / max_epochs, in [0, 1)."""
         return (self.epoch + self.epoch_fraction) / self.max_epochs
-
-
-def is_number(value: Any) -> bool:
-    """A finite real number (Python's or NumPy's), not a bool: what the numeric fields of configs accept."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def is_integer(value: Any) -> bool:
-    """An integer (Python's or NumPy's), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_count(value: Any) -> bool:
-    """An integer ≥ 1, not a bool: sample counts, ranks, sizes, epochs."""
-    return is_integer(value) and value >= 1
-
-
-def config_tuple(value: Any, where: str, patterns: bool = False) -> tuple[Any, ...]:
-    """A config's list field as a tuple; a TypeError naming the field (`where`, e.g. 'GPMConfig.exclude') for a
-    single value or string, and, with `patterns`, for an entry that is not a string."""
-    if isinstance(value, str) or not isinstance(value, Iterable):
-        raise TypeError(f"{where} must be a list, got the single value {value!r}; write [{value!r}] for one entry")
-    entries = tuple(value)
-    if patterns and not all(isinstance(entry, str) for entry in entries):
-        raise TypeError(f"{where} must be a list of strings (module-name patterns or class names), got {value!r}")
-    return entries
 
 
 class TaskOrderError(RuntimeError):

@@ -14,17 +14,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ness.methods.base import Forward, Optimizer, is_number, register
+from ness.methods.base import Forward, Optimizer, register
 from ness.methods.gpm import GPM, GPMConfig
 from ness.models import call_model
 from ness.optim import SAM, SAM_EPS
+from ness.validation import Rule, flag, number
 
 
 @dataclass(frozen=True)
@@ -49,22 +50,14 @@ class DFGPConfig(GPMConfig):
     """Official behaviour (§6): the label weights are swapped against the image weights, so y gets mean(λ) and y_π
     mean(1 − λ) although x has weight 1 − λ in x_mix. False (fixed) gives y mean(1 − λ) and y_π mean(λ)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        checks = {
-            "mixup_alpha": (lambda v: v > 0, "a finite number > 0 (DFGP uses 20, or 1 on 5-datasets)"),
-            "mixup_weight": (lambda v: v >= 0, "a finite number ≥ 0 (DFGP uses 0.1, 0.01 or 1e-4; 0: no mixup)"),
-            "rho": (lambda v: v > 0, "a finite number > 0 (DFGP uses 0.05)"),
-            "lambda_rho": (lambda v: v >= 0, "a finite number ≥ 0 (DFGP uses 0.05; 0: no ascent on λ)"),
-        }
-        for field_name, (valid, allowed) in checks.items():
-            value = getattr(self, field_name)
-            if not is_number(value) or not valid(value):
-                raise ValueError(f"DFGPConfig.{field_name} must be {allowed}, got {value!r}")
-        if not isinstance(self.swapped_label_weights, bool):
-            raise TypeError(
-                f"DFGPConfig.swapped_label_weights must be True or False, got {self.swapped_label_weights!r}"
-            )
+    RULES: ClassVar[dict[str, Rule]] = {
+        **GPMConfig.RULES,
+        "mixup_alpha": number(above=0, fix="DFGP uses 20, or 1 on 5-datasets"),
+        "mixup_weight": number(at_least=0, fix="DFGP uses 0.1, 0.01 or 1e-4; 0: no mixup"),
+        "rho": number(above=0, fix="DFGP uses 0.05"),
+        "lambda_rho": number(at_least=0, fix="DFGP uses 0.05; 0: no ascent on λ"),
+        "swapped_label_weights": flag(),
+    }
 
 
 def mix_inputs(x: Tensor, permutation: Tensor, lam: Tensor) -> Tensor:

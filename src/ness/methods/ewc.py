@@ -8,10 +8,9 @@ clipped at 100.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +18,11 @@ from torch import Tensor, nn
 
 from ness.methods.base import ContinualMethod, Forward, buffers_kept, labelled_batches, register
 from ness.models import call_model
+from ness.validation import Rule, Validated, count, number, optional
 
 
 @dataclass(frozen=True)
-class EWCConfig:
+class EWCConfig(Validated):
     """EWC settings; the defaults are the official code's (METHODS_SPEC §11)."""
 
     lam: float = 5000.0
@@ -32,23 +32,11 @@ class EWCConfig:
     clip_grad_norm: float | None = 100.0
     """Clip the norm of the whole gradient (CE + penalty) to this value before each step; None: no clipping."""
 
-    def __post_init__(self) -> None:
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam):
-            raise ValueError(f"EWCConfig.lam must be a finite number ≥ 0, got {self.lam!r} (the paper uses 5000)")
-        if self.lam < 0:
-            raise ValueError(f"EWCConfig.lam must be ≥ 0, got {self.lam}: a negative λ rewards forgetting")
-        if isinstance(self.fisher_batch_size, bool) or not isinstance(self.fisher_batch_size, int):
-            raise ValueError(f"EWCConfig.fisher_batch_size must be an integer ≥ 1, got {self.fisher_batch_size!r}")
-        if self.fisher_batch_size < 1:
-            raise ValueError(f"EWCConfig.fisher_batch_size must be ≥ 1, got {self.fisher_batch_size} (official: 20)")
-        clip = self.clip_grad_norm
-        if clip is not None and (
-            isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip <= 0
-        ):
-            raise ValueError(
-                f"EWCConfig.clip_grad_norm must be a finite number > 0 or None (no clipping), got {clip!r} "
-                "(the official code clips at 100)"
-            )
+    RULES: ClassVar[dict[str, Rule]] = {
+        "lam": number(at_least=0, fix="a negative λ rewards forgetting; the paper uses 5000"),
+        "fisher_batch_size": count(fix="official: 20"),
+        "clip_grad_norm": optional(number(above=0, fix="the official code clips at 100"), "for no clipping"),
+    }
 
 
 def rechunk(batches: Iterable[tuple[Tensor, Tensor]], size: int) -> Iterator[tuple[Tensor, Tensor]]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ness.methods.base import ContinualMethod, register
+from ness.validation import Validated
 
 
 @dataclass(frozen=True)
-class FineTuneConfig:
+class FineTuneConfig(Validated):
     """Fine-tuning has no settings of its own; the optimiser and schedule come from the training config."""
 
 

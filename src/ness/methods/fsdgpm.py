@@ -17,7 +17,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -27,8 +27,6 @@ from ness.methods.base import (
     Forward,
     Optimizer,
     StepProgress,
-    config_tuple,
-    is_number,
     register,
     subspace_layers,
     watch_layer_inputs,
@@ -36,13 +34,14 @@ from ness.methods.base import (
 )
 from ness.models import call_model
 from ness.subspace import component_in_span, covariance_spectrum, energy_rank, input_covariance, layer_input_rows
+from ness.validation import Rule, Validated, count, flag, number, patterns
 
 LAMBDA_MOMENTUM = 0.9
 """Momentum of the soft weights' SGD: the official code uses the weights' momentum, 0.9 in all its scripts."""
 
 
 @dataclass(frozen=True)
-class FSDGPMConfig:
+class FSDGPMConfig(Validated):
     """FS-DGPM settings; defaults are the official CIFAR-100 script's (METHODS_SPEC §7)."""
 
     memories: int = 1000
@@ -81,49 +80,23 @@ class FSDGPMConfig:
     exclude: tuple[str, ...] = field(default_factory=tuple)
     """Module-name globs or class names that get no memory (they train unprojected)."""
 
-    def __post_init__(self) -> None:
-        name = type(self).__name__
-        for field_name, official in (
-            ("memories", "1000 on CIFAR"),
-            ("mem_batch_size", "125 on CIFAR"),
-            ("inner_batches", "2"),
-        ):
-            value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}.{field_name} must be an integer ≥ 1, got {value!r} (official: {official})")
-        for field_name, low, official in (
-            ("threshold", 0.0, "0.97 on CIFAR, 0.99 on PMNIST"),
-            ("threshold_last", 0.0, "0.99999999999"),
-        ):
-            value = getattr(self, field_name)
-            if not is_number(value) or value <= low:
-                raise ValueError(f"{name}.{field_name} must be a number > 0, got {value!r} (official: {official})")
-        if self.threshold > 1:
-            raise ValueError(f"{name}.threshold must lie in (0, 1], got {self.threshold!r} (official: 0.97 on CIFAR)")
-        for field_name, official in (
-            ("threshold_increment", "0.003 on CIFAR"),
-            ("eta1", "1e-3 on CIFAR"),
-            ("eta2", "1e-2"),
-        ):
-            value = getattr(self, field_name)
-            if not is_number(value) or value < 0:
-                raise ValueError(
-                    f"{name}.{field_name} must be a finite number ≥ 0, got {value!r} (official: {official})"
-                )
-        for field_name, official in (("grad_clip", "2.0"), ("tmp", "10")):
-            value = getattr(self, field_name)
-            if not is_number(value) or value <= 0:
-                raise ValueError(
-                    f"{name}.{field_name} must be a finite number > 0, got {value!r} (official: {official})"
-                )
-        if not is_number(self.lam_init):
-            raise ValueError(f"{name}.lam_init must be a finite number, got {self.lam_init!r} (official: 1.0)")
-        for field_name in ("second_order", "rewrap_lambdas", "freeze_bn"):
-            if not isinstance(getattr(self, field_name), bool):
-                raise TypeError(f"{name}.{field_name} must be True or False, got {getattr(self, field_name)!r}")
-        if isinstance(self.exclude, str):
-            raise TypeError(f"{name}.exclude must be a sequence, not the single string {self.exclude!r}")
-        object.__setattr__(self, "exclude", config_tuple(self.exclude, f"{name}.exclude", patterns=True))
+    RULES: ClassVar[dict[str, Rule]] = {
+        "memories": count(fix="official: 1000 on CIFAR"),
+        "mem_batch_size": count(fix="official: 125 on CIFAR"),
+        "threshold": number(above=0, at_most=1, fix="official: 0.97 on CIFAR, 0.99 on PMNIST"),
+        "threshold_increment": number(at_least=0, fix="official: 0.003 on CIFAR"),
+        "threshold_last": number(above=0, fix="official: 0.99999999999"),
+        "eta1": number(at_least=0, fix="official: 1e-3 on CIFAR"),
+        "eta2": number(at_least=0, fix="official: 1e-2"),
+        "inner_batches": count(fix="official: 2"),
+        "second_order": flag(),
+        "grad_clip": number(above=0, fix="official: 2.0"),
+        "tmp": number(above=0, fix="official: 10"),
+        "lam_init": number(fix="official: 1.0"),
+        "rewrap_lambdas": flag(),
+        "freeze_bn": flag(),
+        "exclude": patterns(),
+    }
 
 
 # -- pure functions -------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -19,9 +19,6 @@ from torch import Tensor, nn
 from ness.methods.base import (
     ContinualMethod,
     Forward,
-    config_tuple,
-    is_count,
-    is_number,
     register,
     subspace_layers,
     task_inputs,
@@ -37,10 +34,11 @@ from ness.subspace import (
     input_covariance,
     layer_input_rows,
 )
+from ness.validation import ConfigError, Rule, Validated, count, entries, number, optional, patterns
 
 
 @dataclass(frozen=True)
-class GPMConfig:
+class GPMConfig(Validated):
     """GPM settings; defaults are the official CIFAR-100 script's (METHODS_SPEC §3.2)."""
 
     threshold: float = 0.97
@@ -63,51 +61,35 @@ class GPMConfig:
     conv's own (None entries: own). Only to reproduce NESS's GPM miniImageNet script, which cuts 84×84 activations
     with the 32×32 geometry (§3.3, `--faithful`); None: every layer's real geometry (correct)."""
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "threshold": number(above=0, at_most=1, fix="the fraction of the representation energy kept; 0.95–0.99"),
+        "threshold_increment": number(at_least=0, fix="0.003 in the official CIFAR-100 script, 0 keeps it constant"),
+        "layer_thresholds": optional(
+            entries(number(above=0, at_most=1), non_empty=True, fix="one per projected layer"), "to use `threshold`"
+        ),
+        "samples": count(fix="GPM uses 100–300"),
+        "layer_samples": optional(
+            entries(count(), non_empty=True, fix="one per projected layer, each ≤ samples"), "to use every sample"
+        ),
+        "exclude": patterns(),
+        "patch_geometry": optional(
+            entries(
+                optional(entries(count(), length=2)),
+                non_empty=True,
+                expected="a non-empty list with one (stride, map size) pair of integers ≥ 1, or None, per projected "
+                "layer",
+            ),
+            "for every layer's own geometry",
+        ),
+    }
+
     def __post_init__(self) -> None:
-        name = type(self).__name__
-        if not is_number(self.threshold) or not 0 < self.threshold <= 1:
-            raise ValueError(
-                f"{name}.threshold must be a number in (0, 1], got {self.threshold!r}: it is the fraction of "
-                "the representation energy kept (the papers use 0.95–0.99)"
+        super().__post_init__()
+        if self.layer_samples is not None and max(self.layer_samples) > self.samples:
+            raise ConfigError(
+                f"{type(self).__name__}.layer_samples: got {self.layer_samples!r}; entries of at most samples="
+                f"{self.samples} (raise `samples` or lower the entries)"
             )
-        if not is_number(self.threshold_increment) or self.threshold_increment < 0:
-            raise ValueError(
-                f"{name}.threshold_increment must be a finite number ≥ 0, got {self.threshold_increment!r} "
-                "(0.003 in the official CIFAR-100 script, 0 for a constant threshold)"
-            )
-        for field_name in ("layer_thresholds", "layer_samples", "exclude", "patch_geometry"):
-            value = getattr(self, field_name)
-            if isinstance(value, str):
-                raise TypeError(f"{name}.{field_name} must be a sequence, not the single string {value!r}")
-            if value is not None:
-                where = f"{name}.{field_name}"
-                object.__setattr__(self, field_name, config_tuple(value, where, patterns=field_name == "exclude"))
-        if self.layer_thresholds is not None:
-            bad = [v for v in self.layer_thresholds if not is_number(v) or not 0 < v <= 1]
-            if bad or not self.layer_thresholds:
-                raise ValueError(
-                    f"{name}.layer_thresholds must be a non-empty list of numbers in (0, 1], one per projected "
-                    f"layer, got {self.layer_thresholds!r}"
-                )
-        if self.patch_geometry is not None:
-            geometry = tuple(
-                None if g is None else config_tuple(g, f"{name}.patch_geometry entry") for g in self.patch_geometry
-            )
-            if not geometry or any(g is not None and (len(g) != 2 or not all(map(is_count, g))) for g in geometry):
-                raise ValueError(
-                    f"{name}.patch_geometry must list one (stride, map size) pair of integers ≥ 1 or None per "
-                    f"projected layer, got {self.patch_geometry!r}"
-                )
-            object.__setattr__(self, "patch_geometry", geometry)
-        if not is_count(self.samples):
-            raise ValueError(f"{name}.samples must be an integer ≥ 1, got {self.samples!r} (GPM uses 100–300)")
-        if self.layer_samples is not None:
-            bad = [b for b in self.layer_samples if not is_count(b) or b > self.samples]
-            if bad or not self.layer_samples:
-                raise ValueError(
-                    f"{name}.layer_samples must be a non-empty list of integers in 1..samples={self.samples}, one "
-                    f"per projected layer, got {self.layer_samples!r} (raise `samples` or lower the entries {bad})"
-                )
 
 
 def draw_samples(inputs: Iterable[Tensor], k: int, generator: torch.Generator) -> Tensor:

@@ -39,15 +39,16 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ness.methods.base import ContinualMethod, Forward, StepProgress, is_number, register, subspace_layers
+from ness.methods.base import ContinualMethod, Forward, StepProgress, register, subspace_layers
 from ness.models import call_model, head_parameters, task_heads
 from ness.models.resnet import BasicBlock
+from ness.validation import Rule, Validated, number, optional
 
 EMBEDDING_PREFIX = "hat_embedding_"
 COSH_CLAMP = 50.0
@@ -68,7 +69,7 @@ GATE_PRESERVING = (
 
 
 @dataclass(frozen=True)
-class HATConfig:
+class HATConfig(Validated):
     """HAT settings; the defaults are the official code's (METHODS_SPEC §8)."""
 
     c: float = 0.75
@@ -80,26 +81,12 @@ class HATConfig:
     embedding_bound: float = 6.0
     """After each step the task's embeddings are clamped to [−bound, bound] (official `thres_emb`)."""
 
-    def __post_init__(self) -> None:
-        name = type(self).__name__
-        if not is_number(self.c) or self.c < 0:
-            raise ValueError(f"{name}.c must be a finite number ≥ 0, got {self.c!r} (the paper uses 0.75)")
-        if not is_number(self.s_max) or self.s_max < 1:
-            raise ValueError(
-                f"{name}.s_max must be a finite number ≥ 1, got {self.s_max!r}: s anneals from 1/s_max up to s_max "
-                "(the paper uses 400)"
-            )
-        clip = self.clip_grad_norm
-        if clip is not None and (not is_number(clip) or clip <= 0):
-            raise ValueError(
-                f"{name}.clip_grad_norm must be a finite number > 0 or None (no clipping), got {clip!r} "
-                "(the official code clips at 10000)"
-            )
-        if not is_number(self.embedding_bound) or self.embedding_bound <= 0:
-            raise ValueError(
-                f"{name}.embedding_bound must be a finite number > 0, got {self.embedding_bound!r} "
-                "(the official code clamps the embeddings to ±6)"
-            )
+    RULES: ClassVar[dict[str, Rule]] = {
+        "c": number(at_least=0, fix="the paper uses 0.75"),
+        "s_max": number(at_least=1, fix="s anneals from 1/s_max up to s_max; the paper uses 400"),
+        "clip_grad_norm": optional(number(above=0, fix="the official code clips at 10000"), "for no clipping"),
+        "embedding_bound": number(above=0, fix="the official code clamps the embeddings to ±6"),
+    }
 
 
 # -- the maths ---------------------------------------------------------------------------------------------

@@ -13,10 +13,11 @@ from torch import nn
 
 from ness.methods.base import ContinualMethod, register
 from ness.models import task_heads
+from ness.validation import Validated
 
 
 @dataclass(frozen=True)
-class JointConfig:
+class JointConfig(Validated):
     """Joint training has no settings of its own; the optimiser and schedule come from the training config."""
 
 

@@ -5,23 +5,22 @@ example of adding a method."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from ness.methods.base import ContinualMethod, is_number, register
+from ness.methods.base import ContinualMethod, register
+from ness.validation import Rule, Validated, number
 
 
 @dataclass(frozen=True)
-class L2Config:
+class L2Config(Validated):
     """The pull's strength."""
 
     lam: float = 1.0
     """λ of λ/2·‖θ − θ*‖² (0: plain fine-tuning)."""
 
-    def __post_init__(self) -> None:
-        if not is_number(self.lam) or self.lam < 0:
-            raise ValueError(f"L2Config.lam must be a finite number ≥ 0, got {self.lam!r}: a negative λ rewards change")
+    RULES: ClassVar[dict[str, Rule]] = {"lam": number(at_least=0, fix="a negative λ rewards change")}
 
 
 @register

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -29,10 +29,6 @@ from ness.methods.base import (
     Forward,
     adaptable_layers,
     check_patterns_match,
-    config_tuple,
-    is_count,
-    is_integer,
-    is_number,
     matching_modules,
     register,
     subspace_layers,
@@ -68,6 +64,7 @@ from ness.subspace import (
     transfer_directions,
     with_bias_input,
 )
+from ness.validation import ConfigError, Rule, Validated, choice, count, flag, integer, number, optional, patterns
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +72,27 @@ Memory = Literal["covariance", "replay"]
 MEMORIES: tuple[str, ...] = ("covariance", "replay")
 MEMORY_TASKS: tuple[str, ...] = ("all", "first")
 BATCHNORM_MODES: tuple[str, ...] = ("frozen", "per_task")
+LAYER_RULE_KEYS: tuple[str, ...] = ("threshold", "eps1", "delta", "rank")
+
+
+def _unknown_layer_settings(rules: dict[Any, Any]) -> dict[Any, list[str]]:
+    """{pattern: the settings its rule may not set} of a layer_rules dict; a pattern that is no string, or a rule
+    that is no dict, is listed too."""
+    unknown = {
+        pattern: sorted(set(rule) - set(LAYER_RULE_KEYS)) if isinstance(rule, dict) else ["(not a dict)"]
+        for pattern, rule in rules.items()
+    }
+    return {p: keys for p, keys in unknown.items() if keys or not isinstance(p, str)}
+
+
+def _layer_rules_fix(rules: Any) -> str:
+    """The advice for a refused layer_rules: what is unknown in it, and an example."""
+    example = "e.g. {'backbone.0': {'threshold': 'rank', 'rank': 64}}"
+    return f"unknown settings {_unknown_layer_settings(rules)}; {example}" if isinstance(rules, dict) else example
 
 
 @dataclass(frozen=True)
-class NESSConfig:
+class NESSConfig(Validated):
     """NESS settings. The defaults are one setting for every benchmark, chosen on validation (BENCHMARKS.md): a
     strict null space (U carries at most δ = 0.1 % of the earlier inputs' energy) and a transfer adapter of rank 100
     per task. The paper's NESS is `NESSConfig(eps1=1e-3, transfer_rank=0)` (its CIFAR-100 values, §2.5)."""
@@ -142,79 +156,60 @@ class NESSConfig:
     earlier input x of the layer (as the memory recorded it) has ‖xᵀΔW‖² ≤ ε, certified from the covariance
     alone. None: no constraint (the paper, which relies on weight decay to keep V small)."""
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "eps1": optional(
+            number(
+                above=0,
+                below=1,
+                fix="ε₁ ≤ 0 keeps no direction and ε₁ ≥ 1 keeps every one; the paper uses 1e-3 "
+                "on CIFAR-100 and 5e-4 on miniImageNet",
+            ),
+            "to use another rule",
+        ),
+        "threshold": optional(choice(THRESHOLD_RULES), "to choose the rule from the knob given"),
+        "delta": number(above=0, below=1, fix="the share of the earlier inputs' energy U may carry, e.g. 1e-3"),
+        "rank": optional(count(fix="the null directions per layer under threshold='rank'")),
+        "layer_rules": Rule(
+            lambda rules: isinstance(rules, dict) and not _unknown_layer_settings(rules),
+            f"a dict of module-name pattern → {{setting: value}}, the settings among {LAYER_RULE_KEYS}",
+            _layer_rules_fix,
+        ),
+        "memory": choice(MEMORIES),
+        "replay_batch_size": count(),
+        "memory_tasks": choice(MEMORY_TASKS),
+        "target_modules": optional(patterns(non_empty=True), "to adapt every layer"),
+        "exclude": patterns(),
+        "modules_to_save": patterns(),
+        "adapt_bias": flag(),
+        "batchnorm": choice(BATCHNORM_MODES),
+        "transfer_rank": integer(at_least=0, fix="k, the directions of each task's own transfer adapter; 0: none"),
+        "output_budget": optional(
+            number(above=0, fix="β: the earlier inputs' squared output change per layer, relative to their energy"),
+            "for no budget",
+        ),
+        "probe_samples": integer(at_least=0, fix="0 reports bounds only"),
+        "max_output_shift": optional(number(above=0, fix="ε, the certified ‖xᵀΔW‖² per layer"), "for no constraint"),
+    }
+
     def __post_init__(self) -> None:
-        if self.eps1 is not None and not is_number(self.eps1):
-            raise ValueError(f"NESSConfig.eps1 must be a finite number in (0, 1) or None, got {self.eps1!r}")
-        if self.eps1 is not None and not 0 < self.eps1 < 1:
-            raise ValueError(
-                f"NESSConfig.eps1 must be in (0, 1), got {self.eps1}: ε₁ ≤ 0 keeps no direction and ε₁ ≥ 1 "
-                "keeps every direction (no protection). The paper uses 1e-3 (CIFAR-100) and 5e-4 (miniImageNet)."
-            )
+        super().__post_init__()
         if self.threshold is None:
             if self.eps1 is not None and self.rank is not None:
-                raise ValueError(
+                raise ConfigError(
                     "NESSConfig: both eps1 and rank are given but no threshold: say which rule to use, "
                     "threshold='frobenius' (or 'nuclear') for ε₁ or 'rank' for the rank"
                 )
             rule = "frobenius" if self.eps1 is not None else "rank" if self.rank is not None else "energy"
             object.__setattr__(self, "threshold", rule)
-        if self.threshold not in THRESHOLD_RULES:
-            raise ValueError(f"NESSConfig.threshold must be one of {THRESHOLD_RULES}, got {self.threshold!r}")
         if self.threshold in ("frobenius", "nuclear") and self.eps1 is None:
-            raise ValueError(f"NESSConfig: threshold={self.threshold!r} needs eps1 (ε₁ of Eq. 5), e.g. eps1=1e-3")
-        if not is_number(self.delta) or not 0 < self.delta < 1:
-            raise ValueError(f"NESSConfig.delta must be a number in (0, 1), the energy share; got {self.delta!r}")
-        if self.rank is not None and not is_count(self.rank):
-            raise ValueError(f"NESSConfig.rank must be an integer ≥ 1 or None, got {self.rank!r}")
+            raise ConfigError(f"NESSConfig: threshold={self.threshold!r} needs eps1 (ε₁ of Eq. 5), e.g. eps1=1e-3")
         if self.threshold == "rank" and self.rank is None:
-            raise ValueError("NESSConfig: threshold='rank' needs rank=r, the number of null directions per layer")
-        if not isinstance(self.layer_rules, dict):
-            raise TypeError(f"NESSConfig.layer_rules must be a dict of pattern → settings, got {self.layer_rules!r}")
+            raise ConfigError("NESSConfig: threshold='rank' needs rank=r, the number of null directions per layer")
         for pattern, rule in self.layer_rules.items():
-            unknown = set(rule) - set(LAYER_RULE_KEYS) if isinstance(rule, dict) else {"(not a dict)"}
-            if unknown:
-                raise ValueError(
-                    f"NESSConfig.layer_rules[{pattern!r}]: unknown settings {sorted(unknown)}; a layer rule may set "
-                    f"{LAYER_RULE_KEYS}"
-                )
-            self.for_layer_rule(rule)  # validates the combination
-        if self.memory not in MEMORIES:
-            raise ValueError(f"NESSConfig.memory must be one of {MEMORIES}, got {self.memory!r}")
-        if self.memory_tasks not in MEMORY_TASKS:
-            raise ValueError(f"NESSConfig.memory_tasks must be one of {MEMORY_TASKS}, got {self.memory_tasks!r}")
-        for key in ("exclude", "target_modules", "modules_to_save"):
-            value = getattr(self, key)
-            if isinstance(value, str):
-                raise TypeError(f"NESSConfig.{key} must be a list of patterns, not a single string: [{value!r}]")
-            if value is not None:
-                object.__setattr__(self, key, config_tuple(value, f"NESSConfig.{key}", patterns=True))
-        if self.target_modules == ():
-            raise ValueError("NESSConfig.target_modules is empty: give patterns, or None to adapt every layer")
-        if not isinstance(self.adapt_bias, bool):
-            raise TypeError(f"NESSConfig.adapt_bias must be True or False, got {self.adapt_bias!r}")
-        if self.batchnorm not in BATCHNORM_MODES:
-            raise ValueError(f"NESSConfig.batchnorm must be one of {BATCHNORM_MODES}, got {self.batchnorm!r}")
-        budget = self.output_budget
-        if budget is not None and (not is_number(budget) or budget <= 0):
-            raise ValueError(
-                f"NESSConfig.output_budget must be a finite number > 0 (β: the earlier inputs' squared output change "
-                f"per layer, relative to their output energy) or None, got {budget!r}"
-            )
-        shift = self.max_output_shift
-        if shift is not None and (not is_number(shift) or shift <= 0):
-            raise ValueError(
-                f"NESSConfig.max_output_shift must be a finite number > 0 (the certified ‖xᵀΔW‖² per layer) or "
-                f"None, got {shift!r}"
-            )
-        if not is_integer(self.transfer_rank) or self.transfer_rank < 0:
-            raise ValueError(
-                f"NESSConfig.transfer_rank must be an integer ≥ 0 (k, the directions of each task's own transfer "
-                f"adapter; 0: none), got {self.transfer_rank!r}"
-            )
-        if not is_count(self.replay_batch_size):
-            raise ValueError(f"NESSConfig.replay_batch_size must be an integer ≥ 1, got {self.replay_batch_size!r}")
-        if isinstance(self.probe_samples, bool) or not isinstance(self.probe_samples, int) or self.probe_samples < 0:
-            raise ValueError(f"NESSConfig.probe_samples must be an integer ≥ 0, got {self.probe_samples!r}")
+            try:
+                self.for_layer_rule(rule)  # validates the combination
+            except ConfigError as err:
+                raise ConfigError(f"NESSConfig.layer_rules[{pattern!r}]: {err}") from err
 
     def for_layer_rule(self, rule: dict[str, Any]) -> NESSConfig:
         """This config with one layer rule's settings applied (and validated). A rule that sets another rule's knob
@@ -232,9 +227,6 @@ class NESSConfig:
             if fnmatch.fnmatchcase(name, pattern):
                 return self.for_layer_rule(rule)
         return self
-
-
-LAYER_RULE_KEYS: tuple[str, ...] = ("threshold", "eps1", "delta", "rank")
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -22,22 +22,17 @@ from ness.methods.base import (
     Forward,
     Optimizer,
     StepProgress,
-    config_tuple,
-    is_number,
     register,
     subspace_layers,
     weights_and_head,
 )
 from ness.models import call_model, task_heads
 from ness.subspace import conv_padding, layer_input_rows
-
-
-def _is_alpha(value: Any) -> bool:
-    return is_number(value) and value > 0
+from ness.validation import Rule, Validated, count, entries, number, optional, patterns
 
 
 @dataclass(frozen=True)
-class OWMConfig:
+class OWMConfig(Validated):
     """OWM settings; defaults are the official CNN code's (`OWM_CNN/owm.py`, METHODS_SPEC §9).
 
     α_final by layer: each Conv2d takes `conv_alpha`; the first projected Linear `first_linear_alpha`; every later
@@ -64,39 +59,18 @@ class OWMConfig:
     exclude: tuple[str, ...] = field(default_factory=tuple)
     """Module-name globs or class names neither projected nor trained after task 0."""
 
-    def __post_init__(self) -> None:
-        name = type(self).__name__
-        for field_name, official in (
-            ("conv_alpha", 1e-5),
-            ("first_linear_alpha", 1e-4),
-            ("linear_alpha", 1e-2),
-            ("output_alpha", 0.1),
-        ):
-            if not _is_alpha(getattr(self, field_name)):
-                raise ValueError(
-                    f"{name}.{field_name} must be a finite number > 0, got {getattr(self, field_name)!r} "
-                    f"(official: {official}; α decays from 1 to it within each task)"
-                )
-        for field_name in ("layer_alphas", "exclude"):
-            value = getattr(self, field_name)
-            if isinstance(value, str):
-                raise TypeError(f"{name}.{field_name} must be a sequence, not the single string {value!r}")
-            if value is not None:
-                where = f"{name}.{field_name}"
-                object.__setattr__(self, field_name, config_tuple(value, where, patterns=field_name == "exclude"))
-        if self.layer_alphas is not None and (not self.layer_alphas or not all(map(_is_alpha, self.layer_alphas))):
-            raise ValueError(
-                f"{name}.layer_alphas must be a non-empty list of finite numbers > 0, one per projected layer, "
-                f"got {self.layer_alphas!r}"
-            )
-        stride = self.conv_patch_stride
-        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-            raise ValueError(f"{name}.conv_patch_stride must be an integer ≥ 1, got {stride!r} (official: 2)")
-        clip = self.clip_grad_norm
-        if clip is not None and not _is_alpha(clip):
-            raise ValueError(
-                f"{name}.clip_grad_norm must be a finite number > 0 or None (no clipping), got {clip!r} (official: 10)"
-            )
+    RULES: ClassVar[dict[str, Rule]] = {
+        "conv_alpha": number(above=0, fix="official: 1e-5; α decays from 1 to it within each task"),
+        "first_linear_alpha": number(above=0, fix="official: 1e-4; α decays from 1 to it within each task"),
+        "linear_alpha": number(above=0, fix="official: 1e-2; α decays from 1 to it within each task"),
+        "output_alpha": number(above=0, fix="official: 0.1; α decays from 1 to it within each task"),
+        "layer_alphas": optional(
+            entries(number(above=0), non_empty=True, fix="one per projected layer"), "to use the four defaults"
+        ),
+        "conv_patch_stride": count(fix="official: 2"),
+        "clip_grad_norm": optional(number(above=0, fix="official: 10"), "for no clipping"),
+        "exclude": patterns(),
+    }
 
 
 # -- the maths -----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -17,6 +17,7 @@ from ness.methods.base import Forward, register
 from ness.methods.gpm import GPM, GPMConfig
 from ness.models import call_model
 from ness.subspace import GradientProjection, MemoryUpdate, gradient_projection, projected_norms, sgp_importance
+from ness.validation import Rule, number
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,10 @@ class SGPConfig(GPMConfig):
     scale_coefficient: float = 10.0
     """α of the importance map f(x) = (α+1)·x / (α·x + max x), ≥ 0: larger α pushes every λ towards 1 (GPM)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        alpha = self.scale_coefficient
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-            raise ValueError(f"SGPConfig.scale_coefficient must be a finite number ≥ 0, got {alpha!r} (SGP uses 10)")
+    RULES: ClassVar[dict[str, Rule]] = {
+        **GPMConfig.RULES,
+        "scale_coefficient": number(at_least=0, fix="SGP uses 10"),
+    }
 
 
 @register

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ness.methods.base import Forward, is_count, is_number, labelled_batches, register
+from ness.methods.base import Forward, labelled_batches, register
 from ness.methods.gpm import GPM, GPMConfig, draw_samples
 from ness.models import call_model
 from ness.subspace import (
@@ -29,6 +29,7 @@ from ness.subspace import (
     grow_basis,
     residual_covariance,
 )
+from ness.validation import Rule, count, flag, number
 
 SCALES = "trust_region_scales"
 """Name of the nn.ParameterList each TRGP layer holds its open task's Λ_s in (inside the model, so a restored
@@ -66,30 +67,19 @@ class TRGPConfig(GPMConfig):
     """False: 1×1 convolutions (the ResNet shortcuts) never use scales, as in the official ResNet, which calls
     them without spaces (§5.2, §12b); they are projected either way."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        name = type(self).__name__
-        if not is_number(self.regime_threshold) or not 0 <= self.regime_threshold <= 1:
-            raise ValueError(
-                f"{name}.regime_threshold must be a number in [0, 1], got {self.regime_threshold!r}: it is ε₁, "
-                "the largest fraction ‖g Q Qᵀ‖/‖g‖ of regime 1 (TRGP uses 0.5; 0.2 on Permuted MNIST)"
-            )
-        if not is_count(self.top_k):
-            raise ValueError(f"{name}.top_k must be an integer ≥ 1, got {self.top_k!r} (TRGP uses 2)")
-        if not is_count(self.gradient_samples):
-            raise ValueError(
-                f"{name}.gradient_samples must be an integer ≥ 1, got {self.gradient_samples!r} "
-                "(TRGP uses 125 on CIFAR-100, 500 on 5-datasets and miniImageNet)"
-            )
-        for flag in (
-            "latest_task_only_at_t2",
-            "memory_off_by_one",
-            "train_batchnorm",
-            "scales_need_first_layer",
-            "scale_shortcuts",
-        ):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"{name}.{flag} must be True or False, got {getattr(self, flag)!r}")
+    RULES: ClassVar[dict[str, Rule]] = {
+        **GPMConfig.RULES,
+        "regime_threshold": number(
+            at_least=0, at_most=1, fix="ε₁, the largest ‖g Q Qᵀ‖/‖g‖ of regime 1; TRGP uses 0.5, 0.2 on Permuted MNIST"
+        ),
+        "top_k": count(fix="TRGP uses 2"),
+        "gradient_samples": count(fix="TRGP uses 125 on CIFAR-100, 500 on 5-datasets and miniImageNet"),
+        "latest_task_only_at_t2": flag(),
+        "memory_off_by_one": flag(),
+        "train_batchnorm": flag(),
+        "scales_need_first_layer": flag(),
+        "scale_shortcuts": flag(),
+    }
 
 
 # -- the maths, as pure functions ------------------------------------------------------------------------------
