@@ -118,9 +118,12 @@ def test_bf16_autocast_trains_and_keeps_the_bound(tmp_path) -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_a_method_that_changes_the_loss_is_refused() -> None:
+def test_a_method_that_changes_the_loss_or_reads_tensor_batches_is_refused() -> None:
     model = gpt2()
-    check_trainer_method(build_method("gpm", model))  # acts on gradients only: allowed
+    for name in ("ness", "l2", "finetune"):
+        check_trainer_method(build_method(name, model))  # allowed
+    with pytest.raises(TypeError, match="gpm reads \\(inputs, labels\\) tensor batches"):
+        check_trainer_method(build_method("gpm", model))
 
     class OwnLoss(FineTune):
         name = "own-loss"

@@ -44,13 +44,20 @@ class ContinualCallback(TrainerCallback):
 
 
 def check_trainer_method(method: ContinualMethod) -> None:
-    """Raise when `method` changes the loss or the step, which the Trainer computes itself (HAT, OWM, DFGP, ...)."""
+    """Raise when `method` cannot train through the Trainer: it changes the loss or the step, which the Trainer
+    computes itself (HAT, OWM, DFGP, FS-DGPM), or its task hooks do not read mapping batches (`mapping_batches`)."""
     own = [hook for hook in _TRAINER_DRIVES if getattr(type(method), hook) is not getattr(ContinualMethod, hook)]
     if own:
         raise TypeError(
             f"{method.name} overrides {', '.join(own)}: it changes the loss or the optimiser step, which "
-            "transformers.Trainer computes itself. Train it with ness's trainer (ness.trainer.train_sequence) or an "
-            "own loop; through the Trainer go the methods that act on gradients and weights only (NESS, GPM, EWC, ...)"
+            "transformers.Trainer computes itself. Train it with ness's trainer (ness.trainer.run_continual) or an "
+            "own loop"
+        )
+    if not method.mapping_batches:
+        raise TypeError(
+            f"{method.name} reads (inputs, labels) tensor batches at its task boundaries, not the Trainer's mapping "
+            "batches (input_ids, attention_mask, ...); through the Trainer go NESS, l2 and finetune. Train it with "
+            "ness's trainer (ness.trainer.run_continual) or an own loop"
         )
 
 

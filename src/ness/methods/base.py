@@ -235,6 +235,9 @@ class ContinualMethod:
     --save-adapters`): NESS does."""
     distributed_reason: ClassVar[str] = ""
     """With distributed_ok False, why: what in its step depends on each rank's own rows."""
+    mapping_batches: ClassVar[bool] = False
+    """Whether its task hooks read mapping batches (a Hugging Face batch: input_ids, attention_mask, ...) and train
+    through a plain loss on one task's data: what `ness.hf.train_task` needs. NESS, L2 and fine-tuning do."""
 
     def __init__(self, model: nn.Module, config: Any = None, forward: Forward = call_model) -> None:
         self.model = model

@@ -20,3 +20,4 @@ class FineTune(ContinualMethod):
     name = "finetune"
     config_class = FineTuneConfig
     distributed_ok = True
+    mapping_batches = True

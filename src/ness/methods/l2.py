@@ -30,6 +30,7 @@ class L2(ContinualMethod):
     name = "l2"
     config_class = L2Config
     distributed_ok = True  # the penalty's gradient is the same on every rank
+    mapping_batches = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -288,6 +288,7 @@ class NESS(ContinualMethod):
     config_class = NESSConfig
     distributed_ok = True
     saves_adapters = True
+    mapping_batches = True
 
     def __init__(self, model: nn.Module, config: NESSConfig | None = None, forward: Forward = call_model) -> None:
         super().__init__(model, config, forward)
