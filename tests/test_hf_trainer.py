@@ -142,3 +142,13 @@ def test_an_optimiser_made_before_the_bases_is_refused(tmp_path) -> None:
     trainer.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="already holds an optimiser"):
         train_task(trainer, method, 0)
+
+
+def test_several_processes_are_refused(tmp_path, monkeypatch) -> None:
+    model = gpt2()
+    method = NESS(model, CONFIG)
+    trainer = trainer_for(model, tmp_path, token_task(0))
+    monkeypatch.setattr(type(trainer.args), "world_size", property(lambda self: 2))
+    with pytest.raises(RuntimeError, match=r"runs on 2 processes; ness\.hf trains in one process"):
+        train_task(trainer, method, 0)
+    assert method.active_task is None  # refused before anything began

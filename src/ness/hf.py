@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
+from ness import distributed
 from ness.methods.base import ContinualMethod
 
 _TRAINER_DRIVES = ("training_loss", "training_step", "begin_step")
@@ -76,6 +77,12 @@ def train_task(
     The Trainer must make its own optimiser (no `optimizers=` at construction): it is made in `trainer.train()`,
     after the bases, over the parameters the method trains in task t, and dropped after the task."""
     check_trainer_method(method)
+    if distributed.world_size() > 1 or trainer.args.world_size > 1:
+        raise RuntimeError(
+            f"train_task({t}): the Trainer runs on {trainer.args.world_size} processes; ness.hf trains in one process "
+            "for now (its statistics pass would read a loader the Trainer already splits between the ranks). Train "
+            "data-parallel with ness's trainer under torchrun (`torchrun ... -m ness run`)"
+        )
     if trainer.optimizer is not None:
         raise ValueError(
             f"train_task({t}): the trainer already holds an optimiser, made before task {t}'s adapters existed, so "
