@@ -11,7 +11,6 @@ here is the identity or a no-op.
 from __future__ import annotations
 
 import datetime
-import gc
 import inspect
 import logging
 import os
@@ -301,19 +300,12 @@ class DataParallel:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        """Drop the DDP wrapper now: it sits in reference cycles, so only a collection frees its reducer, whose hooks
-        stay on the parameters and whose gradient buckets are as large as the trained parameters."""
-        if self.ddp is not None:
-            self.ddp = None
-            gc.collect()
+        self.ddp = None  # its reducer goes with it: its hooks on the parameters and its gradient buckets
 
     def _wrapper(self) -> DistributedDataParallel:
         trainable = [p.requires_grad for p in self.module.parameters()]
         if self.ddp is None or trainable != self.wrapped:
-            self._release()
+            self.ddp = None  # the old reducer's hooks leave the parameters before the new one adds its own
             self.ddp = _ddp_without_buffer_sync(self.module)
             self.ddp.register_comm_hook(self.rows, _weighted_all_reduce)
             self.wrapped = trainable
