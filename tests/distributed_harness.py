@@ -59,7 +59,8 @@ def gradient_worker(rank: int, world: int, init_file: str, out: str) -> None:
     """Check, on every rank, that the gradient a DataParallel step leaves from each shard's mean loss equals the
     single-process gradient of the global batch's mean loss, for unequal shards (3 rows on 2 ranks), an empty shard
     (1 row on 2 ranks: rank 1 gets a zero-weighted placeholder), two accumulated backward passes in one step, and a
-    head that only one rank's rows reach (rows 1 and 3 of task 1 all go to rank 1) or none does. The loss is
+    head that only one rank's rows reach (rows 1 and 3 of task 1 all go to rank 1) or none does, and a step with
+    the trunk frozen between others that train it (DDP must wrap anew each time what trains changes). The loss is
     joint training's (each row through its own head, the heads applied outside the model's forward). A step that
     computes its loss without training_loss must raise. Writes the largest difference."""
     from ness import distributed
@@ -70,22 +71,36 @@ def gradient_worker(rank: int, world: int, init_file: str, out: str) -> None:
     try:
         method = FineTune(two_heads())
         params = list(method.model.parameters())
+        trunk = list(method.model.backbone.parameters())
         cases = []
-        for tasks, passes in (([0, 0, 0], 1), ([0], 1), ([0, 1, 0, 1, 0, 0, 0], 2), ([0, 1, 0, 1], 1)):
+        for tasks, passes, frozen in (
+            ([0, 0, 0], 1, False),
+            ([0], 1, False),
+            ([0, 1, 0, 1, 0, 0, 0], 2, False),
+            ([0, 1, 0, 1], 1, True),
+            ([0, 1, 1], 1, False),
+        ):
             tasks = torch.tensor(tasks)
             x = torch.randn(tasks.numel(), 5, dtype=torch.float64)
             y = torch.randint(0, 3, (tasks.numel(),))
-            cases.append((x, y, tasks, passes, global_gradients(method, x, y, tasks, passes)))
+            for p in trunk:
+                p.requires_grad_(not frozen)
+            cases.append((x, y, tasks, passes, frozen, global_gradients(method, x, y, tasks, passes)))
         # The references first: DDP counts a backward pass outside its forward as one of several it will average
         # together (its no_sync), so one between its steps would mark head 1 used on every rank.
         worst = 0.0
         with distributed.DataParallel(method, params) as data_parallel:
-            for x, y, tasks, passes, expected in cases:
+            wrapped, was_frozen = None, False
+            for x, y, tasks, passes, frozen, expected in cases:
+                for p in trunk:
+                    p.requires_grad_(not frozen)
                 part = distributed.shard(x, y, tasks)
                 method.model.zero_grad(set_to_none=True)
                 with data_parallel.step(part, (0,)):
                     for _ in range(passes):
                         method.training_loss(0, part.x, part.y, part.tasks).backward()
+                assert (data_parallel.ddp is wrapped) == (wrapped is not None and frozen == was_frozen)
+                wrapped, was_frozen = data_parallel.ddp, frozen
                 for p, g in zip(params, expected, strict=True):
                     # No rank's rows reach head 1 in the 1-row batch: its .grad stays None, as in one process.
                     assert (p.grad is None) == (g is None)
@@ -93,7 +108,7 @@ def gradient_worker(rank: int, world: int, init_file: str, out: str) -> None:
                         assert torch.isfinite(p.grad).all()
                         worst = max(worst, float((p.grad - g).abs().max()))
             # A step that calls the model itself bypasses DDP, which then averages nothing: an error on every rank.
-            x, y, tasks, _, _ = cases[0]
+            x, y, tasks, *_ = cases[0]
             part = distributed.shard(x, y, tasks)
             try:
                 with data_parallel.step(part, (1,)):
