@@ -1,10 +1,11 @@
 """Data-parallel training with torch.distributed (gloo, 2 CPU processes) against a single process.
 
 `python -m torch.distributed.run --nproc_per_node 2 -m ness run ...` must give the single process's results up to
-float round-off: the gradients are all-reduced in another summation order, so weights differ by ~1e-7 relative,
-which moves no test prediction on Split Digits and the NESS projectors U·Uᵀ by ~1e-7. Also: the gradient weighting
-of unequal and empty shards against an explicit single-process gradient, a rank killed mid-run failing the whole
-command quickly with no results, and a refused method's error.
+float round-off: DistributedDataParallel all-reduces the gradients in another summation order, so weights differ by
+~1e-7 relative, which moves no test prediction on Split Digits and the NESS projectors U·Uᵀ by ~1e-7. Also: the
+gradient weighting of unequal and empty shards against an explicit single-process gradient, the trainer's steps
+going through DDP, a rank killed mid-run failing the whole command quickly with no results, and a refused method's
+error.
 """
 
 from __future__ import annotations
@@ -114,17 +115,33 @@ def test_gpm_with_sam_and_empty_shards_matches_one_process(tmp_path: Path) -> No
         assert t2["train_loss"] == pytest.approx(t1["train_loss"], rel=1e-5)
 
 
-def test_gradient_weighting_of_unequal_and_empty_shards(tmp_path: Path) -> None:
+def spawn_two(worker_name: str, tmp_path: Path) -> list[str]:
+    """Run distributed_harness.WORKER_NAME in 2 spawned processes (gloo over a file store); what each wrote."""
     sys.path.insert(0, str(HERE))
     try:
-        from distributed_harness import gradient_worker
+        import distributed_harness
     finally:
         sys.path.remove(str(HERE))
-    out = tmp_path / "worst"
-    torch.multiprocessing.spawn(gradient_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
-    for rank in (0, 1):
-        worst = float(Path(f"{out}.{rank}").read_text())
-        assert worst < 1e-12, (rank, worst)
+    out = tmp_path / "out"
+    worker = getattr(distributed_harness, worker_name)
+    torch.multiprocessing.spawn(worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
+    return [Path(f"{out}.{rank}").read_text() for rank in (0, 1)]
+
+
+def test_gradient_weighting_of_unequal_and_empty_shards(tmp_path: Path) -> None:
+    for rank, worst in enumerate(spawn_two("gradient_worker", tmp_path)):
+        assert float(worst) < 1e-12, (rank, worst)
+
+
+def test_the_trainer_steps_through_distributed_data_parallel(tmp_path: Path) -> None:
+    """Every training step's loss is a forward pass of torch's DistributedDataParallel, and its reducer hands the
+    gradient buckets to the rows-weighted all-reduce; the ranks end with the same weights."""
+    for rank, written in enumerate(spawn_two("trainer_worker", tmp_path)):
+        counts = json.loads(written)
+        assert counts["steps"] == 18, (rank, counts)  # 2 epochs of 3 batches (task 0), then of 6 (tasks 0 and 1)
+        assert counts["forwards"] == counts["steps"], (rank, counts)
+        assert counts["buckets"] >= counts["steps"], (rank, counts)
+        assert counts["worst"] == 0.0, (rank, counts)
 
 
 def test_a_killed_rank_fails_the_run_and_both_ranks_resume(tmp_path: Path) -> None:

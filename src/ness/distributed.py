@@ -1,25 +1,32 @@
 """Data-parallel training over several processes started by torchrun (`torchrun --nproc_per_node N -m ness run ...`).
 
-Every rank builds the same run (same seed, same data order) and keeps rows rank::world of each global batch. The
-gradients of each backward pass are averaged so that the update equals the single-process update on the whole
-global batch; statistics passes reduce their sums, so every rank builds the same bases. Only rank 0 writes files.
-In a single process (no WORLD_SIZE > 1 in the environment) every function here is the identity or a no-op.
+Every rank builds the same run (same seed, same data order) and keeps rows rank::world of each global batch. Torch's
+DistributedDataParallel drives each training step (`DataParallel`): it all-reduces the gradients of each backward pass
+while the pass runs, weighted by each rank's rows, so that the update equals the single-process update on the whole
+global batch. Statistics passes reduce their sums here (`all_reduce_sum`, `all_gather_rows`), so every rank builds
+the same bases. Only rank 0 writes files. In a single process (no WORLD_SIZE > 1 in the environment) every function
+here is the identity or a no-op.
 """
 
 from __future__ import annotations
 
 import datetime
+import inspect
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.autograd import Variable
+from torch.nn.parallel import DistributedDataParallel
+
+if TYPE_CHECKING:
+    from ness.methods.base import ContinualMethod
 
 from ness.batches import ModelInputs, batch_rows, select_rows
 
@@ -110,8 +117,8 @@ def check_method(method_class: type, name: str) -> None:
         raise ValueError(
             f"method {name!r} ({method_class.__name__}) does not declare whether it trains data-parallel: set "
             "`distributed_ok = True` in its class once its step uses the batch only through the mean gradient of its "
-            "loss and its task-boundary passes give every rank the same result (else False, with "
-            "`distributed_reason`), or run it in a single process"
+            "loss, computed with training_loss, and its task-boundary passes give every rank the same result (else "
+            "False, with `distributed_reason`), or run it in a single process"
         )
     if not declared:
         reason = (
@@ -221,122 +228,133 @@ def shard_keys(rows: int, part: Shard, generator: torch.Generator) -> Tensor:
     return keys.view(part.total, per_sample)[part.indices].reshape(-1)
 
 
-# -- gradient averaging ------------------------------------------------------------------------------------
+# -- the data-parallel step (torch's DistributedDataParallel) ---------------------------------------------
+
+
+class _TrainingLoss(nn.Module):
+    """A method's `training_loss` as a module, so that DDP's forward runs all of it: every parameter the loss
+    reaches (through the model, a task head applied outside the model's forward in joint training, a penalty) is in
+    the graph DDP searches for the parameters a step leaves without a gradient."""
+
+    def __init__(self, method: ContinualMethod, extra: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.model = method.model
+        self.extra = nn.ParameterList(extra)  # trained parameters that live outside the model
+        self.loss = method.training_loss
+
+    def forward(self, t: int, x: Tensor, y: Tensor, tasks: Tensor | None) -> Tensor:
+        return self.loss(t, x, y, tasks)
 
 
 @dataclass
-class StepRows:
+class _StepRows:
     """The rows of the training step under way: this rank's and the global batch's."""
 
-    rows: int
-    total: int
+    rows: int = 0
+    total: int = 1
 
 
-_step: StepRows | None = None
+def _weighted_all_reduce(step: _StepRows, bucket):  # unannotated: DDP reads the annotations, these would be strings
+    """DDP's all-reduce of a gradient bucket (a dist.GradBucket; returns a Future of the reduced tensor), weighted by
+    rows: Σ_r n_r·g_r / N, where g_r is rank r's gradient of its mean loss over its n_r rows, is the gradient of the
+    mean loss over the global batch of N rows even when the shards differ in size (DDP's own hook takes the plain
+    mean over the ranks). A gradient every rank computes alike (a penalty) comes out unchanged, since
+    Σ_r n_r·g / N = g; a placeholder shard adds 0."""
+    total = step.total
+    buffer = bucket.buffer().mul_(step.rows)
+    return dist.all_reduce(buffer, async_op=True).get_future().then(lambda done: done.value()[0].div_(total))
 
 
-class GradientAverager:
-    """Makes every backward pass's gradient of `params` the global batch's: Σ_r n_r·g_r / N over the ranks, where
-    g_r is rank r's gradient of its mean loss over its n_r rows. A gradient identical on every rank (EWC's penalty,
-    HAT's regulariser) is left unchanged, since Σ_r n_r·g / N = g.
+def _ddp_without_buffer_sync(module: nn.Module) -> DistributedDataParallel:
+    """DDP that finds the parameters a step leaves without a gradient and broadcasts no buffer before its forward
+    (torch ≥ 2.13 names that `forward_sync_buffers`, earlier versions `broadcast_buffers`)."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return DistributedDataParallel(module, find_unused_parameters=True, forward_sync_buffers=False)
+    return DistributedDataParallel(module, find_unused_parameters=True, broadcast_buffers=False)
 
-    Tensor hooks see each pass's own gradient before it is added to .grad; one callback at the end of the pass
-    then all-reduces them in one flat tensor in a fixed order and sets .grad = (.grad before the pass) + average.
-    Two passes in one step (SAM) are each averaged once, and a parameter that got no gradient on some rank (a task
-    head without rows there, in joint training) still gets the global one. Use as a context manager.
+
+class DataParallel:
+    """The training steps of one task under torch's DistributedDataParallel (in a single process: no-ops).
+
+    DDP runs the method's `training_loss` as its forward and all-reduces each backward pass's gradients in buckets
+    while the pass runs, so they are the global batch's when backward() returns: before the method's after_backward
+    acts on them (GPM's projection, EWC's penalty, HAT's masks), and for each of SAM's two passes. Its all-reduce
+    weights each rank by its rows (`_weighted_all_reduce`). DDP is told to look for parameters without a gradient
+    (`find_unused_parameters`): a rank's rows may not reach a trained parameter (joint training's heads of tasks not
+    in its shard, a layer the task does not call); such a parameter still gets the other ranks' gradient, and one no
+    rank reaches keeps .grad None, as in a single process. DDP watches the parameters that require a gradient when
+    it wraps, so it wraps again when that set changes (NESS's adapters and the baselines' freezing change it from task
+    to task; the trainer builds one DataParallel per task). Use as a context manager, one `step` per training step.
     """
 
-    def __init__(self, params: Iterable[nn.Parameter]) -> None:
-        unique = {id(p): p for p in params if p.requires_grad}
-        self.params = list(unique.values())
-        self.local: dict[int, Tensor] = {}
-        self.before: dict[int, Tensor | None] = {}
-        self.queued = False
-        self.handles: list[Any] = []
+    def __init__(self, method: ContinualMethod, params: Iterable[nn.Parameter]) -> None:
+        self.method = method
+        in_model = {id(p) for p in method.model.parameters()}
+        extra = list({id(p): p for p in params if id(p) not in in_model}.values())
+        self.module = _TrainingLoss(method, extra)
+        self.ddp: DistributedDataParallel | None = None
+        self.wrapped: list[bool] = []
+        """requires_grad of each of the module's parameters when DDP wrapped it."""
+        self.rows = _StepRows()
+        self.forwards = 0
+        """Forward passes of the loss through DDP with gradients on (a step must run at least one)."""
 
-    def __enter__(self) -> GradientAverager:
-        if active():
-            self.handles = [p.register_hook(self._capture_hook(i)) for i, p in enumerate(self.params)]
+    def __enter__(self) -> DataParallel:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        self.ddp = None  # its reducer goes with it: its hooks on the parameters and its gradient buckets
 
-    def _capture_hook(self, index: int) -> Any:
-        param = self.params[index]
+    def _wrapper(self) -> DistributedDataParallel:
+        trainable = [p.requires_grad for p in self.module.parameters()]
+        if self.ddp is None or trainable != self.wrapped:
+            self.ddp = None  # the old reducer's hooks leave the parameters before the new one adds its own
+            self.ddp = _ddp_without_buffer_sync(self.module)
+            self.ddp.register_comm_hook(self.rows, _weighted_all_reduce)
+            self.wrapped = trainable
+        return self.ddp
 
-        def capture(grad: Tensor) -> None:
-            self.local[index] = grad.detach()
-            self.before[index] = None if param.grad is None else param.grad.detach().clone()
-            if not self.queued:
-                self.queued = True
-                Variable._execution_engine.queue_callback(self._average)
+    def _loss(self, ddp: DistributedDataParallel, t: int, x: Tensor, y: Tensor, tasks: Tensor | None = None) -> Tensor:
+        """The method's training loss, computed by DDP's forward (what the method's step calls during a step)."""
+        if torch.is_grad_enabled():
+            self.forwards += 1
+        return ddp(t, x, y, tasks)
 
-        return capture
-
-    @torch.no_grad()
-    def _average(self) -> None:
-        self.queued = False
-        if _step is None:
-            raise RuntimeError("a backward pass ran outside a training step: the averaged gradient has no weights")
-        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, p in enumerate(self.params):
-            groups.setdefault((p.device, p.dtype), []).append(i)
-        for indices in groups.values():
-            # A rank's weight n_r multiplies its mean-loss gradient; the sum over ranks divided by N is the
-            # gradient of the mean loss over the global batch. The last entries count the ranks where each
-            # parameter got a gradient: one no rank reached keeps .grad None, as in a single process (the
-            # optimiser then skips it, momentum and weight decay included).
-            reached = self.params[indices[0]].new_tensor([float(i in self.local) for i in indices])
-            flat = torch.cat(
-                [
-                    *(
-                        (self.local[i] * _step.rows).reshape(-1)
-                        if i in self.local
-                        else self.params[i].new_zeros(self.params[i].numel())
-                        for i in indices
-                    ),
-                    reached,
-                ]
-            )
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            reached = flat[-len(indices) :] > 0
-            flat /= _step.total
-            offset = 0
-            for i, any_rank in zip(indices, reached.tolist(), strict=True):
-                p = self.params[i]
-                average = flat[offset : offset + p.numel()].view_as(p)
-                offset += p.numel()
-                if not any_rank:
-                    continue
-                before = self.before[i] if i in self.local else p.grad
-                p.grad = average.clone() if before is None else before + average
-        self.local.clear()
-        self.before.clear()
-
-
-@contextmanager
-def training_step(model: nn.Module, part: Shard, position: tuple[int, ...]) -> Iterator[None]:
-    """The block runs one training step on `part`: the gradient hooks weight it by its rows, and dropout draws
-    from a stream of its own per rank and step (seeded from `position` and the global RNG without advancing it),
-    so the global RNG stays the same on every rank whatever the shard sizes. The normalisation layers' buffers
-    (BatchNorm running statistics) are then copied from rank 0, as DDP does, so every rank holds the same model."""
-    global _step
-    if not active():
-        yield
-        return
-    _step = StepRows(part.rows, part.total)
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            base = int(torch.randint(2**62, ()))
-            torch.manual_seed(hash((base, *position, rank())) % 2**63)
+    @contextmanager
+    def step(self, part: Shard, position: tuple[int, ...]) -> Iterator[None]:
+        """The block runs one training step on `part`: the method's `training_loss` goes through DDP, whose
+        all-reduce weights this rank by its rows, and dropout draws from a stream of its own per rank and step
+        (seeded from `position` and the global RNG without advancing it), so the global RNG stays the same on every
+        rank whatever the shard sizes. The normalisation layers' buffers (BatchNorm running statistics) are then
+        copied from rank 0, so every rank holds the same model: DDP's own buffer broadcast would send every buffer
+        (NESS's bases too) before each forward and leave the last step's statistics different across ranks."""
+        if not active():
             yield
-    finally:
-        _step = None
-    for module in model.modules():  # only normalisation statistics change in a step; NESS's U buffers never do
-        if isinstance(module, nn.modules.batchnorm._NormBase):
-            for buffer in module.buffers(recurse=False):
-                dist.broadcast(buffer, src=0)
+            return
+        ddp = self._wrapper()
+        self.rows.rows, self.rows.total = part.rows, part.total
+        forwards = self.forwards
+        own = vars(self.method).get("training_loss")  # an instance's own loss function, put back afterwards
+        self.method.training_loss = partial(self._loss, ddp)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                base = int(torch.randint(2**62, ()))
+                torch.manual_seed(hash((base, *position, rank())) % 2**63)
+                yield
+        finally:
+            if own is None:
+                del self.method.training_loss
+            else:
+                self.method.training_loss = own
+        if self.forwards == forwards:
+            raise RuntimeError(
+                f"{type(self.method).__name__}.training_step computed no loss with training_loss, so "
+                "DistributedDataParallel saw no forward pass and averaged no gradient: the ranks now hold different "
+                "models. A method that trains data-parallel computes its step's loss with self.training_loss (the "
+                "default training_step does); else declare distributed_ok = False"
+            )
+        for module in ddp.module.modules():  # only normalisation statistics change in a step
+            if isinstance(module, nn.modules.batchnorm._NormBase):
+                for buffer in module.buffers(recurse=False):
+                    dist.broadcast(buffer, src=0)

@@ -262,10 +262,10 @@ def train_task(
     model.train()
     trained = [p for group in loop.optimizer.param_groups for p in group["params"]] if loop.optimizer else []
     sets = training_sets(sources, config.device) if not loop.finished else []
-    with bar, distributed.GradientAverager(trained):  # several processes: each pass's gradient is the global batch's
+    with bar, distributed.DataParallel(method, trained) as data_parallel:  # several processes: DDP drives the steps
         while not loop.finished:
             started = time.perf_counter()
-            record = train_epoch(method, t, sources, sets, config, generator, loop, batches_per_epoch)
+            record = train_epoch(method, t, sources, sets, config, generator, loop, batches_per_epoch, data_parallel)
             loop.train_seconds += time.perf_counter() - started
             if after_epoch is not None:
                 after_epoch(loop, record)
@@ -346,9 +346,11 @@ def train_epoch(
     generator: torch.Generator,
     loop: TaskLoop,
     batches_per_epoch: int,
+    data_parallel: distributed.DataParallel,
 ) -> dict[str, Any]:
     """One epoch of task t (its batches drawn from `sets`), then the lr schedule's step on `sources`' validation
-    data; updates `loop` and returns the epoch's figures."""
+    data; updates `loop` and returns the epoch's figures. With several processes each rank trains on its shard of
+    every batch, in `data_parallel`'s steps."""
     epoch, lr = loop.epochs_done, loop.lr
     monitor = LossMonitor(t, epoch, lr, torch.device(config.device))
     single = not distributed.active()
@@ -359,7 +361,7 @@ def train_epoch(
             monitor.add(loss, x.shape[0])
             continue
         part = distributed.shard(x, y, tasks)  # several processes: this rank's rows of the global batch
-        with distributed.training_step(method.model, part, (t, epoch, step)):
+        with data_parallel.step(part, (t, epoch, step)):
             loss = method.training_step(t, part.x, part.y, loop.optimizer, monitor.check, part.tasks)
         monitor.add(loss, part.rows)
     total, count = distributed.sum_over_ranks([monitor.sum(), monitor.rows])

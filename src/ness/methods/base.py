@@ -227,7 +227,8 @@ class ContinualMethod:
     config_class: ClassVar[type]
     distributed_ok: ClassVar[bool | None] = None
     """Whether the method trains data-parallel (ness.distributed): its step uses the batch only through the mean
-    gradient of its loss, and its task-boundary passes give every rank the same result. Each method class declares
+    gradient of its loss, computed with `training_loss` (DistributedDataParallel runs it as the forward pass whose
+    gradients it averages), and its task-boundary passes give every rank the same result. Each method class declares
     it itself, True or False (with `distributed_reason`); one that does not (a subclass included: its step may differ
     from its parent's) is refused under torchrun until it does."""
     saves_adapters: ClassVar[bool] = False
