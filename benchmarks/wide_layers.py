@@ -2,22 +2,23 @@
 the statistics pass and of each eigh, the memory, and what a float32 sum does to the null basis.
 
 For each hidden size a LLaMA stack is built from `transformers.LlamaConfig` (random weights, float32, `--layers`
-blocks, an MLP 11008/4096 times as wide as LLaMA-7B's, a vocabulary of 256) and fed `--batches` batches of
-`--batch-size` × `--tokens` random tokens. For each statistics dtype, in a process of its own (so that its memory
-figures are its own), a NESS with the defaults (every Linear layer adapted, energy rule δ = 1e-3; no transfer
-adapter) runs the task boundary: `end_task(0)`, the hooked statistics pass that makes each distinct input's Σxxᵀ
-(q/k/v share one, gate/up another), then `begin_task(1)`, one float64 eigh per distinct sum and the null bases. The
-products of each sum and each eigh are timed by wrapping `CovarianceSum` and `covariance_spectrum` where
-ness.methods.ness calls them. Where a sum is wider than `--max-eigh-dim` (on a CPU its eigh takes many minutes:
-d = 11008 costs 20× d = 4096) begin_task(1) is not run, and the eighs that fit are timed on their own, as
-begin_task runs them (`eigh_device`, `covariance_spectrum`).
+blocks, an MLP 11008/4096 times as wide as LLaMA-7B's, a vocabulary of `--vocab`) and fed `--batches` batches of
+`--batch-size` × `--tokens` random tokens. With fewer rows than d, or a vocabulary smaller than d (the first block's
+q/k/v read one embedding per token), a sum has exact null directions, which an eigh deflates quickly. For each
+statistics dtype, in a process of its own (so that its memory figures are its own), a NESS with the defaults (every
+Linear layer adapted, energy rule δ = 1e-3; no transfer adapter) runs the task boundary: `end_task(0)`, the hooked
+statistics pass that makes each distinct input's Σxxᵀ (q/k/v share one, gate/up another), then `begin_task(1)`, one
+float64 eigh per distinct sum and the null bases. The products of each sum and each eigh are timed by wrapping
+`CovarianceSum` and `covariance_spectrum` where ness.methods.ness calls them. Where a sum is wider than
+`--max-eigh-dim` (on a CPU its eigh takes many minutes: d = 11008 costs 20× d = 4096) begin_task(1) is not run, and
+the eighs that fit are timed on their own, as begin_task runs them (`eigh_device`, `covariance_spectrum`).
 
 The float32 process then compares its sums and bases (the default rule) with the float64 process's, which it left in
 a temporary folder: the sum's relative error (Frobenius), the ranks, ‖P₃₂ − P₆₄‖_F (`projector_distance`) and
 σ_max(U), against the layer's largest σ₁ and its relative change.
 
 Usage: python benchmarks/wide_layers.py [--hidden 2048 4096] [--layers 1] [--batches 4] [--batch-size 2]
-       [--tokens 128] [--dtypes float64 float32] [--device cpu|cuda] [--statistics-device model|cpu]
+       [--tokens 128] [--vocab 256] [--dtypes float64 float32] [--device cpu|cuda] [--statistics-device model|cpu]
        [--max-eigh-dim D] [--threads 2] [--quick] [--json OUT.json]
 --quick: hidden 1024 only, 2 batches of 2 × 64 tokens (under a minute on 2 cores). --max-eigh-dim defaults to 4096 on
 a CPU and to no limit (0) on a GPU. Results go to stdout as markdown tables; BENCHMARKS.md records them.
@@ -124,11 +125,13 @@ def instrumented(device: torch.device, timings: Timings) -> Iterator[None]:
         ness_module.CovarianceSum, ness_module.covariance_spectrum = original_sum, original_spectrum  # type: ignore[misc]
 
 
-def llama_stack(hidden: int, layers: int, tokens: int, device: torch.device) -> torch.nn.Module:
+def llama_stack(hidden: int, args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
+    heads = hidden // 128
     config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=hidden, intermediate_size=intermediate_size(hidden), num_hidden_layers=layers,
-        num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128, max_position_embeddings=tokens,
+        vocab_size=args.vocab, hidden_size=hidden, intermediate_size=intermediate_size(hidden),
+        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=args.tokens,
     )  # fmt: skip
     return transformers.LlamaModel(config).float().to(device).eval()
 
@@ -136,14 +139,15 @@ def llama_stack(hidden: int, layers: int, tokens: int, device: torch.device) -> 
 def token_batches(args: argparse.Namespace, device: torch.device) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     shape = (args.batch_size, args.tokens)
-    ids = [torch.randint(0, 256, shape, generator=g) for _ in range(args.batches)]
+    ids = [torch.randint(0, args.vocab, shape, generator=g) for _ in range(args.batches)]
     return [{"input_ids": x.to(device), "attention_mask": torch.ones(shape, device=device)} for x in ids]
 
 
 def measure(hidden: int, dtype: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     """One hidden size's boundary with `dtype` sums, in this process; with float32, the comparison with float64."""
     device = torch.device(args.device)
-    model = llama_stack(hidden, args.layers, args.tokens, device)
+    model = llama_stack(hidden, args, device)
+    parameters = sum(p.numel() for p in model.parameters())  # before begin_task(1) adds the V's
     batches = token_batches(args, device)
     with torch.no_grad():
         synchronize(device)
@@ -180,7 +184,7 @@ def measure(hidden: int, dtype: str, args: argparse.Namespace, folder: Path) -> 
         "hidden": hidden,
         "intermediate": intermediate_size(hidden),
         "rows": args.batches * args.batch_size * args.tokens,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": parameters,
         "forward_seconds": forward_seconds,
         "pass_seconds": pass_seconds,
         "begin_task_seconds": begin_seconds,
@@ -342,6 +346,7 @@ def child_arguments(args: argparse.Namespace, hidden: int, dtype: str, folder: s
     return [
         "--child", folder, "--hidden", str(hidden), "--dtypes", dtype, "--layers", str(args.layers),
         "--batches", str(args.batches), "--batch-size", str(args.batch_size), "--tokens", str(args.tokens),
+        "--vocab", str(args.vocab),
         "--device", args.device, "--statistics-device", args.statistics_device,
         "--max-eigh-dim", str(args.max_eigh_dim), "--threads", str(args.threads),
     ]  # fmt: skip
@@ -354,6 +359,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--statistics-device", default="model", choices=["model", "cpu"])
