@@ -116,9 +116,9 @@ class NESSConfig:
     scripts, which store only task 0's data (METHODS_SPEC §2.7, a bug kept for --faithful runs)."""
     statistics_dtype: Literal["float64", "float32"] = "float64"
     """The dtype of the per-layer sums Σxxᵀ (that memory='covariance' keeps across tasks) and of their products:
-    'float32' halves their bytes (a LLaMA-sized d = 4096 layer: 64 MiB instead of 128 MiB); each sum is then 2e-7 to 4e-7
-    from the float64 one (relative), which keeps the bases but blurs exact null directions into noise (BENCHMARKS.md,
-    "Wide layers"). Each eigh still runs in float64."""
+    'float32' halves their bytes (a LLaMA-sized d = 4096 layer: 64 MiB instead of 128 MiB); each sum is then
+    1.7e-7 to 3.6e-7 from the float64 one (relative, measured), which keeps the bases but blurs exact null directions
+    into noise (BENCHMARKS.md, "Wide layers"). Each eigh still runs in float64."""
     statistics_device: Literal["model", "cpu"] = "model"
     """Where the kept sums live between tasks: 'model' (on the model's device, where the statistics pass makes them),
     or 'cpu', which frees the GPU of them: each chunk's product is still taken on the model's device, then added on
