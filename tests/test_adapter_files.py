@@ -341,7 +341,7 @@ def test_the_files_hold_the_methods_tensors(tmp_path, name):
     adapters = load_file(directory / "adapter_model.safetensors")
     statistics = load_file(directory / "adapter_statistics.safetensors")
 
-    assert (config["format"], config["format_version"], config["method"]) == ("ness-adapters", 3, "ness")
+    assert (config["format"], config["format_version"], config["method"]) == ("ness-adapters", 4, "ness")
     assert config["config"] == json.loads(json.dumps(asdict(method.config)))
     assert (config["tasks_done"], config["active_task"]) == (2, 2)
     assert config["records"] == json.loads(json.dumps(method.records))
@@ -450,7 +450,7 @@ def test_the_files_hold_each_tasks_transfer_adapter_and_the_open_tasks(tmp_path)
     config = json.loads((directory / "adapter_config.json").read_text())
     adapters = load_file(directory / "adapter_model.safetensors")
 
-    assert (config["format_version"], config["config"]["transfer_rank"], config["transfer_task"]) == (3, 4, 2)
+    assert (config["format_version"], config["config"]["transfer_rank"], config["transfer_task"]) == (4, 4, 2)
     # Task 1's Ū and A on every layer, beside its U and V where its null rank was > 0.
     assert config["tasks"][0]["ranks"] == {"backbone.2": 5}
     assert config["tasks"][0]["transfer_ranks"] == {n: a.shape[0] for n, (_, a) in method.transfers[1].items()}
@@ -649,8 +649,8 @@ def test_bad_directories_and_files_get_clear_errors(saved, tmp_path):
         load(edited_copy(directory, tmp_path / "json", lambda d: (d / "adapter_config.json").write_text("{")))
     with pytest.raises(ValueError, match="not a NESS adapter config: format 'peft'"):
         load(edited_copy(directory, tmp_path / "format", set_config("format", "peft")))
-    with pytest.raises(ValueError, match=r"format version 4; this ness-cl reads versions 1 to 3\..*Upgrade"):
-        load(edited_copy(directory, tmp_path / "version", set_config("format_version", 4)))
+    with pytest.raises(ValueError, match=r"format version 5; this ness-cl reads versions 1 to 4\..*Upgrade"):
+        load(edited_copy(directory, tmp_path / "version", set_config("format_version", 5)))
     with pytest.raises(FileNotFoundError, match=r"no adapter_statistics\.safetensors"):
         load(edited_copy(directory, tmp_path / "gone", lambda d: (d / "adapter_statistics.safetensors").unlink()))
 

@@ -35,8 +35,11 @@ from ness.results import atomic_file, write_json_atomic
 from ness.subspace import SUPPORTED_LAYERS, input_dim, output_dim, supported_layers, weight_matrix
 
 FORMAT = "ness-adapters"
-FORMAT_VERSION = 3
-"""Version 3 added the transfer adapters of NESSConfig.transfer_rank: `transfer.task{t}.{layer}.basis` / `.A` of each
+FORMAT_VERSION = 4
+"""Version 4 stores a statistic that several layers share (layers reading one input, such as q/k/v, share their
+covariance and probe rows) once, under its first key, and lists the other keys in `statistics.aliases` (key → the
+stored key); its sums may be float32 (NESSConfig.statistics_dtype). Files before it hold no alias.
+Version 3 added the transfer adapters of NESSConfig.transfer_rank: `transfer.task{t}.{layer}.basis` / `.A` of each
 finished task, `active.{layer}.transfer_basis` / `.A` of the open one, their ranks (`transfer_ranks` of each entry of
 `tasks` and of `active`) and `transfer_task`. Version 2 added `base_tensors` to the config and
 NESSConfig.modules_to_save to the saved modules. Files of versions 1 and 2 hold no transfer adapter (their NESSConfig
@@ -127,6 +130,7 @@ def save_adapters(method: AdapterMethod, directory: str | Path) -> Path:
         for layer_name, tensors in batchnorm.items():
             statistics.update({f"batchnorm.task{j}.{layer_name}.{key}": v for key, v in tensors.items()})
     statistics["probe_generator"] = state["probe_generator"]
+    statistics, aliases = _stored_once(statistics)
 
     files = {}
     for file_name, tensors in ((ADAPTER_FILE, adapters), (STATISTICS_FILE, statistics)):
@@ -179,12 +183,23 @@ def save_adapters(method: AdapterMethod, directory: str | Path) -> Path:
             "probe_tasks": {name: len(rows) for name, rows in state["probes"].items()},
             "replay_tasks": len(state["replay"]),
             "batchnorm_tasks": len(state["batchnorm_states"]),
+            "aliases": aliases,
         },
         "files": files,
         "records": state["records"],
     }
     write_json_atomic(directory / CONFIG_FILE, config)
     return directory
+
+
+def _stored_once(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """`tensors` with each tensor object once, under its first key, and {other key: that key} for the rest:
+    safetensors refuses tensors that share memory, and layers that read one input share their statistics."""
+    first: dict[int, str] = {}
+    for key, tensor in tensors.items():
+        first.setdefault(id(tensor), key)
+    stored = {key: tensors[key] for key in first.values()}
+    return stored, {key: first[id(tensor)] for key, tensor in tensors.items() if first[id(tensor)] != key}
 
 
 def _finished_transfers(state: dict[str, Any]) -> list[Transfer]:
@@ -313,6 +328,9 @@ class SavedAdapters:
         return _take(self.adapters, key, self.directory / ADAPTER_FILE)
 
     def statistic(self, key: str) -> Tensor:
+        """A statistic by key; a key stored under another's (format version 4: a shared statistic) gives that very
+        tensor, so the layers that shared it share it again."""
+        key = self.config["statistics"].get("aliases", {}).get(key, key)
         return _take(self.statistics, key, self.directory / STATISTICS_FILE)
 
     def task_deltas(self) -> list[dict[str, tuple[Tensor, Tensor]]]:
@@ -894,6 +912,8 @@ def describe_adapters(directory: str | Path) -> str:
             ["layer", *labels],
             [[name, *(str(transfers.get(name, "-")) for _, _, transfers in columns)] for name in config["layers"]],
         )
+    if config["statistics"]["covariance_layers"]:
+        lines += _statistics_lines(saved)
     checked = config.get("base_tensors")
     lines.append(
         f"saved whole: {', '.join(config['modules_to_save']) or 'none'}; other base tensors checked at load: "
@@ -903,6 +923,21 @@ def describe_adapters(directory: str | Path) -> str:
     width = max(map(len, files))
     lines += [f"{name.ljust(width)}  {(saved.directory / name).stat().st_size:>12,} bytes" for name in files]
     return "\n".join(lines)
+
+
+def _statistics_lines(saved: SavedAdapters) -> list[str]:
+    """The kept sums Σxxᵀ, per layer: dtype and bytes, and the layer whose sum it is when layers share one."""
+    aliases = saved.config["statistics"].get("aliases", {})
+    rows, total = [], 0
+    for name in saved.config["statistics"]["covariance_layers"]:
+        key = f"covariance.{name}"
+        covariance = saved.statistic(key)
+        size = covariance.numel() * covariance.element_size()
+        owner = aliases.get(key, key).removeprefix("covariance.")
+        total += size if owner == name else 0
+        rows.append([name, _dtype_name(covariance), f"{size:,}", "" if owner == name else f"= {owner}"])
+    header = f"statistics: Σxxᵀ per layer, {total:,} bytes stored ('= L': layer L's sum, as both read one input)"
+    return [header, *_table(["layer", "dtype", "bytes", "shared"], rows)]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

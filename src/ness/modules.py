@@ -1,13 +1,16 @@
 """Small helpers on module trees and tensors that the methods and the adapter files share: put a module in place of
-another, a tensor's exact digest, and a short list of names for messages."""
+another, a tensor's exact digest, a short list of names for messages, and objects that several entries share."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
+
+T = TypeVar("T")
 
 
 def short_list(names: Sequence[str], most: int = 6) -> str:
@@ -27,3 +30,22 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def distinct(items: Iterable[T]) -> list[T]:
+    """`items` without repeats of the same object (by identity, not value), in order: a statistic that several
+    layers share (they read one input) is counted, reduced or saved once."""
+    return list({id(item): item for item in items}.values())
+
+
+def shared_apply(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """`fn`, applied once per distinct tensor object: tensors that several entries share (the statistics of layers
+    reading one input) stay shared in what it returns, where applying it to each entry would make copies."""
+    done: dict[int, tuple[Tensor, Tensor]] = {}  # id → (the tensor, kept so that its id stays its own; fn of it)
+
+    def apply(tensor: Tensor) -> Tensor:
+        if id(tensor) not in done:
+            done[id(tensor)] = (tensor, fn(tensor))
+        return done[id(tensor)][1]
+
+    return apply

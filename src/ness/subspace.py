@@ -146,6 +146,17 @@ def layer_input_rows(module: nn.Module, x: Tensor, geometry: tuple[int, int] | N
     raise UnsupportedLayerError(f"no layer-input rows for {type(module).__name__}")
 
 
+def row_signature(module: nn.Module) -> tuple[object, ...]:
+    """What `layer_input_rows` does to a layer's input: layers with equal signatures turn the same input tensor into
+    the same rows (any Linear or Conv1D: the input's last dimension; a convolution: its own patches)."""
+    if is_linear(module):
+        return ("linear",)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        geometry = (module.kernel_size, module.stride, module.dilation, conv_padding(module), module.padding_mode)
+        return (type(module).__name__, *geometry)
+    raise UnsupportedLayerError(f"no layer-input rows for {type(module).__name__}")
+
+
 def weight_matrix(module: nn.Module) -> Tensor:
     """The layer's weight as an (o, d) matrix, a view of it: rows · weight_matrixᵀ is the layer without its bias.
     (transformers' Conv1D stores the transpose, d×o; a convolution's kernel is flattened in its rows' order.)"""
@@ -178,28 +189,45 @@ def input_covariance(rows: Tensor) -> Tensor:
 class CovarianceSum:
     """Σxxᵀ over rows that arrive in batches, at the matrix-product limit: the rows are pooled into chunks of at least
     `chunk` (one large product instead of one per small batch) and each chunk's xᵀx, taken in `dtype`, is added in
-    place into a float64 sum.
+    place into a sum kept in `sum_dtype` on `device` (default: the rows' device). The product runs where the rows
+    are; with the sum elsewhere (a model on a GPU, its sums on the CPU) only each chunk's d×d product moves.
 
-    float64 products (the default) keep Σxxᵀ exact to float64 round-off. float32 products run about twice as fast on
-    a CPU but leave a relative error of about 1e-6 (MNIST's first layer): an exact null direction then looks like
-    noise and σ_max(U), which a printed certificate multiplies, moves (BENCHMARKS.md), so NESS uses float64."""
+    float64 products and sum (the default) keep Σxxᵀ exact to float64 round-off. float32 products run about twice as
+    fast on a CPU but leave a relative error of about 1e-6 (MNIST's first layer): an exact null direction then looks
+    like noise and σ_max(U), which a printed certificate multiplies, moves (BENCHMARKS.md). A float32 sum halves the
+    bytes kept per layer (NESSConfig.statistics_dtype), at that same precision."""
 
-    def __init__(self, chunk: int = 4096, dtype: torch.dtype = torch.float64) -> None:
-        self.chunk, self.dtype = chunk, dtype
+    def __init__(
+        self,
+        chunk: int = 4096,
+        dtype: torch.dtype = torch.float64,
+        *,
+        sum_dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.chunk, self.dtype, self.sum_dtype, self.device = chunk, dtype, sum_dtype, device
         self.total: Tensor | None = None
         self._pending: list[Tensor] = []
         self._rows = 0
 
     def add(self, rows: Tensor) -> None:
         if self.total is None:
-            self.total = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
+            device = rows.device if self.device is None else self.device
+            self.total = torch.zeros(rows.shape[1], rows.shape[1], dtype=self.sum_dtype, device=device)
         self._pending.append(rows.detach())
         self._rows += rows.shape[0]
         if self._rows >= self.chunk:
             self._flush()
 
+    def copy(self) -> CovarianceSum:
+        """An independent sum holding what this one holds: the total cloned, the pooled rows shared (never changed)."""
+        twin = CovarianceSum(self.chunk, self.dtype, sum_dtype=self.sum_dtype, device=self.device)
+        twin.total = None if self.total is None else self.total.clone()
+        twin._pending, twin._rows = list(self._pending), self._rows
+        return twin
+
     def result(self) -> Tensor:
-        """The float64 sum of every row's xxᵀ so far."""
+        """The sum of every row's xxᵀ so far (in `sum_dtype`, on `device`)."""
         self._flush()
         if self.total is None:
             raise ValueError("no rows were added")
@@ -210,7 +238,7 @@ class CovarianceSum:
             return
         rows = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
         rows = rows.to(self.dtype)
-        self.total += rows.T @ rows  # type: ignore[operator]
+        self.total += (rows.T @ rows).to(self.total.device, self.sum_dtype)  # type: ignore[union-attr]
         self._pending, self._rows = [], 0
 
 
@@ -323,10 +351,57 @@ def null_basis(
     rank: int | None = None,
 ) -> NullBasis:
     """The approximate null space of the inputs summarised by `covariance` (d×d), chosen by `rule` (`null_rank`)."""
-    spectrum = covariance_spectrum(covariance, name)
+    return spectrum_null_basis(covariance_spectrum(covariance, name), eps1, rule, delta=delta, rank=rank)
+
+
+def spectrum_null_basis(
+    spectrum: Spectrum,
+    eps1: float | None,
+    rule: ThresholdRule = "frobenius",
+    *,
+    delta: float | None = None,
+    rank: int | None = None,
+) -> NullBasis:
+    """`null_basis` from a covariance's spectrum: layers that share a covariance pay for one eigh, whatever rules."""
     sigma = spectrum.singular_values
     r, tau = null_rank(sigma, rule, eps1, delta, rank)  # σ ascending, so the kept directions are the first r
-    return NullBasis(spectrum.eigenvectors[:, :r], sigma, tau, spectrum.fallback)
+    basis = spectrum.eigenvectors[:, :r]
+    if r < basis.shape[0]:  # a copy of the r columns, so that the d×d eigenvectors need not outlive the eigh's user
+        basis = basis.clone()
+    return NullBasis(basis, sigma, tau, spectrum.fallback)
+
+
+EIGH_COPIES = 6
+"""d×d float64 matrices a float64 eigh holds at its peak, counted generously: the upcast covariance, its symmetrised
+copy, the eigenvectors, and LAPACK's / cuSOLVER's divide-and-conquer workspace (about 2d² more), plus one spare."""
+EIGH_MEMORY_SHARE = 0.5
+"""The share of a GPU's free memory an eigh may take there; beyond it, it runs on the CPU."""
+
+
+def eigh_bytes(d: int) -> int:
+    """Bytes a float64 eigh of a d×d matrix needs at its peak (`EIGH_COPIES` d×d float64 matrices)."""
+    return EIGH_COPIES * 8 * d * d
+
+
+def eigh_device(device: torch.device, d: int) -> torch.device:
+    """Where a float64 eigh of a d×d covariance runs for a model on `device`: on its GPU while `eigh_bytes(d)` is at
+    most `EIGH_MEMORY_SHARE` of the GPU's free memory, else on the CPU (a CPU model; MPS has no float64)."""
+    if device.type == "cuda" and eigh_bytes(d) <= EIGH_MEMORY_SHARE * torch.cuda.mem_get_info(device)[0]:
+        return device
+    return torch.device("cpu")
+
+
+def projector_distance(a: Tensor, b: Tensor) -> float:
+    """‖AAᵀ − BBᵀ‖_F for orthonormal columns A (d, r_a) and B (d, r_b): how far apart the two subspaces are.
+
+    Computed as sqrt(‖B − A(AᵀB)‖²_F + ‖A − B(BᵀA)‖²_F), the parts of each basis outside the other's span, which
+    equals it for any ranks (‖P_A − P_B‖²_F = r_a + r_b − 2‖AᵀB‖²_F) without that form's cancellation, at 2·d·r_a·r_b
+    multiply-adds per product instead of a d×d matrix. With r_a = r_b it is sqrt(2·Σ sin²θᵢ) over the principal
+    angles θᵢ; each rank more on one side adds 1 to its square."""
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    overlap = a.T @ b
+    outside_a, outside_b = b - a @ overlap, a - b @ overlap.T
+    return math.sqrt(float((outside_a**2).sum() + (outside_b**2).sum()))
 
 
 # -- gradient projection memory: GPM (Saha et al., ICLR 2021) and SGP (Saha & Roy, AAAI 2023), METHODS_SPEC §3–§4 ---

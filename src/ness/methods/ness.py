@@ -37,7 +37,7 @@ from ness.methods.base import (
     watch_layer_inputs,
 )
 from ness.models import call_model, head_parameters, task_heads
-from ness.modules import replace_module, short_list, tensor_digest
+from ness.modules import distinct, replace_module, shared_apply, short_list, tensor_digest
 from ness.normalization import (
     BatchNormState,
     batchnorm_layers,
@@ -46,20 +46,25 @@ from ness.normalization import (
     freeze_running_statistics,
     restore_momenta,
 )
+from ness.shared_inputs import LayerStatistics, SharedInputs
 from ness.subspace import (
     THRESHOLD_RULES,
     CovarianceSum,
     NullBasis,
     ThresholdRule,
+    TransferDirections,
     clip_spectral_norm,
+    covariance_spectrum,
+    eigh_device,
     input_dim,
     is_linear,
     layer_input_rows,
-    null_basis,
     old_output_energy,
     output_change,
     output_dim,
     project_to_output_budget,
+    row_signature,
+    spectrum_null_basis,
     supported_layers,
     transfer_directions,
     with_bias_input,
@@ -72,6 +77,8 @@ Memory = Literal["covariance", "replay"]
 MEMORIES: tuple[str, ...] = ("covariance", "replay")
 MEMORY_TASKS: tuple[str, ...] = ("all", "first")
 BATCHNORM_MODES: tuple[str, ...] = ("frozen", "per_task")
+STATISTICS_DTYPES: tuple[str, ...] = ("float64", "float32")
+STATISTICS_DEVICES: tuple[str, ...] = ("model", "cpu")
 LAYER_RULE_KEYS: tuple[str, ...] = ("threshold", "eps1", "delta", "rank")
 
 
@@ -121,6 +128,15 @@ class NESSConfig(Validated):
     memory_tasks: Literal["all", "first"] = "all"
     """Which finished tasks define the null space: 'all' (the paper), or 'first' as the official 5-datasets
     scripts, which store only task 0's data (METHODS_SPEC §2.7, a bug kept for --faithful runs)."""
+    statistics_dtype: Literal["float64", "float32"] = "float64"
+    """The dtype of the per-layer sums Σxxᵀ (that memory='covariance' keeps across tasks) and of their products:
+    'float32' halves their bytes (a LLaMA-sized d = 4096 layer: 64 MiB instead of 128 MiB); each sum is then
+    1.7e-7 to 3.6e-7 from the float64 one (relative, measured), which keeps the bases but blurs exact null directions
+    into noise (BENCHMARKS.md, "Wide layers"). Each eigh still runs in float64."""
+    statistics_device: Literal["model", "cpu"] = "model"
+    """Where the kept sums live between tasks: 'model' (on the model's device, where the statistics pass makes them),
+    or 'cpu', which frees the GPU of them: each chunk's product is still taken on the model's device, then added on
+    the CPU. Either way each layer's eigh runs on the model's GPU when it fits there (`ness.subspace.eigh_device`)."""
     target_modules: tuple[str, ...] | None = None
     """Adapt only the layers these entries match, as PEFT's target_modules: module-name globs ('blocks.*.attn.q'),
     bare names matched against the end of a module name ('q'), or class names ('Linear', 'Conv1d'). None: every
@@ -177,6 +193,8 @@ class NESSConfig(Validated):
         "memory": choice(MEMORIES),
         "replay_batch_size": count(),
         "memory_tasks": choice(MEMORY_TASKS),
+        "statistics_dtype": choice(STATISTICS_DTYPES),
+        "statistics_device": choice(STATISTICS_DEVICES),
         "target_modules": optional(patterns(non_empty=True), "to adapt every layer"),
         "exclude": patterns(),
         "modules_to_save": patterns(),
@@ -229,13 +247,22 @@ class NESSConfig(Validated):
         return self
 
 
-@dataclass
-class LayerStatistics:
-    """One layer's inputs over a task: Σxxᵀ (float64) and a uniform sample of rows for measurements."""
+@dataclass(frozen=True)
+class StatisticsSize:
+    """One layer's kept sum Σxxᵀ, in `NESS.statistics_bytes()`."""
 
-    covariance: Tensor
-    probe: Tensor
-    probe_keys: Tensor
+    layer: str
+    bytes: int
+    dtype: str
+    device: str
+    owner: str
+    """The first layer (in the model's order) holding the same sum: the layer itself, unless it reads the same input
+    as an earlier layer and shares that layer's sum, whose bytes are counted there, once."""
+
+    @property
+    def shared(self) -> bool:
+        """Whether the sum is an earlier layer's (its bytes are counted at `owner`)."""
+        return self.owner != self.layer
 
 
 @dataclass
@@ -360,16 +387,20 @@ class NESS(ContinualMethod):
                 probes = {name: s.probe for name, s in stats.items()}
             else:
                 covariances = dict(self.covariances)
-                probes = {name: torch.cat(rows) for name, rows in self.probes.items() if rows}
+                joined: dict[tuple[int, ...], Tensor] = {}  # layers sharing their statistics share one probe too
+                for rows in self.probes.values():
+                    if rows and tuple(map(id, rows)) not in joined:
+                        joined[tuple(map(id, rows))] = torch.cat(rows)
+                probes = {name: joined[tuple(map(id, rows))] for name, rows in self.probes.items() if rows}
             self._fill_unseen_layers(t, covariances, probes)
-            bases = {name: self._null_basis(name, covariances[name]) for name in self.layer_names}
+            bases = self._null_bases(covariances)
         except BaseException:
             self._probe_generator.set_state(generator_state)
             raise
         if self.config.batchnorm == "frozen":
             self._frozen_momenta = freeze_running_statistics(self.model)
         for name, basis in bases.items():
-            record = self._basis_record(t, name, basis)
+            record = self._basis_record(t, name, basis, covariances)
             self.records.append(record)
             if basis.rank == 0 and not self.config.transfer_rank:  # the layer does not change in this task
                 continue
@@ -389,12 +420,11 @@ class NESS(ContinualMethod):
         """A layer no finished task called (a head of its own per task, say) has no old input to protect: its
         covariance is 0, so U is its whole input space and it trains freely. Said once per layer, since it often
         means per-task heads NESS was not told about."""
-        device = next(self.model.parameters()).device
         unseen = [name for name in self.layer_names if name not in covariances]
         for name in unseen:
             module = self.model.get_submodule(name)
             d = input_dim(base_layer(module)) + (name in self.bias_layers)
-            covariances[name] = torch.zeros(d, d, dtype=torch.float64, device=device)
+            covariances[name] = torch.zeros(d, d, dtype=self._statistics_dtype, device=self._statistics_device)
             probes[name] = torch.zeros(0, d)
         new = [name for name in unseen if (name, "unseen") not in self._warned]
         if new:
@@ -416,11 +446,19 @@ class NESS(ContinualMethod):
         self._check_active(t, "preview_task")
         where = f"preview_task({t})"
         stats = self._collect(((x, t) for x in task_inputs(batches, where)), where, torch.Generator().manual_seed(t))
-        directions = {  # a layer the new task does not call (another task's head) needs no transfer adapter
-            name: transfer_directions(stats[name].covariance, layer.adapter.U, self.config.transfer_rank, name)
-            for name, layer in self.active.items()
-            if name in stats
-        }
+        directions: dict[str, TransferDirections] = {}
+        computed: dict[int, list[tuple[Tensor, TransferDirections]]] = {}  # statistics (by id) → (U, directions)
+        for name, layer in self.active.items():
+            if name not in stats:  # a layer the new task does not call (another task's head) needs no transfer adapter
+                continue
+            # layers sharing their statistics and their U (the same rule) share the directions: one eigh for them
+            same = computed.setdefault(id(stats[name]), [])
+            known = next((d for u, d in same if torch.equal(u, layer.adapter.U)), None)
+            if known is None:
+                covariance = self._for_eigh(stats[name].covariance)
+                known = transfer_directions(covariance, layer.adapter.U, self.config.transfer_rank, name)
+                same.append((layer.adapter.U, known))
+            directions[name] = known
         for name, found in directions.items():
             layer = self.active[name]
             layer.record.update(
@@ -444,15 +482,43 @@ class NESS(ContinualMethod):
             )
         return super().trainable_parameters(t)
 
-    def _null_basis(self, name: str, covariance: Tensor) -> NullBasis:
-        """Layer `name`'s U under its rule (the config's, or the first matching layer rule)."""
-        rule = self.config.layer_config(name)
-        return null_basis(covariance, rule.eps1, rule.threshold, name=name, delta=rule.delta, rank=rule.rank)
+    def _null_bases(self, covariances: dict[str, Tensor]) -> dict[str, NullBasis]:
+        """Every layer's U under its rule (the config's, or the first matching layer rule): one float64 eigh per
+        distinct covariance, on the model's GPU when it fits there, whose spectrum gives the bases of all the layers
+        sharing that covariance before the next eigh runs."""
+        sharing: dict[int, list[str]] = {}  # covariance (by id) → the layers holding it
+        for name in self.layer_names:
+            sharing.setdefault(id(covariances[name]), []).append(name)
+        bases = {}
+        for names in sharing.values():
+            spectrum = covariance_spectrum(self._for_eigh(covariances[names[0]]), names[0])
+            for name in names:
+                rule = self.config.layer_config(name)
+                bases[name] = spectrum_null_basis(spectrum, rule.eps1, rule.threshold, delta=rule.delta, rank=rule.rank)
+        return {name: bases[name] for name in self.layer_names}
 
-    def _basis_record(self, t: int, name: str, basis: NullBasis) -> dict[str, Any]:
-        """The diagnostics record of layer `name`'s basis in task t; `end_task` adds what V did."""
+    def _for_eigh(self, covariance: Tensor) -> Tensor:
+        """`covariance` in float64 where its eigh runs: the model's GPU when it fits there, else the CPU."""
+        return covariance.to(eigh_device(self._model_device, covariance.shape[0]), torch.float64)
+
+    @property
+    def _model_device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def _statistics_dtype(self) -> torch.dtype:
+        return getattr(torch, self.config.statistics_dtype)
+
+    @property
+    def _statistics_device(self) -> torch.device:
+        """Where the kept sums live: NESSConfig.statistics_device."""
+        return torch.device("cpu") if self.config.statistics_device == "cpu" else self._model_device
+
+    def _basis_record(self, t: int, name: str, basis: NullBasis, covariances: dict[str, Tensor]) -> dict[str, Any]:
+        """The diagnostics record of layer `name`'s basis in task t (from `covariances`); `end_task` adds what V did."""
         energies = basis.singular_values.double() ** 2
         total_energy = float(energies.sum())
+        covariance = covariances[name]
         return {
             "task": t,
             "layer": name,
@@ -468,6 +534,10 @@ class NESS(ContinualMethod):
             "energy_share_U": float(energies[: basis.rank].sum()) / total_energy if total_energy > 0 else 0.0,
             "eigh_fallback": basis.fallback,
             "memory_bytes": self.memory_bytes(),
+            # the bytes of the layer's Σxxᵀ, and the first layer holding the same one (layers reading one input share
+            # it; its bytes count once, at that layer)
+            "statistics_bytes": covariance.numel() * covariance.element_size(),
+            "statistics_owner": next(n for n in self.layer_names if covariances[n] is covariance),
             # The whole spectrum, descending: experiment.py moves it to spectra.json for the figures.
             "singular_values": basis.singular_values.flip(0).tolist(),
         }
@@ -707,8 +777,14 @@ class NESS(ContinualMethod):
         if isinstance(memory, Tensor):
             self.replay.append(memory)
         elif memory is not None:
+            # Layers that shared their sums and share this task's statistics keep sharing one sum: it is added once.
+            sums: dict[tuple[int, int], Tensor] = {}
             for name, s in memory.items():
-                self.covariances[name] = self.covariances.get(name, 0) + s.covariance
+                old = self.covariances.get(name)
+                key = (id(old), id(s))
+                if key not in sums:
+                    sums[key] = s.covariance if old is None else old + s.covariance
+                self.covariances[name] = sums[key]
                 self.probes[name].append(s.probe)
 
     def _task_memory(self, t: int, batches: Iterable[Any]) -> Tensor | dict[str, LayerStatistics] | None:
@@ -789,10 +865,25 @@ class NESS(ContinualMethod):
             )
 
     def memory_bytes(self) -> int:
-        """Bytes the method keeps between tasks to build null spaces: the d×d sums (memory='covariance') or the raw
-        inputs of earlier tasks (memory='replay'). The probe rows kept for measuring shifts are not counted."""
-        kept = self.replay if self.config.memory == "replay" else list(self.covariances.values())
+        """Bytes the method keeps between tasks to build null spaces: the d×d sums (memory='covariance'; a sum that
+        layers reading one input share counts once) or the raw inputs of earlier tasks (memory='replay'). The
+        probe rows kept for measuring shifts are not counted."""
+        kept = self.replay if self.config.memory == "replay" else distinct(self.covariances.values())
         return sum(x.numel() * x.element_size() for x in kept)
+
+    def statistics_bytes(self) -> list[StatisticsSize]:
+        """Per layer (in the model's order) with a kept sum Σxxᵀ (memory='covariance', from the end of task 0): its
+        bytes, dtype and device, and the layer owning it: the first layer holding the same sum, where layers reading
+        one input (q/k/v, gate/up) share it. The owners' bytes add up to `memory_bytes()`."""
+        owners: dict[int, str] = {}
+        sizes = []
+        for name in self.layer_names:
+            if name in self.covariances:
+                c = self.covariances[name]
+                owner = owners.setdefault(id(c), name)
+                dtype = str(c.dtype).removeprefix("torch.")
+                sizes.append(StatisticsSize(name, c.numel() * c.element_size(), dtype, str(c.device), owner))
+        return sizes
 
     def diagnostics(self) -> list[dict[str, Any]]:
         """Per layer and task t ≥ 1: d, rank, τ, σ_max(U), ‖V‖₂, the Eq. 8 bound σ_max(U)·‖V‖₂, the tighter
@@ -805,42 +896,35 @@ class NESS(ContinualMethod):
         self, inputs: Iterable[tuple[Tensor, int]], where: str, generator: torch.Generator | None = None
     ) -> dict[str, LayerStatistics]:
         """One forward pass with hooks over `inputs` (eval mode): every layer's Σxxᵀ and a row sample, drawn with
-        `generator` (default: the method's own, whose state the probes of later tasks continue).
+        `generator` (default: the method's own, whose state the probes of later tasks continue). Layers that read
+        the very same input in every batch (q/k/v, gate/up) share one LayerStatistics object (ness.shared_inputs).
 
         Under torchrun each rank passes its rows rank::world of every batch; the sums are then added over the
         ranks and the row samples merged, so every rank holds what one process would have (ness.distributed)."""
-        stats: dict[str, LayerStatistics] = {}
-        sums: dict[str, CovarianceSum] = {}  # each layer's Σxxᵀ, one float64 product per pooled chunk of rows
         k = self.config.probe_samples
         part: distributed.Shard | None = None  # this rank's part of the batch being passed
         mask: Tensor | None = None  # its attention mask: which token rows are real
-
         generator = self._probe_generator if generator is None else generator
+        dtype = self._statistics_dtype
+        kept = torch.device("cpu") if self.config.statistics_device == "cpu" else None  # None: where the rows are
+        shared = SharedInputs(k, lambda: CovarianceSum(dtype=dtype, sum_dtype=dtype, device=kept))
 
         def record(name: str, module: nn.Module, x: Tensor) -> None:
             layer = base_layer(module)
-            rows = layer_input_rows(layer, x)
-            if name in self.bias_layers:
-                rows = with_bias_input(rows)
-            keys = distributed.shard_keys(rows.shape[0], part, generator)
-            rows = rows[: keys.numel()]  # a rank without rows passed a placeholder row: none of its rows count
-            real = None if mask is None or not is_linear(layer) else token_rows(x, mask, name)
-            if real is not None:  # padding positions: their keys are drawn (the stream stays aligned), then dropped
-                real = real[: keys.numel()].to(rows.device)
-                rows, keys = rows[real], keys[real.cpu()]
-            s = stats.get(name)
-            if s is None:
-                empty = rows[:0].detach().float().cpu()
-                stats[name] = s = LayerStatistics(torch.empty(0), empty, torch.empty(0))  # Σxxᵀ: from `sums`
-                sums[name] = CovarianceSum()
-            sums[name].add(rows)
-            # Uniform sample without replacement across batches: the k rows with the largest random keys.
-            # The overall top k lies within each batch's own top k, so only those rows leave the device.
-            batch_top = keys.topk(min(k, keys.numel())).indices
-            pool_keys = torch.cat([s.probe_keys, keys[batch_top]])
-            pool_rows = torch.cat([s.probe, rows[batch_top.to(rows.device)].detach().float().cpu()])
-            top = pool_keys.topk(min(k, pool_keys.numel())).indices
-            s.probe, s.probe_keys = pool_rows[top], pool_keys[top]
+
+            def rows_and_keys() -> tuple[Tensor, Tensor]:
+                rows = layer_input_rows(layer, x)
+                if name in self.bias_layers:
+                    rows = with_bias_input(rows)
+                keys = distributed.shard_keys(rows.shape[0], part, generator)
+                rows = rows[: keys.numel()]  # a rank without rows passed a placeholder row: none of its rows count
+                real = None if mask is None or not is_linear(layer) else token_rows(x, mask, name)
+                if real is not None:  # padding positions: their keys are drawn (the stream stays aligned), then dropped
+                    real = real[: keys.numel()].to(rows.device)
+                    rows, keys = rows[real], keys[real.cpu()]
+                return rows, keys
+
+            shared.add(name, x, (row_signature(layer), name in self.bias_layers), rows_and_keys)
 
         device = next(self.model.parameters()).device
         with watch_layer_inputs(self.model, self.layer_names, record):
@@ -848,12 +932,16 @@ class NESS(ContinualMethod):
                 part = distributed.shard(x)
                 mask = attention_mask(part.x)
                 self.predict(to_device(part.x, device), task)
-        for name, s in stats.items():
-            s.covariance = sums[name].result()
+                shared.end_batch()
+        if distributed.world_size() > 1:  # layers share only where they do on every rank: all sum the same groups
+            names = [name for name in self.layer_names if name in shared.groups]
+            every_rank = distributed.all_gather_rows(torch.tensor([shared.first_of_group(names)]))  # (world, layers)
+            shared.refine({name: tuple(every_rank[:, i].tolist()) for i, name in enumerate(names)})
+        stats = shared.statistics()
         if not stats:
             raise ValueError(f"{where}: no layer saw any input; the task's loader was empty")
         if distributed.world_size() > 1:  # every rank: the sums over all ranks' rows, the top k of all their keys
-            for s in stats.values():
+            for s in distinct(stats[name] for name in self.layer_names if name in stats):
                 s.covariance = distributed.all_reduce_sum(s.covariance)
                 pool_keys, pool_rows = distributed.all_gather_rows(s.probe_keys), distributed.all_gather_rows(s.probe)
                 top = pool_keys.topk(min(k, pool_keys.numel())).indices
@@ -891,10 +979,11 @@ class NESS(ContinualMethod):
     # -- saving ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
+        cpu = shared_apply(Tensor.cpu)
         state.update(
             config=asdict(self.config),
-            covariances={n: c.cpu() for n, c in self.covariances.items()},
-            probes={n: [p.cpu() for p in rows] for n, rows in self.probes.items()},
+            covariances={n: cpu(c) for n, c in self.covariances.items()},  # shared sums stay shared
+            probes={n: [cpu(p) for p in rows] for n, rows in self.probes.items()},
             replay=list(self.replay),
             task_deltas=[dict(deltas) for deltas in self.task_deltas],
             batchnorm_states=list(self.batchnorm_states),
@@ -937,7 +1026,8 @@ class NESS(ContinualMethod):
         if self.active_task is not None and self.active_task > 0 and self.config.batchnorm == "frozen":
             self._frozen_momenta = freeze_running_statistics(self.model)
         device = next(self.model.parameters()).device
-        self.covariances = {n: c.to(device) for n, c in state["covariances"].items()}
+        kept = shared_apply(lambda c: c.to(self._statistics_device))  # layers that shared a sum share it again
+        self.covariances = {n: kept(c) for n, c in state["covariances"].items()}
         self.probes = {n: list(rows) for n, rows in state["probes"].items()}
         self.replay = list(state["replay"])
         self.task_deltas = [dict(deltas) for deltas in state["task_deltas"]]
