@@ -9,7 +9,7 @@ task by the Trainer through `ness.hf.train_task`:
   of token tasks: a key token hidden among random tokens of random length (padded, with an attention mask), whose
   meaning flips from one task to the next; each task draws its other tokens from its own part of the vocabulary.
 
-    NESS_DATA_ROOT=../shared/data python examples/hf_trainer.py      # both sequences, ~3 minutes on 2 cores
+    NESS_DATA_ROOT=../shared/data python examples/hf_trainer.py      # both sequences, ~25 s on 2 idle cores
     python examples/hf_trainer.py --sequence text                    # no data files needed
 
 With a pretrained model the code is the same: build it with `from_pretrained(...)` instead of from a config.
