@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from hf_models import bert, gpt2, llama, pad_batch, token_task, transformers, vit
 from ness import NESS, NESSConfig, NullSpaceAdapter
 from ness.adapter_files import merged_state_dict
-from ness.batches import token_rows
+from ness.batches import model_inputs, token_rows
 from ness.subspace import input_dim, layer_input_rows, output_dim, weight_matrix
 
 
@@ -164,3 +164,58 @@ def test_gpt2_conv1d_adapters_save_load_and_merge(tmp_path) -> None:
     merged = loaded.merge_and_unload()
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_a_token_batch_whose_padding_mask_would_be_lost_is_refused() -> None:
+    """Found trying a user's own loop: (ids, mask, y) tuples gave the model ids alone and the covariance counted
+    the padding (max difference 1.4e3 between two paddings of the same sentences)."""
+    ids = torch.tensor([[5, 6, 0], [7, 0, 0]])
+    mask, labels = (ids != 0).long(), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"element 1 has the shape \(2, 3\) of its token ids x"):
+        model_inputs((ids, mask, labels), "end_task(0)")
+    with pytest.raises(ValueError, match=r"'padding_mask' has the shape of its token ids but NESS reads only"):
+        model_inputs({"input_ids": ids, "padding_mask": mask}, "end_task(0)")
+    # what is not refused: the named mask, per-token labels padded with -100, images, a ViT-MAE-style boolean mask
+    assert model_inputs({"input_ids": ids, "attention_mask": mask, "labels": labels}, "x").keys() == {
+        "input_ids",
+        "attention_mask",
+    }
+    assert model_inputs((ids, torch.where(mask == 1, ids, -100)), "x") is ids
+    images = torch.randn(2, 1, 4, 4)
+    assert model_inputs((images, labels), "x") is images
+    patches = {"pixel_values": images, "bool_masked_pos": torch.zeros(2, 3, dtype=torch.bool)}
+    assert model_inputs(patches, "x").keys() == patches.keys()
+
+
+def test_own_names_through_forward_and_an_attention_mask_keep_padding_out() -> None:
+    """A user's token model with its own forward(ids, mask): mapping batches and forward=... give padding-free
+    statistics, equal for two paddings of the same sentences and to the sum over the real tokens alone."""
+
+    class TinyEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok = torch.nn.Embedding(50, 8)
+            self.mixer = torch.nn.Linear(8, 8)
+            self.readout = torch.nn.Linear(8, 2)
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.mixer(self.tok(ids)))
+            return self.readout((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    sums = []
+    for pad in (0, 4):
+        torch.manual_seed(0)
+        model = TinyEncoder().double()
+        method = NESS(
+            model,
+            NESSConfig(target_modules=["mixer"], modules_to_save=["readout"], transfer_rank=0),
+            forward=lambda m, batch, t: m(batch["input_ids"], batch["attention_mask"]),
+        )
+        padded = torch.cat([ids, torch.zeros(2, pad, dtype=torch.long)], 1)
+        method.begin_task(0)
+        method.end_task(0, [{"input_ids": padded, "attention_mask": (padded != 0).long(), "labels": torch.zeros(2)}])
+        sums.append(method.covariances["mixer"])
+        real = model.tok(ids[ids != 0]).detach()  # the mixer's input rows of the real tokens, computed directly
+    torch.testing.assert_close(sums[0], sums[1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(sums[0], real.T @ real, rtol=0, atol=1e-12)
