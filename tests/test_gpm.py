@@ -727,25 +727,33 @@ def test_gradient_projection_in_either_form_removes_each_direction_by_its_import
     assert as_float(grad.float()).dtype == torch.float32
 
 
-@pytest.mark.parametrize("sgp", [False, True])
-@pytest.mark.parametrize("extra", ["none", "two_calls", "weight_penalty"])
-def test_the_factored_projection_of_a_training_step_equals_the_projected_gradient(sgp, extra):
-    """A step on a basis of k < d/2 columns (the factored form): the gradient after `after_backward` is
-    G − G·M diag(λ) Mᵀ of the whole gradient, with one call, two calls in one loss, or a loss term on the weight."""
-    g = torch.Generator().manual_seed(11)
+def task1_on_a_five_dimensional_task0(build, g: torch.Generator):
+    """(model, method) with task 1 open, after task 0 trained on 200 inputs spanning 5 of their 20 directions
+    (so the first layer's basis has k < d/2 columns: the factored projection)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(20, 16, bias=False), torch.nn.ReLU(), torch.nn.Linear(16, 4, bias=False)
     )
-    method = SGP(model, SGPConfig(samples=200)) if sgp else GPM(model, GPMConfig(samples=200))
-    mix = torch.randn(5, 20, generator=g)  # task 0's inputs span 5 of the 20 input directions
-    x0 = torch.randn(200, 5, generator=g) @ mix
+    method = build(model)
+    x0 = torch.randn(200, 5, generator=g) @ torch.randn(5, 20, generator=g)
     y0 = torch.randint(0, 4, (200,), generator=g)
     method.begin_task(0)
     train(method, model, 0, x0, y0)
     method.end_task(0, batches(x0, y0))
     method.begin_task(1)
     method.trainable_parameters(1)
+    return model, method
+
+
+@pytest.mark.parametrize("sgp", [False, True])
+@pytest.mark.parametrize("extra", ["none", "two_calls", "weight_penalty"])
+def test_the_factored_projection_of_a_training_step_equals_the_projected_gradient(sgp, extra):
+    """A step on a basis of k < d/2 columns (the factored form): the gradient after `after_backward` is
+    G − G·M diag(λ) Mᵀ of the whole gradient, with one call, two calls in one loss, or a loss term on the weight."""
+    g = torch.Generator().manual_seed(11)
+    model, method = task1_on_a_five_dimensional_task0(
+        lambda m: SGP(m, SGPConfig(samples=200)) if sgp else GPM(m, GPMConfig(samples=200)), g
+    )
     x1, y1 = torch.randn(2, 20, generator=g), torch.randint(0, 4, (2,), generator=g)
     model.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x1), y1)
@@ -770,18 +778,7 @@ def test_a_backward_pass_zeroed_before_the_projection_does_not_leak_into_it():
     projected gradient is G − G·M Mᵀ of the gradient that stays, at every step (a projection that recorded the
     layer's calls instead of reading G would have counted the discarded pass)."""
     g = torch.Generator().manual_seed(12)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(20, 16, bias=False), torch.nn.ReLU(), torch.nn.Linear(16, 4, bias=False)
-    )
-    method = GPM(model, GPMConfig(samples=200))
-    x0 = torch.randn(200, 5, generator=g) @ torch.randn(5, 20, generator=g)
-    y0 = torch.randint(0, 4, (200,), generator=g)
-    method.begin_task(0)
-    train(method, model, 0, x0, y0)
-    method.end_task(0, batches(x0, y0))
-    method.begin_task(1)
-    method.trainable_parameters(1)
+    model, method = task1_on_a_five_dimensional_task0(lambda m: GPM(m, GPMConfig(samples=200)), g)
     m = method.bases["0"]
     for step in range(3):
         x, y = torch.randn(2, 20, generator=g), torch.randint(0, 4, (2,), generator=g)
