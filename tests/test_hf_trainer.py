@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -152,3 +153,16 @@ def test_several_processes_are_refused(tmp_path, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match=r"runs on 2 processes; ness\.hf trains in one process"):
         train_task(trainer, method, 0)
     assert method.active_task is None  # refused before anything began
+
+
+def test_resuming_a_task_from_another_tasks_checkpoint_is_refused(tmp_path) -> None:
+    """One output_dir for every task, as a Trainer script may have: resume_from_checkpoint=True would pick task 0's
+    last checkpoint for task 1 (its weights and step belong to task 0)."""
+    model = gpt2()
+    method = NESS(model, CONFIG)
+    save = dict(per_device_train_batch_size=8, save_strategy="steps", save_steps=2)
+    train_task(trainer_for(model, tmp_path, token_task(0), **save), method, 0)
+    assert json.loads((tmp_path / "checkpoint-6" / "ness_task.json").read_text())["task"] == 0
+    with pytest.raises(ValueError, match=r"checkpoint-6 was saved in task 0, so it cannot continue task 1"):
+        train_task(trainer_for(model, tmp_path, token_task(1), **save), method, 1, resume_from_checkpoint=True)
+    assert method.active_task is None  # refused before task 1 began

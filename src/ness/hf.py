@@ -10,17 +10,21 @@ the Trainer's own collator, whose attention mask keeps padding out of them (`nes
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 
 from ness import distributed
 from ness.methods.base import ContinualMethod
 
 _TRAINER_DRIVES = ("training_loss", "training_step", "begin_step")
+TASK_FILE = "ness_task.json"
+"""Written into each Trainer checkpoint of a task: which task it belongs to, checked when a task resumes from it."""
 """Hooks through which a method changes the loss or the step itself: the Trainer computes its own, so such a method
 needs ness's trainer or an own loop."""
 
@@ -42,6 +46,17 @@ class ContinualCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self.method.after_step(self.task)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            (checkpoint / TASK_FILE).write_text(json.dumps({"task": self.task, "tasks_done": self.method.tasks_done}))
+
+
+def checkpoint_task(checkpoint: str | Path) -> int | None:
+    """The task a Trainer checkpoint was saved in by `train_task`, or None for a checkpoint it did not write."""
+    marker = Path(checkpoint) / TASK_FILE
+    return json.loads(marker.read_text())["task"] if marker.is_file() else None
 
 
 def check_trainer_method(method: ContinualMethod) -> None:
@@ -89,6 +104,8 @@ def train_task(
             "it would not train them; build the Trainer without `optimizers=` and let it make its own (set "
             "`args.optim` and the learning-rate settings in TrainingArguments)"
         )
+    if resume_from_checkpoint:
+        _check_resumed_task(trainer, resume_from_checkpoint, t)
     dataset = trainer.train_dataset if train_dataset is None else train_dataset
     if dataset is None:
         raise ValueError(f"train_task({t}): no training set; pass train_dataset or build the Trainer with one")
@@ -108,3 +125,21 @@ def train_task(
     with torch.no_grad():
         method.end_task(t, statistics)
     return output
+
+
+def _check_resumed_task(trainer: Trainer, checkpoint: str | bool, t: int) -> None:
+    """Refuse to resume task t from a checkpoint of another task (one output_dir shared by the tasks, where True
+    picks its last checkpoint), or from one `train_task` did not write."""
+    path = get_last_checkpoint(trainer.args.output_dir) if checkpoint is True else checkpoint
+    if path is None or not Path(path).is_dir():
+        return  # the Trainer itself says that there is no checkpoint to resume from
+    saved = checkpoint_task(path)
+    if saved != t:
+        found = (
+            f"was saved in task {saved}" if saved is not None else f"holds no {TASK_FILE} (train_task did not save it)"
+        )
+        raise ValueError(
+            f"train_task({t}, resume_from_checkpoint={checkpoint!r}): the checkpoint {path} {found}, so it cannot "
+            f"continue task {t}: its weights and step belong elsewhere. Give each task its own output_dir and resume "
+            f"from one of task {t}'s checkpoints"
+        )
