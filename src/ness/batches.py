@@ -25,14 +25,14 @@ MASK_KEY = "attention_mask"
 def model_inputs(batch: Any, where: str) -> ModelInputs:
     """The model inputs of a batch: `x`, the `x` of `(x, y, ...)`, or a mapping without its label keys.
 
-    Token batches whose padding mask would be lost are refused (`check_token_masks`): the model would be called
-    without it, or its statistics would count the padding."""
+    Token batches whose padding mask would be lost are refused (`check_tuple_batch`, `check_mapping_mask`): the
+    model would be called without it, or its statistics would count the padding."""
     inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
     if isinstance(inputs, Mapping):
         inputs = {key: value for key, value in inputs.items() if key not in LABEL_KEYS}
         if not any(isinstance(value, Tensor) for value in inputs.values()):
             raise TypeError(f"{where}: a mapping batch holds no tensor besides its labels (keys: {sorted(inputs)})")
-        check_token_masks(inputs, where)
+        check_mapping_mask(inputs, where)
         return inputs
     if not isinstance(inputs, Tensor):
         raise TypeError(
@@ -40,7 +40,7 @@ def model_inputs(batch: Any, where: str) -> ModelInputs:
             f"batch), got {type(inputs).__name__}"
         )
     if isinstance(batch, (tuple, list)):
-        check_token_masks({f"element {i}": v for i, v in enumerate(batch)}, where, tuple_batch=True)
+        check_tuple_batch(batch, where)
     return inputs
 
 
@@ -61,33 +61,31 @@ def _binary(values: Tensor) -> bool:
     return bool(((values == 0) | (values == 1)).all())
 
 
-def check_token_masks(tensors: Mapping[str, Any], where: str, tuple_batch: bool = False) -> None:
-    """Refuse a token batch whose per-token mask NESS would not see. In a tuple batch only x reaches the model, so
-    another 0/1 tensor of the shape (B, T) of integer token ids x (a padding mask) would be dropped;
-    in a mapping only `attention_mask` is read as the padding mask, so another '*mask*' key of the token ids' shape
-    would leave the padding in the statistics."""
-    ids = _token_ids(tensors)
-    if tuple_batch:
-        x = next(iter(tensors.values()))
-        if not (ids and ids[0] is x):
-            return
-        dropped = [
-            k for k, v in list(tensors.items())[1:] if isinstance(v, Tensor) and v.shape == x.shape and _binary(v)
-        ]
-        if dropped:
+def check_tuple_batch(batch: tuple | list, where: str) -> None:
+    """Refuse a tuple batch of integer token ids x whose padding mask would be dropped: only x reaches the model, so
+    another 0/1 tensor of x's (B, T) shape (a padding mask) would be lost, and padding would enter the statistics."""
+    x = batch[0]
+    if not _token_ids({"x": x}):
+        return
+    for index, value in enumerate(batch[1:], start=1):
+        if isinstance(value, Tensor) and value.shape == x.shape and _binary(value):
             raise ValueError(
-                f"{where}: the batch's {dropped[0]} has the shape {tuple(x.shape)} of its token ids x, a per-token "
+                f"{where}: the batch's element {index} has the shape {tuple(x.shape)} of its token ids x, a per-token "
                 "input such as a padding mask; a tuple batch gives the model x alone, so the model would run without "
                 "it and padding would enter the statistics. Give mapping batches, e.g. {'input_ids': ids, "
                 "'attention_mask': mask, 'labels': y}: the attention mask keeps padding out, and the model is called "
                 "as model(**inputs), or as you say with NESS(model, config, forward=lambda model, batch, t: "
                 "model(batch['input_ids'], batch['attention_mask']))"
             )
+
+
+def check_mapping_mask(inputs: Mapping[str, Any], where: str) -> None:
+    """Refuse a mapping batch whose padding mask has another name: only `attention_mask` is read as the padding
+    mask, so another '*mask*' key of the token ids' shape would leave the padding in the statistics."""
+    if MASK_KEY in inputs:
         return
-    if MASK_KEY in tensors:
-        return
-    shapes = {v.shape for v in ids}
-    other = [k for k, v in tensors.items() if "mask" in k.lower() and isinstance(v, Tensor) and v.shape in shapes]
+    shapes = {ids.shape for ids in _token_ids(inputs)}
+    other = [k for k, v in inputs.items() if "mask" in k.lower() and isinstance(v, Tensor) and v.shape in shapes]
     if other:
         raise ValueError(
             f"{where}: the batch's {other[0]!r} has the shape of its token ids but NESS reads only "
