@@ -727,13 +727,17 @@ def test_gradient_projection_in_either_form_removes_each_direction_by_its_import
     assert as_float(grad.float()).dtype == torch.float32
 
 
-def task1_on_a_five_dimensional_task0(build, g: torch.Generator):
+def task1_on_a_five_dimensional_task0(build, g: torch.Generator, network=None):
     """(model, method) with task 1 open, after task 0 trained on 200 inputs spanning 5 of their 20 directions
-    (so the first layer's basis has k < d/2 columns: the factored projection)."""
+    (so the first layer's basis has k < d/2 columns: the factored projection). `network()` builds the model (default:
+    Linear 20-16, ReLU, Linear 16-4)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(20, 16, bias=False), torch.nn.ReLU(), torch.nn.Linear(16, 4, bias=False)
-    )
+    if network is None:
+        model = torch.nn.Sequential(
+            torch.nn.Linear(20, 16, bias=False), torch.nn.ReLU(), torch.nn.Linear(16, 4, bias=False)
+        )
+    else:
+        model = network()
     method = build(model)
     x0 = torch.randn(200, 5, generator=g) @ torch.randn(5, 20, generator=g)
     y0 = torch.randint(0, 4, (200,), generator=g)
@@ -790,3 +794,145 @@ def test_a_backward_pass_zeroed_before_the_projection_does_not_leak_into_it():
         raw = model[0].weight.grad.clone().double()
         method.after_backward(1)
         torch.testing.assert_close(model[0].weight.grad.double(), raw - (raw @ m) @ m.T, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the input-side projection of the trainer's step (issue 15): δᵀ(x − x·M diag(λ) Mᵀ) instead of G − G·M diag(λ) Mᵀ
+# ---------------------------------------------------------------------------------------------------------
+
+
+def explicitly_projected(grad: torch.Tensor, basis: torch.Tensor, lam: torch.Tensor | None) -> torch.Tensor:
+    """G − Σ_j λ_j (G m_j) m_jᵀ, one direction at a time, in float64."""
+    grad, basis = grad.double(), basis.double()
+    out = grad.clone()
+    for j in range(basis.shape[1]):
+        out -= (1.0 if lam is None else float(lam[j])) * torch.outer(grad @ basis[:, j], basis[:, j])
+    return out
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_linear_with_projected_weight_gradient_projects_only_the_weight_gradient(scaled):
+    from ness.subspace import gradient_projection, linear_with_projected_weight_gradient
+
+    g = torch.Generator().manual_seed(21)
+    d, o, k = 12, 7, 4
+    basis = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))[0]
+    lam = torch.rand(k, generator=g, dtype=torch.float64) if scaled else None
+    projection = gradient_projection(basis, lam, like=torch.zeros((), dtype=torch.float64))
+    x = torch.randn(3, 5, d, generator=g, dtype=torch.float64)  # (batch, tokens, d): rows are the last dimension
+    weight = torch.randn(o, d, generator=g, dtype=torch.float64)
+    bias = torch.randn(o, generator=g, dtype=torch.float64)
+    target = torch.randn(3, 5, o, generator=g, dtype=torch.float64)
+    grads = {}
+    for form in ("plain", "input_side"):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        out = F.linear(*leaves) if form == "plain" else linear_with_projected_weight_gradient(*leaves, projection)
+        (out * target).sum().backward()
+        grads[form] = (out.detach(), *(t.grad for t in leaves))
+    (out_plain, gx, gw, gb), (out_side, gx_side, gw_side, gb_side) = grads["plain"], grads["input_side"]
+    torch.testing.assert_close(out_side, out_plain, atol=0, rtol=0)
+    torch.testing.assert_close(gx_side, gx)  # δ·W: unchanged
+    torch.testing.assert_close(gb_side, gb)
+    torch.testing.assert_close(gw_side, explicitly_projected(gw, basis, lam), atol=1e-12, rtol=1e-10)
+
+
+def test_the_input_side_form_is_taken_where_it_costs_fewer_multiply_adds():
+    """Permuted MNIST's first layer (784 → 100, a basis of 80 columns): batch 10 projects from the inputs
+    (2·10·784·80 + 2^20 ≤ 2·100·784·80), batch 200 projects the gradient; once chosen, the step keeps the choice."""
+    from ness.methods.gpm import InputSideProjection
+    from ness.subspace import gradient_projection
+
+    layer = nn.Linear(784, 100)
+    basis = torch.linalg.qr(torch.randn(784, 80))[0]
+    for rows, expected in ((10, True), (60, True), (200, False)):
+        assert (2 * rows * 784 * 80 + 2**20 <= 2 * 100 * 784 * 80) == expected  # the closed form of the rule
+        calls = InputSideProjection(layer, gradient_projection(basis, like=layer.weight))
+        calls(torch.randn(rows, 784))
+        assert calls.input_side is expected
+        calls(torch.randn(1000 if expected else 1, 784))  # another call of the step follows the first one's form
+        assert calls.input_side is expected
+    with torch.no_grad():  # a call that trains nothing chooses nothing
+        calls = InputSideProjection(layer, gradient_projection(basis, like=layer.weight))
+        calls(torch.randn(10, 784))
+    assert calls.input_side is None
+
+
+class TwiceCalled(nn.Module):
+    """One Linear layer called twice per forward pass (a shared layer), then an output layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(20, 16)
+        self.out = nn.Linear(16, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.shared(x)) + torch.relu(self.shared(0.5 * x.flip(0))))
+
+
+@pytest.mark.parametrize("sgp", [False, True])
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_trainer_step_with_input_side_projection_equals_the_projected_step(monkeypatch, sgp, shared):
+    """One `training_step` (the trainer's) whose layers take their weight gradients projected from their inputs
+    gives the weights of an SGD step on G − G·M diag(λ) Mᵀ computed from the plain gradient direction by
+    direction; the input-side form was really used, and the layers' own forward is back afterwards."""
+    import ness.methods.gpm as gpm_module
+
+    monkeypatch.setattr(gpm_module, "MIN_SAVED_MULTIPLY_ADDS", 0)  # small layers: the form wins on arithmetic
+    used = []
+
+    def spy(*args):
+        used.append(args[1].shape)
+        return linear_with_projected_weight_gradient(*args)
+
+    from ness.subspace import linear_with_projected_weight_gradient
+
+    monkeypatch.setattr(gpm_module, "linear_with_projected_weight_gradient", spy)
+    g = torch.Generator().manual_seed(13)
+    build = (lambda m: SGP(m, SGPConfig(samples=200))) if sgp else (lambda m: GPM(m, GPMConfig(samples=200)))
+    model, method = task1_on_a_five_dimensional_task0(build, g, TwiceCalled if shared else None)
+    params = method.trainable_parameters(1)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = torch.randn(3, 20, generator=g), torch.randint(0, 4, (3,), generator=g)
+    method.training_step(1, x, y, torch.optim.SGD(params, lr=0.1), lambda loss: None)
+    assert used, "the step never took the input-side form"
+    assert not any("forward" in module.__dict__ for module in model.modules())
+    stepped = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(start[n])
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    trained = {id(p) for p in params}
+    for n, p in model.named_parameters():
+        if id(p) not in trained:
+            continue
+        layer = n.rsplit(".", 1)[0]
+        grad = p.grad.double()
+        if layer in method.layer_names and n.endswith("weight"):
+            grad = explicitly_projected(grad, method.bases[layer], method.importances[layer] if sgp else None)
+        torch.testing.assert_close(stepped[n].double(), start[n].double() - 0.1 * grad, atol=1e-6, rtol=1e-5)
+
+
+def test_a_step_that_raises_gives_the_layers_their_own_forward_back():
+    import ness.methods.gpm as gpm_module
+
+    g = torch.Generator().manual_seed(14)
+    model, method = task1_on_a_five_dimensional_task0(lambda m: GPM(m, GPMConfig(samples=200)), g)
+    x, y = torch.randn(3, 20, generator=g), torch.randint(0, 4, (3,), generator=g)
+    optimizer = torch.optim.SGD(method.trainable_parameters(1), lr=0.1)
+
+    def bad_loss(loss):
+        assert isinstance(model[0].forward, gpm_module.InputSideProjection)  # installed during the step
+        raise FloatingPointError("stop")
+
+    with pytest.raises(FloatingPointError, match="stop"):
+        method.training_step(1, x, y, optimizer, bad_loss)
+    assert "forward" not in model[0].__dict__
+    model.zero_grad(set_to_none=True)  # a user's own loop afterwards: after_backward projects the whole gradient
+    (F.cross_entropy(model(x), y) + 0.1 * model[0].weight.square().sum()).backward()
+    raw = model[0].weight.grad.clone()
+    method.after_backward(1)
+    torch.testing.assert_close(
+        model[0].weight.grad.double(), explicitly_projected(raw, method.bases["0"], None), atol=1e-6, rtol=1e-5
+    )

@@ -524,6 +524,49 @@ class GradientProjection:
             return project_gradient(grad, self.dense)
         return grad - component_in_span(grad, self.basis, self.importance)
 
+    def multiply_adds(self, outputs: int) -> int:
+        """What projecting an (outputs, d) gradient costs: o·d² dense, 2·o·d·k factored."""
+        d, k = self.basis.shape
+        return outputs * d * d if self.dense is not None else 2 * outputs * d * k
+
+    def project_rows(self, rows: Tensor) -> Tensor:
+        """x − x·M diag(λ) Mᵀ for input rows x (n, d): δᵀ of them is the projected weight gradient of a Linear layer,
+        (G − G·M diag(λ) Mᵀ with G = δᵀx), at 2·n·d·k multiply-adds."""
+        return rows - component_in_span(rows, self.basis, self.importance)
+
+
+class _LinearWithProjectedWeightGradient(torch.autograd.Function):
+    """F.linear(x, W, b) whose backward gives W the projected gradient δᵀ·(x − x·M diag(λ) Mᵀ) directly; the
+    gradients of x (δ·W) and b (Σδ) are F.linear's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, projection: GradientProjection) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.projection, ctx.has_bias = projection, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_out = grad_out.to(weight.dtype)  # under autocast the output was half precision; W and x were not
+        grad_x = (grad_out @ weight).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            rows = x.reshape(-1, x.shape[-1]).to(weight.dtype)
+            grad_weight = grad_rows.T @ ctx.projection.project_rows(rows)
+        grad_bias = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias, None
+
+
+def linear_with_projected_weight_gradient(
+    x: Tensor, weight: Tensor, bias: Tensor | None, projection: GradientProjection
+) -> Tensor:
+    """F.linear(x, weight, bias) whose weight gradient arrives already projected by `projection` (GPM's and SGP's
+    G − G·M diag(λ) Mᵀ): computed from the layer's input rows as δᵀ(x − x·M diag(λ) Mᵀ), 2·n·d·k multiply-adds
+    for n rows, instead of 2·o·d·k on the (o, d) gradient; cheaper while n < o (batch 10 against 100 outputs)."""
+    return _LinearWithProjectedWeightGradient.apply(x, weight, bias, projection)
+
 
 def gradient_projection(
     basis: Tensor, importance: Tensor | None = None, like: Tensor | None = None

@@ -9,12 +9,15 @@ head train (BatchNorm and biases stay as task 0 left them).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from ness.methods.base import (
     ContinualMethod,
@@ -33,6 +36,7 @@ from ness.subspace import (
     grow_basis,
     input_covariance,
     layer_input_rows,
+    linear_with_projected_weight_gradient,
 )
 from ness.validation import ConfigError, Rule, Validated, count, entries, number, optional, patterns
 
@@ -111,6 +115,34 @@ def draw_samples(inputs: Iterable[Tensor], k: int, generator: torch.Generator) -
     return pool
 
 
+MIN_SAVED_MULTIPLY_ADDS = 1 << 20
+"""The input-side projection adds a Python autograd node per call (some 10–20 µs on a CPU): a layer takes it only
+where it saves at least this many multiply-adds over projecting the weight's gradient after the backward pass."""
+
+
+class InputSideProjection:
+    """A projected nn.Linear layer's forward during GPM's own training step. Its first call that trains the weight
+    chooses, for the whole step, between F.linear and `linear_with_projected_weight_gradient` (the cheaper for its
+    n input rows: 2·n·d·k + 2^20 against the projection's 2·o·d·k, so n < o at batch 10); every later call follows,
+    so a layer never mixes gradients that arrived projected with ones to project (SGP's scaled projection is not
+    idempotent). `after_backward` leaves the gradient alone after an input-side step."""
+
+    def __init__(self, layer: nn.Linear, projection: GradientProjection) -> None:
+        self.layer, self.projection = layer, projection
+        self.input_side: bool | None = None  # undecided until the step's first call that trains the weight
+
+    def __call__(self, x: Tensor) -> Tensor:
+        weight, bias = self.layer.weight, self.layer.bias
+        if torch.is_grad_enabled() and weight.requires_grad:
+            if self.input_side is None:
+                rows, (d, k) = x.numel() // x.shape[-1], self.projection.basis.shape
+                cost = 2 * rows * d * k + MIN_SAVED_MULTIPLY_ADDS
+                self.input_side = cost <= self.projection.multiply_adds(weight.shape[0])
+            if self.input_side:
+                return linear_with_projected_weight_gradient(x, weight, bias, self.projection)
+        return F.linear(x, weight, bias)
+
+
 @register
 class GPM(ContinualMethod):
     """GPM on any model made of nn.Linear / nn.Conv2d layers (declared task heads are never projected).
@@ -126,6 +158,9 @@ class GPM(ContinualMethod):
     name = "gpm"
     config_class = GPMConfig
     distributed_ok = True
+    input_side_projection: ClassVar[bool] = True
+    """In the trainer's step, projected nn.Linear layers take their weight gradients projected from their inputs
+    (`InputSideProjection`), exact while the weight reaches the loss only through the layer's own call."""
 
     def __init__(self, model: nn.Module, config: GPMConfig | None = None, forward: Forward = call_model) -> None:
         super().__init__(model, config, forward)
@@ -141,6 +176,7 @@ class GPM(ContinualMethod):
         self.bases: dict[str, Tensor] = {}  # M_ℓ after the finished tasks, float64
         self.records: list[dict[str, Any]] = []
         self._projectors: dict[str, GradientProjection] = {}  # P_ℓ of the open task, in the weight's dtype and device
+        self._input_side: dict[str, InputSideProjection] = {}  # the layers projecting from their inputs in this step
         # Seeded from torch's global generator, so the samples follow the run seed (official: seeded np.random).
         self._generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
 
@@ -158,9 +194,46 @@ class GPM(ContinualMethod):
             return super().task_parameters(t)
         return weights_and_head(self.model, self.layer_names, t)
 
+    def training_step(
+        self,
+        t: int,
+        x: Tensor,
+        y: Tensor,
+        optimizer: Optimizer,
+        check_loss: Callable[[Tensor], None],
+        tasks: Tensor | None = None,
+    ) -> Tensor:
+        """The trainer's step, with the weight gradients of projected nn.Linear layers projected from their inputs
+        where cheaper (`InputSideProjection`). Only here: the step zeroes the gradients and takes them from
+        `training_loss` alone, so nothing else reaches them; in a user's own loop `after_backward` projects every
+        layer's gradient, whatever else the user's loss added to it."""
+        with self._projecting_inputs():
+            return super().training_step(t, x, y, optimizer, check_loss, tasks)
+
+    @contextmanager
+    def _projecting_inputs(self) -> Iterator[None]:
+        layers = {name: self.model.get_submodule(name) for name in self._projectors}
+        if self.input_side_projection:
+            self._input_side = {
+                name: InputSideProjection(layer, self._projectors[name])
+                for name, layer in layers.items()
+                if type(layer) is nn.Linear and "forward" not in layer.__dict__
+            }
+        for name, calls in self._input_side.items():
+            layers[name].__dict__["forward"] = calls  # nn.Module calls self.forward: the instance's, for this step
+        try:
+            yield
+        finally:
+            for name in self._input_side:
+                del layers[name].__dict__["forward"]
+            self._input_side = {}
+
     def after_backward(self, t: int) -> None:
         for name, projector in self._projectors.items():
             grad = self.model.get_submodule(name).weight.grad
+            calls = self._input_side.get(name)
+            if calls is not None and calls.input_side:
+                continue  # the backward pass gave this gradient projected: every call of the layer did
             if grad is not None:
                 grad.copy_(projector(grad.reshape(grad.shape[0], -1)).view_as(grad))
 

@@ -210,6 +210,7 @@ class TRGP(GPM):
     name = "trgp"
     config_class = TRGPConfig
     distributed_ok = True
+    input_side_projection: ClassVar[bool] = False  # W reaches the loss through W_eff: G is projected after backward
 
     def __init__(self, model: nn.Module, config: TRGPConfig | None = None, forward: Forward = call_model) -> None:
         super().__init__(model, config, forward)
