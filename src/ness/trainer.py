@@ -81,8 +81,9 @@ class TrainConfig(Validated):
     compile: bool = False
     """Run the method's training loss (forward and loss; AOTAutograd compiles its backward too) through
     torch.compile while a task trains; the optimiser step, the method's hooks, evaluation and the statistics passes
-    stay eager (`CompiledLoss`). Meant for GPUs: on the CPU it was measured slower for small models (BENCHMARKS.md,
-    issue 15). Each task compiles anew, and its end resets torch.compile's caches in the whole process."""
+    stay eager (`CompiledLoss`). Meant for GPUs: on the CPU the compiled step was measured 1.2–1.3× slower than eager
+    for the MNIST MLP at batch 10 (BENCHMARKS.md, issue 15). Each task compiles anew, and its end resets
+    torch.compile's caches in the whole process."""
     compile_backend: str = "inductor"
     """The torch.compile backend with `compile`: 'inductor' generates kernels; 'aot_eager' traces forward and
     backward without generating code (quick: to check that a method's step compiles)."""
