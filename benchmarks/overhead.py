@@ -14,7 +14,14 @@ and each one's ratio to the bare loop. `--whole` also prints two floors of the i
 (`whole_run_floors`): every step at the bare loop's cost, and tasks 1-9 at the functional floor of that run's ranks;
 both plus the statistics' matrix products (Σxxᵀ per layer over each finished task).
 
+`--compile` times instead `train_task` eager against `TrainConfig.compile` (on `--backend`, on `--device`), for
+fine-tuning in task 0 and NESS's defaults in task 1: two epochs each, the per-step time from the second epoch (the
+first compiles) and the compile time as the first epoch's excess over the second. The compile caches of inductor
+start empty (a temporary TORCHINDUCTOR_CACHE_DIR unless one is set): the first repeat compiles from scratch, later
+ones may read inductor's on-disk cache, as a later task or run of the same shapes does.
+
 Usage: python benchmarks/overhead.py [--images 20000] [--repeats 3] [--threads 1] [--whole] [--json OUT.json]
+       python benchmarks/overhead.py --compile [--backend inductor] [--device cuda] [--images ...] [--repeats ...]
 (real MNIST from $NESS_DATA_ROOT; without it, random images of the same shapes)
 """
 
@@ -22,9 +29,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
+import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -94,14 +104,16 @@ def trainer_step(method, t: int, task: Task) -> float:
     return log["train_seconds"] / steps
 
 
-def ness_at_task1(bench: Benchmark, options: dict) -> NESS:
-    """NESS after one epoch of task 0, with task 1 begun (its adapters built from task 0's statistics)."""
-    model = network()
+def ness_at_task1(bench: Benchmark, options: dict, device: str = "cpu") -> NESS:
+    """NESS after one epoch of task 0, ready to begin task 1 (its adapters are built from task 0's statistics)."""
+    model = network().to(device)
     method = NESS(model, NESSConfig(**options))
     method.begin_task(0)
-    train_task(model, method, 0, bench.tasks[0], CONFIG, torch.Generator().manual_seed(0), progress=False)
+    config = dataclasses.replace(CONFIG, device=device)
+    train_task(model, method, 0, bench.tasks[0], config, torch.Generator().manual_seed(0), progress=False)
     task = bench.tasks[0]
-    method.end_task(0, [(task.transform(task.train.inputs[i : i + 64]),) for i in range(0, len(task.train), 64)])
+    rows = range(0, len(task.train), 64)
+    method.end_task(0, [(task.transform(task.train.inputs[i : i + 64]).to(device),) for i in rows])
     return method
 
 
@@ -218,6 +230,48 @@ def measure(bench: Benchmark, repeats: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def two_epochs(method, t: int, task: Task, device: str, backend: str | None) -> tuple[float, float]:
+    """(seconds per step of the second epoch, first epoch's seconds − second's) of `train_task` over two epochs of
+    task t, compiled on `backend` (None: eager); the difference is the compile time when compiled."""
+    config = dataclasses.replace(
+        CONFIG, epochs=2, device=device, compile=backend is not None, compile_backend=backend or "inductor"
+    )
+    ends: list[float] = []  # loop.train_seconds after each epoch
+
+    def after_epoch(loop, record) -> None:
+        ends.append(loop.train_seconds)
+
+    generator = torch.Generator().manual_seed(t)
+    train_task(method.model, method, t, task, config, generator, progress=False, after_epoch=after_epoch)
+    first, second = ends[0], ends[1] - ends[0]
+    return second / -(-len(task.train) // CONFIG.batch_size), first - second
+
+
+COMPILED_RUNS = {
+    "finetune (task 0)": lambda bench, device: (FineTune(network().to(device)), 0),
+    "ness (defaults: energy δ 1e-3, transfer 100), task 1": lambda bench, device: (ness_at_task1(bench, {}, device), 1),
+}
+"""What `--compile` times: the method, ready to begin its task, and the task."""
+
+
+def measure_compiled(bench: Benchmark, repeats: int, device: str, backend: str) -> tuple[dict[str, float], dict]:
+    """Per row of COMPILED_RUNS, eager and compiled: the median second-epoch seconds per step; and each compiled
+    run's compile seconds, in the order of the repeats."""
+    times: dict[str, list[float]] = {}
+    compile_seconds: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for name, ready in COMPILED_RUNS.items():
+            for compiled in (False, True):
+                method, t = ready(bench, device)
+                method.begin_task(t)
+                step, extra = two_epochs(method, t, bench.tasks[t], device, backend if compiled else None)
+                label = f"trainer, {name}, " + (f"compiled ({backend})" if compiled else "eager")
+                times.setdefault(label, []).append(step)
+                if compiled:
+                    compile_seconds.setdefault(label, []).append(extra)
+    return {name: statistics.median(values) for name, values in times.items()}, compile_seconds
+
+
 def statistics_pass_seconds() -> float:
     """Σxxᵀ of every layer's 54,000 input rows (784, 100, 100) in float64 products (`CovarianceSum`): one pass."""
     g = torch.Generator().manual_seed(0)
@@ -247,6 +301,32 @@ def whole_run_floors(bare_step: float, ness_floor_step: float) -> dict[str, dict
     }
 
 
+def machine(device: str) -> str:
+    """The GPU's name on a CUDA device, else the CPU's as platform reports it."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def compiled_main(bench: Benchmark, args: argparse.Namespace) -> None:
+    """`--compile`: print the eager and compiled steps of `train_task` and the compile times (module docstring)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-cache-"))
+    per_step, compile_seconds = measure_compiled(bench, args.repeats, args.device, args.backend)
+    print(
+        f"{bench.name}, {args.images} images per task, batch {CONFIG.batch_size}, {args.threads} thread(s), "
+        f"{args.device}, median of {args.repeats}; torch {torch.__version__}, {machine(args.device)}"
+    )
+    print("| train_task | µs per step (2nd epoch) | against eager | compile s (each repeat) |")
+    print("|---|---|---|---|")
+    for name, seconds in per_step.items():
+        eager = per_step[name.rsplit(", ", 1)[0] + ", eager"]
+        compiled = ", ".join(f"{s:.1f}" for s in compile_seconds.get(name, []))
+        print(f"| {name} | {seconds * 1e6:.0f} | {seconds / eager:.2f}× | {compiled} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"settings": vars(args), "per_step_seconds": per_step, "compile_seconds": compile_seconds}, f)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=20000)
@@ -254,9 +334,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--whole", action="store_true", help="also print a whole paper-preset run's floor")
     parser.add_argument("--json")
+    parser.add_argument("--compile", action="store_true", help="time train_task eager against TrainConfig.compile")
+    parser.add_argument("--backend", default="inductor", help="the torch.compile backend with --compile")
+    parser.add_argument("--device", default="cpu", help="the training device with --compile")
     args = parser.parse_args()
+    if not args.compile and (args.device != "cpu" or args.backend != "inductor"):
+        parser.error("--device and --backend go with --compile (the other rows run on the CPU)")
     torch.set_num_threads(args.threads)
     bench = permuted_tasks(args.images)
+    if args.compile:
+        compiled_main(bench, args)
+        return
     per_step = measure(bench, args.repeats)
     bare = per_step["bare loop"]
     print(

@@ -123,13 +123,21 @@ def gradient_worker(rank: int, world: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def trainer_worker(rank: int, world: int, init_file: str, out: str) -> None:
+def compiled_trainer_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """`trainer_worker` with TrainConfig.compile on aot_eager, also counting the compiled graphs' runs."""
+    trainer_worker(rank, world, init_file, out, compiled=True)
+
+
+def trainer_worker(rank: int, world: int, init_file: str, out: str, compiled: bool = False) -> None:
     """Run `ness.trainer.run_continual` with joint training (2 tasks of 11 rows, batch 4: last batches of 3 and 2
     rows; task 1 mixes both tasks' rows in each batch) on every rank, counting the forward passes of torch's
     DistributedDataParallel and the gradient buckets its reducer hands to a communication hook. Writes (steps, DDP
-    forwards, buckets reduced, the largest difference of the trained weights from rank 0's) as JSON."""
+    forwards, buckets reduced, the largest difference of the trained weights from rank 0's; with `compiled`, the
+    runs of the graphs torch.compile made of the training loss) as JSON."""
     import json
 
+    from torch._dynamo import register_backend
+    from torch._dynamo.backends.debugging import aot_eager
     from torch.nn.parallel import DistributedDataParallel
 
     from ness.data import Benchmark, Split, Task
@@ -139,7 +147,18 @@ def trainer_worker(rank: int, world: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        counts = {"steps": 0, "forwards": 0, "buckets": 0}
+        counts = {"steps": 0, "forwards": 0, "buckets": 0, "graph_runs": 0}
+
+        @register_backend(name="harness_counting")
+        def counting_backend(graph, example_inputs):
+            compiled_graph = aot_eager(graph, example_inputs)
+
+            def run(*args):
+                counts["graph_runs"] += 1
+                return compiled_graph(*args)
+
+            return run
+
         forward, register = DistributedDataParallel.forward, DistributedDataParallel.register_comm_hook
 
         def counted_forward(self, *args, **kwargs):
@@ -170,7 +189,9 @@ def trainer_worker(rank: int, world: int, init_file: str, out: str) -> None:
             return Task(name, 3, *splits, lambda x: x.double())
 
         benchmark = Benchmark("tiny", (task("a"), task("b")), (5,), shared_head=False, details={})
-        config = TrainConfig(epochs=2, batch_size=4, lr=0.1, lr_schedule=False)
+        config = TrainConfig(
+            epochs=2, batch_size=4, lr=0.1, lr_schedule=False, compile=compiled, compile_backend="harness_counting"
+        )
         run_continual(method.model, method, benchmark, config, seed=1, progress=False)
         weights = torch.cat([p.detach().reshape(-1) for p in method.model.parameters()])
         reference = weights.clone()

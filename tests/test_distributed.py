@@ -133,15 +133,19 @@ def test_gradient_weighting_of_unequal_and_empty_shards(tmp_path: Path) -> None:
         assert float(worst) < 1e-12, (rank, worst)
 
 
-def test_the_trainer_steps_through_distributed_data_parallel(tmp_path: Path) -> None:
+@pytest.mark.parametrize("worker", ["trainer_worker", "compiled_trainer_worker"])
+def test_the_trainer_steps_through_distributed_data_parallel(tmp_path: Path, worker: str) -> None:
     """Every training step's loss is a forward pass of torch's DistributedDataParallel, and its reducer hands the
-    gradient buckets to the rows-weighted all-reduce; the ranks end with the same weights."""
-    for rank, written in enumerate(spawn_two("trainer_worker", tmp_path)):
+    gradient buckets to the rows-weighted all-reduce; the ranks end with the same weights. With TrainConfig.compile
+    DDP's forward runs the compiled loss."""
+    for rank, written in enumerate(spawn_two(worker, tmp_path)):
         counts = json.loads(written)
         assert counts["steps"] == 18, (rank, counts)  # 2 epochs of 3 batches (task 0), then of 6 (tasks 0 and 1)
         assert counts["forwards"] == counts["steps"], (rank, counts)
         assert counts["buckets"] >= counts["steps"], (rank, counts)
         assert counts["worst"] == 0.0, (rank, counts)
+        # joint training's per-task heads break the graph: at least one compiled graph per step, none uncompiled
+        assert (counts["graph_runs"] >= counts["steps"]) if worker.startswith("compiled") else not counts["graph_runs"]
 
 
 def test_a_killed_rank_fails_the_run_and_both_ranks_resume(tmp_path: Path) -> None:

@@ -200,10 +200,13 @@ class NullSpaceAdapter(nn.Module):
 
     def _stacked_terms(self, terms: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
         """U·V + Ū·A as one term [U Ū]·[V; A]: one product of x with the bases instead of two, and half the
-        kernels forward and backward. [U Ū] is kept until U or Ū changes (in place, or by a move to a device)."""
+        kernels forward and backward. [U Ū] is kept until U or Ū changes (in place, or by a move to a device); under
+        torch.compile it is formed in the graph instead (reading the tensors' versions there breaks the graph)."""
         if len(terms) < 2:
             return terms
         (u, v), (u_bar, a) = terms
+        if torch.compiler.is_compiling():  # traced: the graph stacks them; the cache's version check would break it
+            return [(torch.cat([u, u_bar], dim=1), torch.cat([v, a]))]
         cached = self._stacked
         if cached is None or not (cached[0] is u and cached[1] is u_bar and cached[2] == (u._version, u_bar._version)):
             cached = self._stacked = (u, u_bar, (u._version, u_bar._version), torch.cat([u, u_bar], dim=1))

@@ -335,6 +335,7 @@ class DataParallel:
         self.rows.rows, self.rows.total = part.rows, part.total
         forwards = self.forwards
         own = vars(self.method).get("training_loss")  # an instance's own loss function, put back afterwards
+        self.module.loss = self.method.training_loss  # the loss in place now (compiled with TrainConfig.compile)
         self.method.training_loss = partial(self._loss, ddp)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         try:

@@ -9,6 +9,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -41,6 +42,12 @@ def is_device(value: Any) -> bool:
     return isinstance(value, str)
 
 
+def is_compile_backend(value: Any) -> bool:
+    """A backend name torch.compile knows ('inductor', 'aot_eager', ...); the list is read only for other names
+    than 'inductor' (reading it imports torch._dynamo, about a second)."""
+    return value == "inductor" or (isinstance(value, str) and value in torch.compiler.list_backends(exclude_tags=()))
+
+
 @dataclass(frozen=True)
 class TrainConfig(Validated):
     """Optimiser and schedule per task; defaults are the GPM-family protocol (METHODS_SPEC §1.4)."""
@@ -71,6 +78,15 @@ class TrainConfig(Validated):
     """Skip each epoch's last training batch when it is smaller than batch_size: a 1-row batch breaks train-mode
     BatchNorm with running statistics ('--network mlp_bn' sets it)."""
     device: str = "cpu"
+    compile: bool = False
+    """Run the method's training loss (forward and loss; AOTAutograd compiles its backward too) through
+    torch.compile while a task trains; the optimiser step, the method's hooks, evaluation and the statistics passes
+    stay eager (`CompiledLoss`). Meant for GPUs: on the CPU the compiled step was measured 1.2–1.3× slower than eager
+    for the MNIST MLP at batch 10 (BENCHMARKS.md, issue 15). Each task compiles anew, and its end resets
+    torch.compile's caches in the whole process."""
+    compile_backend: str = "inductor"
+    """The torch.compile backend with `compile`: 'inductor' generates kernels; 'aot_eager' traces forward and
+    backward without generating code (quick: to check that a method's step compiles)."""
 
     RULES: ClassVar[dict[str, Rule]] = {
         "epochs": count(fix="the most epochs per task"),
@@ -88,6 +104,12 @@ class TrainConfig(Validated):
         "eval_passes": count(),
         "drop_last": flag(),
         "device": Rule(is_device, "a torch device name such as 'cpu', 'cuda' or 'cuda:1'"),
+        "compile": flag(fix="true runs the training loss through torch.compile; meant for GPUs"),
+        "compile_backend": Rule(
+            is_compile_backend,
+            "a torch.compile backend name",
+            "'inductor' (the default) or 'aot_eager'; torch.compiler.list_backends() names the others",
+        ),
     }
 
 
@@ -209,6 +231,98 @@ class TaskLoop:
 EpochHook = Callable[[TaskLoop, dict[str, Any]], None]
 
 
+COMPILER_MODULES: tuple[str, ...] = ("torch._dynamo.", "torch._functorch.", "torch._inductor.")
+
+
+def from_compiler(error: BaseException) -> bool:
+    """Whether torch.compile raised `error`: dynamo's own errors (tracing, a backend's failure), or a RuntimeError
+    raised inside AOTAutograd's or inductor's code (a compiled backward asked for a second-order gradient) and not
+    an out-of-memory error. Errors of the traced code itself reach dynamo's frame-evaluation wrapper only."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
+
+    if isinstance(error, (TorchDynamoException, FailOnRecompileLimitHit)):
+        return True
+    if not isinstance(error, RuntimeError) or isinstance(error, torch.OutOfMemoryError):
+        return False
+    tb = error.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if module.startswith(COMPILER_MODULES) and module != "torch._dynamo.eval_frame":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class CompiledLoss:
+    """A method's `training_loss` through torch.compile for one task (`TrainConfig.compile`).
+
+    `installed()` puts it in place, as an instance attribute over the class's method, for a block of training steps
+    and removes it afterwards, even after an error (so a checkpoint between epochs pickles the method without it);
+    the method's hooks (after_backward, after_step) and the optimiser step stay eager, and so do evaluation and the
+    statistics passes, which never call `training_loss`. `close()` ends the task: it resets torch.compile's caches
+    (those of every compiled function in the process). Without that reset, compiling the same code task after task
+    piles up recompilations: NESS's new adapters change the shapes and the task id and the method's Python state
+    change the guards, so one recompilation per task; measured with torch 2.13, from task 8 of a 10-task NESS run
+    dynamo hit its recompile limit (8) and ran the loss eagerly, with only a logged warning."""
+
+    def __init__(self, method: ContinualMethod, t: int, backend: str) -> None:
+        self.method, self.t, self.backend = method, t, backend
+        self.calls, self.warned = 0, False
+        with self._explained():
+            self._compiled = torch.compile(method.training_loss, backend=backend)
+
+    def _loss(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.calls += 1
+        return self._compiled(*args, **kwargs)
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Inside the block `method.training_loss` is the compiled loss; an instance's own `training_loss`
+        attribute, if it had one, is put back on exit. A block of steps that never called it (a method whose own
+        training_step computes its loss otherwise) logs a warning, once."""
+        own = vars(self.method).get("training_loss")
+        self.method.training_loss = self._loss  # type: ignore[method-assign]
+        calls = self.calls
+        try:
+            with self._explained():
+                yield
+        finally:
+            if own is None:
+                del self.method.training_loss
+            else:
+                self.method.training_loss = own
+        if self.calls == calls and not self.warned:
+            self.warned = True
+            log.warning(
+                "task %d: compile=True compiles nothing for %s: its training_step does not compute its loss with "
+                "training_loss, so its steps run eagerly",
+                self.t,
+                self.method.name,
+            )
+
+    @contextmanager
+    def _explained(self) -> Iterator[None]:
+        """torch.compile's errors (`from_compiler`) re-raised saying where they came from and how to train without
+        compiling; the method's, the model's and the data's own errors pass unchanged."""
+        try:
+            yield
+        except Exception as error:
+            if not from_compiler(error):
+                raise
+            lines = str(error).strip().splitlines()
+            first = lines[0].rstrip(".") if lines else ""
+            raise RuntimeError(
+                f"task {self.t}: torch.compile (backend {self.backend!r}) failed on {self.method.name}'s training "
+                f"step: {type(error).__name__}: {first}. Train without compiling: --set "
+                "compile=false (TrainConfig(compile=False)); with inductor, --set compile_backend=aot_eager tells a "
+                "code-generation failure from a tracing one"
+            ) from error
+
+    def close(self) -> None:
+        """End of the task: torch.compile's caches are reset (see the class's docstring)."""
+        torch.compiler.reset()
+
+
 def train_task(
     model: nn.Module,
     method: ContinualMethod,
@@ -262,15 +376,23 @@ def train_task(
     model.train()
     trained = [p for group in loop.optimizer.param_groups for p in group["params"]] if loop.optimizer else []
     sets = training_sets(sources, config.device) if not loop.finished else []
-    with bar, distributed.DataParallel(method, trained) as data_parallel:  # several processes: DDP drives the steps
-        while not loop.finished:
-            started = time.perf_counter()
-            record = train_epoch(method, t, sources, sets, config, generator, loop, batches_per_epoch, data_parallel)
-            loop.train_seconds += time.perf_counter() - started
-            if after_epoch is not None:
-                after_epoch(loop, record)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "val_loss", "lr")})
+    compiled = CompiledLoss(method, t, config.compile_backend) if config.compile and not loop.finished else None
+    try:
+        with bar, distributed.DataParallel(method, trained) as data_parallel:  # several processes: DDP runs the steps
+            while not loop.finished:
+                started = time.perf_counter()
+                with compiled.installed() if compiled is not None else nullcontext():
+                    record = train_epoch(
+                        method, t, sources, sets, config, generator, loop, batches_per_epoch, data_parallel
+                    )
+                loop.train_seconds += time.perf_counter() - started
+                if after_epoch is not None:
+                    after_epoch(loop, record)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "val_loss", "lr")})
+    finally:
+        if compiled is not None:
+            compiled.close()
     if loop.best_state is not None:
         model.load_state_dict(loop.best_state)
     return {
