@@ -113,8 +113,10 @@ def run_tasks(method: ContinualMethod, bench: Benchmark, settings: TrainConfig) 
     return out
 
 
-@pytest.mark.parametrize("name", ["finetune", "ness"])
+@pytest.mark.parametrize("name", ["finetune", "ness", "gpm", "sgp"])
 def test_compiled_training_gives_the_eager_losses_and_weights(name):
+    """GPM and SGP in task 1 swap their projected layers' forward for each step (the input-side projection of
+    their own step): one object per layer and task, so the compiled graph serves every step."""
     bench = random_tasks(2)
     eager_method, compiled_method = new_method(name, bench), new_method(name, bench)
     eager = run_tasks(eager_method, bench, config())

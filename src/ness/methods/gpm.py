@@ -137,7 +137,9 @@ class InputSideProjection:
             if self.input_side is None:
                 rows, (d, k) = x.numel() // x.shape[-1], self.projection.basis.shape
                 cost = 2 * rows * d * k + MIN_SAVED_MULTIPLY_ADDS
-                self.input_side = cost <= self.projection.multiply_adds(weight.shape[0])
+                # traced by torch.compile (TrainConfig.compile): plain F.linear, G projected after the backward pass
+                compiling = torch.compiler.is_compiling()
+                self.input_side = not compiling and cost <= self.projection.multiply_adds(weight.shape[0])
             if self.input_side:
                 return linear_with_projected_weight_gradient(x, weight, bias, self.projection)
         return F.linear(x, weight, bias)
@@ -176,7 +178,8 @@ class GPM(ContinualMethod):
         self.bases: dict[str, Tensor] = {}  # M_ℓ after the finished tasks, float64
         self.records: list[dict[str, Any]] = []
         self._projectors: dict[str, GradientProjection] = {}  # P_ℓ of the open task, in the weight's dtype and device
-        self._input_side: dict[str, InputSideProjection] = {}  # the layers projecting from their inputs in this step
+        self._input_side: dict[str, InputSideProjection] = {}  # per Linear layer of _projectors: its forward in a step
+        self._input_side_of: dict[str, GradientProjection] | None = None  # the _projectors it was made for
         # Seeded from torch's global generator, so the samples follow the run seed (official: seeded np.random).
         self._generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
 
@@ -212,27 +215,32 @@ class GPM(ContinualMethod):
 
     @contextmanager
     def _projecting_inputs(self) -> Iterator[None]:
+        if not self.input_side_projection:
+            yield
+            return
         layers = {name: self.model.get_submodule(name) for name in self._projectors}
-        if self.input_side_projection:
-            self._input_side = {
+        if self._input_side_of is not self._projectors:  # one object per layer and task: torch.compile's guards hold
+            self._input_side_of, self._input_side = self._projectors, {
                 name: InputSideProjection(layer, self._projectors[name])
                 for name, layer in layers.items()
-                if type(layer) is nn.Linear and "forward" not in layer.__dict__
+                if type(layer) is nn.Linear
             }
-        for name, calls in self._input_side.items():
-            layers[name].__dict__["forward"] = calls  # nn.Module calls self.forward: the instance's, for this step
+        installed = [name for name in self._input_side if "forward" not in layers[name].__dict__]
+        for name in installed:
+            layers[name].__dict__["forward"] = self._input_side[name]  # nn.Module calls self.forward: this step's
         try:
             yield
         finally:
-            for name in self._input_side:
+            for name in installed:
                 del layers[name].__dict__["forward"]
-            self._input_side = {}
+                self._input_side[name].input_side = None  # undecided: a user's loop projects in after_backward
 
     def after_backward(self, t: int) -> None:
         for name, projector in self._projectors.items():
             grad = self.model.get_submodule(name).weight.grad
             calls = self._input_side.get(name)
             if calls is not None and calls.input_side:
+                calls.input_side = None  # decided again by the next forward pass (SAM's second one, the next step)
                 continue  # the backward pass gave this gradient projected: every call of the layer did
             if grad is not None:
                 grad.copy_(projector(grad.reshape(grad.shape[0], -1)).view_as(grad))
