@@ -103,3 +103,27 @@ def test_a_checkpoint_written_before_run_specs_still_resumes(tmp_path, monkeypat
     assert main(["run", "--resume", str(tmp_path), "--quiet"]) == 0
     results = json.loads((path.parent / "results.json").read_text())
     assert results["resumed_from"] == [{"task": 0, "epochs_done": 1}]
+
+
+def test_a_checkpoint_written_before_an_option_existed_resumes_at_its_default(tmp_path, monkeypatch, capsys):
+    """Options added since a checkpoint was written (TrainConfig.compile, NESSConfig.statistics_dtype) count as
+    their defaults, which that run ran with; one whose default is not what the run resolves to is still refused."""
+    path = interrupted_run(tmp_path, monkeypatch)
+    header_line, payload = path.read_bytes().split(b"\n", 1)
+
+    def write_without(train_keys: tuple[str, ...], method_keys: tuple[str, ...]) -> None:
+        header = json.loads(header_line)
+        settings = header["meta"]["settings"]
+        for key in train_keys:
+            del settings["train"][key]
+        for key in method_keys:
+            del settings["method"][key]
+        path.write_bytes(json.dumps(header).encode() + b"\n" + payload)
+
+    write_without(("epochs",), ())  # the run has epochs = 1; TrainConfig's default is 200
+    assert main(["run", "--resume", str(tmp_path), "--quiet"]) != 0
+    assert "other settings (train.epochs = 200 in the checkpoint, 1 now)" in capsys.readouterr().err
+    write_without(("compile", "compile_backend"), ("statistics_dtype", "statistics_device"))
+    assert main(["run", "--resume", str(tmp_path), "--quiet"]) == 0
+    results = json.loads((path.parent / "results.json").read_text())
+    assert results["resumed_from"] == [{"task": 0, "epochs_done": 1}]

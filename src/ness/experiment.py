@@ -269,11 +269,17 @@ def flat_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_same_settings(
-    saved: dict[str, Any], now: dict[str, Any], where: Path, may_change: Sequence[str] = ()
+    saved: dict[str, Any],
+    now: dict[str, Any],
+    where: Path,
+    may_change: Sequence[str] = (),
+    defaults: dict[str, Any] | None = None,
 ) -> dict[str, list[Any]]:
     """The settings in `may_change` (flat keys, 'train.lr') that differ between a checkpoint and the run resuming
-    it, as {key: [then, now]}; raise CheckpointError naming every other setting that differs."""
-    old, new = flat_settings(saved), flat_settings(now)
+    it, as {key: [then, now]}; raise CheckpointError naming every other setting that differs. A setting the
+    checkpoint lacks counts as its value in `defaults` (flat keys): an option added since, which the run that wrote
+    the checkpoint ran without, is its default."""
+    old, new = {**flat_settings(defaults or {}), **flat_settings(saved)}, flat_settings(now)
     missing = object()
     differ = [key for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)]
     refused = [
@@ -298,7 +304,12 @@ def check_resumable(
     written before run specs existed records only the resolved settings, and is checked on those."""
     if "spec" in meta:
         check_same_settings(meta["spec"], dataclasses.asdict(run.spec), where, [f"overrides.{k}" for k in may_change])
-    return check_same_settings(meta["settings"], run.record(), where, [f"train.{k}" for k in may_change])
+    defaults = {
+        "method": dataclasses.asdict(METHODS[run.variant.method].config_class()),
+        "train": {k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k != "device"},
+    }
+    defaults = json.loads(json.dumps(defaults))  # in the JSON form the records have (tuples as lists)
+    return check_same_settings(meta["settings"], run.record(), where, [f"train.{k}" for k in may_change], defaults)
 
 
 def finished_run(folder: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
