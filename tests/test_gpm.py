@@ -838,7 +838,8 @@ def test_linear_with_projected_weight_gradient_projects_only_the_weight_gradient
 
 def test_the_input_side_form_is_taken_where_it_costs_fewer_multiply_adds():
     """Permuted MNIST's first layer (784 → 100, a basis of 80 columns): batch 10 projects from the inputs
-    (2·10·784·80 + 2^20 ≤ 2·100·784·80), batch 200 projects the gradient; once chosen, the step keeps the choice."""
+    (2·10·784·80 + 2^20 ≤ 2·100·784·80), batch 200 projects the gradient; once chosen, the step keeps the choice.
+    Its second layer (100 → 100, 31 columns) never gains enough to take the form: it keeps its own forward."""
     from ness.methods.gpm import InputSideProjection
     from ness.subspace import gradient_projection
 
@@ -851,6 +852,10 @@ def test_the_input_side_form_is_taken_where_it_costs_fewer_multiply_adds():
         assert calls.input_side is expected
         calls(torch.randn(1000 if expected else 1, 784))  # another call of the step follows the first one's form
         assert calls.input_side is expected
+    assert InputSideProjection.can_be_cheaper(layer, gradient_projection(basis, like=layer.weight))
+    hidden, hidden_basis = nn.Linear(100, 100), torch.linalg.qr(torch.randn(100, 31))[0]  # the second layer's shapes
+    assert 2 * 100 * 31 + 2**20 > 2 * 100 * 100 * 31  # even one row saves less than 2^20 multiply-adds
+    assert not InputSideProjection.can_be_cheaper(hidden, gradient_projection(hidden_basis, like=hidden.weight))
     with torch.no_grad():  # a call that trains nothing chooses nothing
         calls = InputSideProjection(layer, gradient_projection(basis, like=layer.weight))
         calls(torch.randn(10, 784))
@@ -914,9 +919,10 @@ def test_the_trainer_step_with_input_side_projection_equals_the_projected_step(m
         torch.testing.assert_close(stepped[n].double(), start[n].double() - 0.1 * grad, atol=1e-6, rtol=1e-5)
 
 
-def test_a_step_that_raises_gives_the_layers_their_own_forward_back():
+def test_a_step_that_raises_gives_the_layers_their_own_forward_back(monkeypatch):
     import ness.methods.gpm as gpm_module
 
+    monkeypatch.setattr(gpm_module, "MIN_SAVED_MULTIPLY_ADDS", 0)
     g = torch.Generator().manual_seed(14)
     model, method = task1_on_a_five_dimensional_task0(lambda m: GPM(m, GPMConfig(samples=200)), g)
     x, y = torch.randn(3, 20, generator=g), torch.randint(0, 4, (3,), generator=g)

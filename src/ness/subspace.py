@@ -522,7 +522,13 @@ class GradientProjection:
     def __call__(self, grad: Tensor) -> Tensor:
         if self.dense is not None:
             return project_gradient(grad, self.dense)
-        return grad - component_in_span(grad, self.basis, self.importance)
+        return self.project_rows(grad)
+
+    def project_(self, grad: Tensor) -> Tensor:
+        """The projection of gradient rows (o, d) in place (the factored form needs no (o, d) temporary)."""
+        if self.dense is not None:
+            return grad.copy_(project_gradient(grad, self.dense))
+        return grad.addmm_(self._along(grad), self.basis.T, alpha=-1)
 
     def multiply_adds(self, outputs: int) -> int:
         """What projecting an (outputs, d) gradient costs: o·d² dense, 2·o·d·k factored."""
@@ -530,9 +536,14 @@ class GradientProjection:
         return outputs * d * d if self.dense is not None else 2 * outputs * d * k
 
     def project_rows(self, rows: Tensor) -> Tensor:
-        """x − x·M diag(λ) Mᵀ for input rows x (n, d): δᵀ of them is the projected weight gradient of a Linear layer,
-        (G − G·M diag(λ) Mᵀ with G = δᵀx), at 2·n·d·k multiply-adds."""
-        return rows - component_in_span(rows, self.basis, self.importance)
+        """x − x·M diag(λ) Mᵀ for rows x (n, d), in the factored form (2·n·d·k multiply-adds): for a Linear layer's
+        input rows, δᵀ of them is its projected weight gradient, G − G·M diag(λ) Mᵀ with G = δᵀx."""
+        return torch.addmm(rows, self._along(rows), self.basis.T, alpha=-1)
+
+    def _along(self, rows: Tensor) -> Tensor:
+        """x·M diag(λ): each row's coordinates along M's columns, scaled by their importances."""
+        along = rows @ self.basis
+        return along if self.importance is None else along * self.importance
 
 
 class _LinearWithProjectedWeightGradient(torch.autograd.Function):
@@ -548,12 +559,17 @@ class _LinearWithProjectedWeightGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        grad_out = grad_out.to(weight.dtype)  # under autocast the output was half precision; W and x were not
-        grad_x = (grad_out @ weight).to(x.dtype) if ctx.needs_input_grad[0] else None
+        if grad_out.dtype != weight.dtype:  # autocast: the output was in half precision, W and x were not
+            grad_out = grad_out.to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ weight
+            grad_x = grad_x if grad_x.dtype == x.dtype else grad_x.to(x.dtype)
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            rows = x.reshape(-1, x.shape[-1]).to(weight.dtype)
+            rows = x.reshape(-1, x.shape[-1])
+            rows = rows if rows.dtype == weight.dtype else rows.to(weight.dtype)
             grad_weight = grad_rows.T @ ctx.projection.project_rows(rows)
         grad_bias = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias, None

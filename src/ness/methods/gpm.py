@@ -131,6 +131,12 @@ class InputSideProjection:
         self.layer, self.projection = layer, projection
         self.input_side: bool | None = None  # undecided until the step's first call that trains the weight
 
+    @staticmethod
+    def can_be_cheaper(layer: nn.Linear, projection: GradientProjection) -> bool:
+        """Whether the input-side form wins for some batch (one row): else the layer keeps its own forward."""
+        d, k = projection.basis.shape
+        return 2 * d * k + MIN_SAVED_MULTIPLY_ADDS <= projection.multiply_adds(layer.out_features)
+
     def __call__(self, x: Tensor) -> Tensor:
         weight, bias = self.layer.weight, self.layer.bias
         if torch.is_grad_enabled() and weight.requires_grad:
@@ -218,22 +224,22 @@ class GPM(ContinualMethod):
         if not self.input_side_projection:
             yield
             return
-        layers = {name: self.model.get_submodule(name) for name in self._projectors}
         if self._input_side_of is not self._projectors:  # one object per layer and task: torch.compile's guards hold
+            layers = {name: self.model.get_submodule(name) for name in self._projectors}
             self._input_side_of, self._input_side = self._projectors, {
                 name: InputSideProjection(layer, self._projectors[name])
                 for name, layer in layers.items()
-                if type(layer) is nn.Linear
+                if type(layer) is nn.Linear and InputSideProjection.can_be_cheaper(layer, self._projectors[name])
             }
-        installed = [name for name in self._input_side if "forward" not in layers[name].__dict__]
-        for name in installed:
-            layers[name].__dict__["forward"] = self._input_side[name]  # nn.Module calls self.forward: this step's
+        installed = [calls for calls in self._input_side.values() if "forward" not in calls.layer.__dict__]
+        for calls in installed:
+            calls.layer.__dict__["forward"] = calls  # nn.Module calls self.forward: the instance's, for this step
         try:
             yield
         finally:
-            for name in installed:
-                del layers[name].__dict__["forward"]
-                self._input_side[name].input_side = None  # undecided: a user's loop projects in after_backward
+            for calls in installed:
+                del calls.layer.__dict__["forward"]
+                calls.input_side = None  # undecided: a user's loop projects every gradient in after_backward
 
     def after_backward(self, t: int) -> None:
         for name, projector in self._projectors.items():
@@ -242,7 +248,9 @@ class GPM(ContinualMethod):
             if calls is not None and calls.input_side:
                 calls.input_side = None  # decided again by the next forward pass (SAM's second one, the next step)
                 continue  # the backward pass gave this gradient projected: every call of the layer did
-            if grad is not None:
+            if grad is not None and grad.is_contiguous():
+                projector.project_(grad.view(grad.shape[0], -1))
+            elif grad is not None:  # e.g. a channels-last weight's gradient: rows (o, d) only as a copy
                 grad.copy_(projector(grad.reshape(grad.shape[0], -1)).view_as(grad))
 
     def on_end_task(self, t: int, batches: Iterable[Any]) -> None:
