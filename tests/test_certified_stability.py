@@ -78,8 +78,8 @@ def first_layer_shift(bench: Benchmark, memory: str, shift: float | None, eps1: 
 
     original_end = method.end_task
 
-    def end_task(t, batches):
-        original_end(t, batches)
+    def end_task(t, batches, **options):
+        original_end(t, batches, **options)
         weights.append(model.get_submodule(method.layer_names[0]).weight.detach().clone())
 
     method.end_task = end_task

@@ -49,11 +49,13 @@ CONFIG_FILE = "adapter_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 STATISTICS_FILE = "adapter_statistics.safetensors"
 # The entries of NESS.state_dict() these files hold; "model" is held as the base model plus ΔW's, heads and
-# BatchNorm tensors.
+# BatchNorm tensors; "final_task" is always None in them (save_adapters refuses a method closed with last=True), so
+# it is not stored and loads as None.
 STATE_KEYS = {
     "method",
     "tasks_done",
     "active_task",
+    "final_task",
     "model",
     "config",
     "covariances",
@@ -91,6 +93,14 @@ def save_adapters(method: AdapterMethod, directory: str | Path) -> Path:
         raise ValueError(
             "save_adapters: task 0 has not ended, and NESS's adapters start with task 1; save the model itself "
             "after task 0 (its state then is the base model that load_adapters needs)"
+        )
+    if method.final_task is not None:
+        t = method.final_task
+        raise ValueError(
+            f"save_adapters: task {t} was ended with end_task({t}, ..., last=True), which skips the statistics pass, "
+            f"so these files would lack task {t}'s statistics that continuing from them needs; end the last task with "
+            "last=False to save adapters (`ness run --save-adapters` and run_continual(..., continuable=True) do). "
+            "save_lora and merge_and_unload need no statistics and still work"
         )
     state = method.state_dict()
     unknown = set(state) - STATE_KEYS

@@ -501,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-adapters",
         action="store_true",
         help="NESS variants: also write seed_N/base_model.safetensors (the model after task 0) and seed_N/adapters/ "
-        "(each task's U and V, the statistics); `ness adapters DIR` reads them",
+        "(each task's U and V, the statistics; without this option the last task's statistics pass is skipped); "
+        "`ness adapters DIR` reads them",
     )
     run.set_defaults(func=cmd_run)
 

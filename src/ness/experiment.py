@@ -422,7 +422,10 @@ def run_experiment(
         meta = {"run_id": run_id, "spec": dataclasses.asdict(spec), "settings": identity}
         watchers.append(Checkpointer(checkpoint_path, meta, checkpoint, checkpoint_interval))
     try:
-        outcome = run_continual(model, runner, bench, train, seed, progress, [*watchers, *observers], state)
+        # Only adapter files use the last task's statistics: without them the last task's end skips that pass.
+        outcome = run_continual(
+            model, runner, bench, train, seed, progress, [*watchers, *observers], state, continuable=save_adapters
+        )
     except FloatingPointError as err:  # a diverged loss: say where the last good state is
         raise FloatingPointError(f"{err}. {last_good_state(checkpoint_path, run_id)}") from err
     spectra = _take_spectra(outcome["diagnostics"])

@@ -601,11 +601,15 @@ def run_continual(
     progress: bool = True,
     observers: Sequence[RunObserver] = (),
     state: RunState | None = None,
+    continuable: bool = True,
 ) -> dict[str, Any]:
     """Learn the benchmark's tasks in order; `R[i][j]` = test accuracy on task j after task i (%).
 
     `state` continues a run from a checkpoint (its method must be `method`); without it the run starts from task 0
-    with every RNG seeded by `seed`. Observers see every epoch and task end (ness.checkpoint.Checkpointer)."""
+    with every RNG seeded by `seed`. Observers see every epoch and task end (ness.checkpoint.Checkpointer).
+    `continuable=False` ends the last task with `end_task(..., last=True)`: the method then skips what only later
+    tasks or saved adapters use (NESS's statistics pass over the task's training set), and cannot go on or save
+    adapters afterwards; the results are the same."""
     if state is None:
         state = new_run_state(method, benchmark, seed)
     elif state.method is not method:
@@ -632,7 +636,11 @@ def run_continual(
         )
         trained = time.perf_counter()
         # The statistics pass runs at the evaluation batch size, as the official code does (64).
-        method.end_task(t, iterate_batches(task.train, task.transform, config.test_batch_size, device=config.device))
+        method.end_task(
+            t,
+            iterate_batches(task.train, task.transform, config.test_batch_size, device=config.device),
+            last=not continuable and t == len(benchmark) - 1,
+        )
         ended = time.perf_counter()
         row = state.acc_matrix[t]
         for j in range(t + 1):

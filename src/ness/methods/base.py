@@ -2,9 +2,10 @@
 
 Per task t: `begin_task(t)`, `preview_task(t, batches)` with the task's training data, `trainable_parameters(t)`,
 then for every batch `begin_step(t, progress)` and `training_step(...)`, and finally `end_task(t, batches)` with the
-task's training data. The default `training_step` is one optimiser step on `training_loss` with `after_backward(t)`
-between backward and step and `after_step(t)` after it; evaluation calls `predict(x, t)`. A method overrides only
-the hooks it needs and never sees the trainer.
+task's training data (`end_task(t, batches, last=True)` for a last task after which nothing continues, which lets a
+method skip what only later tasks use). The default `training_step` is one optimiser step on `training_loss` with
+`after_backward(t)` between backward and step and `after_step(t)` after it; evaluation calls `predict(x, t)`. A
+method overrides only the hooks it needs and never sees the trainer.
 """
 
 from __future__ import annotations
@@ -239,6 +240,9 @@ class ContinualMethod:
     mapping_batches: ClassVar[bool] = False
     """Whether its task hooks read mapping batches (a Hugging Face batch: input_ids, attention_mask, ...) and train
     through a plain loss on one task's data: what `ness.hf.train_task` needs. NESS, L2 and fine-tuning do."""
+    final_task: int | None = None
+    """The task ended with `end_task(t, batches, last=True)`, after which no task may begin; None while more may
+    follow. (A class default too, so a method pickled in a checkpoint before this existed reads None.)"""
 
     def __init__(self, model: nn.Module, config: Any = None, forward: Forward = call_model) -> None:
         self.model = model
@@ -254,6 +258,12 @@ class ContinualMethod:
         """Prepare the model for task t (t = number of tasks finished so far). `batches`, the task's training data,
         is shown to `preview_task` for methods that look at the new task before training it (the trainer calls
         `preview_task` itself)."""
+        if self.final_task is not None:
+            raise TaskOrderError(
+                f"begin_task({t}): task {self.final_task} was ended with end_task({self.final_task}, ..., last=True), "
+                "the promise that no task follows, so the statistics later tasks need were not gathered; end the last "
+                "task with last=False (run_continual(..., continuable=True)) when more tasks will follow"
+            )
         if self.active_task is not None:
             raise TaskOrderError(
                 f"begin_task({t}) while task {self.active_task} is open: call end_task({self.active_task}, ...) first"
@@ -341,12 +351,19 @@ class ContinualMethod:
         """Write the method's adapter files to `directory`: only methods with `saves_adapters` have any."""
         raise TypeError(f"{self.name} learns no adapters over a base model, so it has none to save")
 
-    def end_task(self, t: int, batches: Iterable[Any]) -> None:
-        """Close task t; `batches` is the task's training data (x or (x, y) batches)."""
+    def end_task(self, t: int, batches: Iterable[Any], *, last: bool = False) -> None:
+        """Close task t; `batches` is the task's training data (x or (x, y) batches). `last=True` promises that no
+        task follows and nothing that needs task t's statistics will be saved: `on_end_last_task` then runs instead
+        of `on_end_task` (a method may skip the pass that only later tasks use), and `begin_task` refuses afterwards."""
         self._check_active(t, "end_task")
-        self.on_end_task(t, batches)
+        if last:
+            self.on_end_last_task(t, batches)
+        else:
+            self.on_end_task(t, batches)
         self.active_task = None
         self.tasks_done += 1
+        if last:
+            self.final_task = t
 
     def diagnostics(self) -> list[dict[str, Any]]:
         """Per-layer, per-task records for results files; empty for methods with nothing to report."""
@@ -358,6 +375,11 @@ class ContinualMethod:
 
     def on_end_task(self, t: int, batches: Iterable[Any]) -> None:
         """Method-specific work at the end of task t."""
+
+    def on_end_last_task(self, t: int, batches: Iterable[Any]) -> None:
+        """The end of task t under `end_task(t, batches, last=True)`: no task follows, so what only later tasks use
+        may be skipped (NESS skips its statistics pass). Default: `on_end_task`, the full work."""
+        self.on_end_task(t, batches)
 
     def task_parameters(self, t: int) -> list[nn.Parameter]:
         """Default: every parameter except the heads of other tasks (they would get no gradient anyway)."""
@@ -372,6 +394,7 @@ class ContinualMethod:
             "method": self.name,
             "tasks_done": self.tasks_done,
             "active_task": self.active_task,
+            "final_task": self.final_task,
             "model": self.model.state_dict(),
         }
 
@@ -380,6 +403,7 @@ class ContinualMethod:
             raise ValueError(f"state was saved by method {state.get('method')!r}, not {self.name!r}")
         self.tasks_done = int(state["tasks_done"])
         self.active_task = state["active_task"]
+        self.final_task = state.get("final_task")  # absent from states saved before end_task(..., last=True) existed
         self.model.load_state_dict(state["model"])
 
     def _check_active(self, t: int, hook: str) -> None:

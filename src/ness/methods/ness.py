@@ -721,6 +721,15 @@ class NESS(ContinualMethod):
     def on_end_task(self, t: int, batches: Iterable[Any]) -> None:
         """Check the task's training, merge each ΔW into W and record the task's inputs: all of it, or nothing (an
         error, in the checks or while reading `batches`, leaves the task open and the method as it was)."""
+        self._close_task(t, batches)
+
+    def on_end_last_task(self, t: int, batches: Iterable[Any]) -> None:
+        """As `on_end_task`, but `batches` is never read: the statistics of the task's inputs serve only the bases of
+        later tasks and the adapter files, and `end_task(t, ..., last=True)` promises neither will come."""
+        self._close_task(t, None)
+
+    def _close_task(self, t: int, batches: Iterable[Any] | None) -> None:
+        """`on_end_task`'s work; with `batches` None, without the statistics pass (memory) over the task's inputs."""
         if t > 0:
             self._check_training(t)
             if self.config.transfer_rank and self._transfer_task != t:
@@ -748,7 +757,7 @@ class NESS(ContinualMethod):
                 base = layer.adapter.base
                 merged[name] = (base.weight.detach().clone(), None if base.bias is None else base.bias.detach().clone())
                 replace_module(self.model, name, layer.adapter.merged())
-            memory = self._task_memory(t, batches)
+            memory = None if batches is None else self._task_memory(t, batches)
         except BaseException:
             with torch.no_grad():
                 for name, (weight, bias) in merged.items():
@@ -1062,7 +1071,8 @@ class NESS(ContinualMethod):
     ) -> Path:
         """Write tasks 1..`upto` (default: every finished task; never the open one) as one PEFT LoRA adapter that
         `peft.PeftModel.from_pretrained(task0_model, directory)` loads: the shared model, or with task=j task j's
-        own (its transfer term and BatchNorm state); see ness.lora_export.save_lora."""
+        own (its transfer term and BatchNorm state); see ness.lora_export.save_lora. It holds ΔW's, heads and
+        BatchNorm states but no statistics, so it works after `end_task(t, ..., last=True)` too."""
         return lora_export.save_lora(
             self, directory, upto, task, base_model_name_or_path=base_model_name_or_path, task_type=task_type
         )
