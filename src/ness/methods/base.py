@@ -337,9 +337,16 @@ class ContinualMethod:
             self.after_backward(t)
             return loss
 
-        loss = optimizer.step(closure)
+        with self.step_context():
+            loss = optimizer.step(closure)
         self.after_step(t)
         return loss
+
+    @contextmanager
+    def step_context(self) -> Iterator[None]:
+        """What this default `training_step` runs its optimiser step in, where the gradients are zeroed and come from
+        `training_loss` alone (GPM lets its layers deliver them projected there); nothing by default."""
+        yield
 
     def after_backward(self, t: int) -> None:
         """Called between loss.backward() and optimizer.step(); gradient-projection methods act here."""

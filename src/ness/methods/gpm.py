@@ -9,7 +9,7 @@ head train (BatchNorm and biases stay as task 0 left them).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
 from ness.methods.base import (
     ContinualMethod,
@@ -203,30 +202,19 @@ class GPM(ContinualMethod):
             return super().task_parameters(t)
         return weights_and_head(self.model, self.layer_names, t)
 
-    def training_step(
-        self,
-        t: int,
-        x: Tensor,
-        y: Tensor,
-        optimizer: Optimizer,
-        check_loss: Callable[[Tensor], None],
-        tasks: Tensor | None = None,
-    ) -> Tensor:
-        """The trainer's step, with the weight gradients of projected nn.Linear layers projected from their inputs
-        where cheaper (`InputSideProjection`). Only here: the step zeroes the gradients and takes them from
-        `training_loss` alone, so nothing else reaches them; in a user's own loop `after_backward` projects every
-        layer's gradient, whatever else the user's loss added to it."""
-        with self._projecting_inputs():
-            return super().training_step(t, x, y, optimizer, check_loss, tasks)
-
     @contextmanager
-    def _projecting_inputs(self) -> Iterator[None]:
+    def step_context(self) -> Iterator[None]:
+        """The trainer's step, with the weight gradients of projected nn.Linear layers projected from their inputs
+        where cheaper (`InputSideProjection`). Only there: the step zeroes the gradients and takes them from
+        `training_loss` alone, so nothing else reaches them; in a user's own loop (and through transformers'
+        Trainer) `after_backward` projects every layer's gradient, whatever else the loss added to it."""
         if not self.input_side_projection:
             yield
             return
         if self._input_side_of is not self._projectors:  # one object per layer and task: torch.compile's guards hold
             layers = {name: self.model.get_submodule(name) for name in self._projectors}
-            self._input_side_of, self._input_side = self._projectors, {
+            self._input_side_of = self._projectors
+            self._input_side = {
                 name: InputSideProjection(layer, self._projectors[name])
                 for name, layer in layers.items()
                 if type(layer) is nn.Linear and InputSideProjection.can_be_cheaper(layer, self._projectors[name])
