@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ness.methods.base import ContinualMethod
 
 from ness.batches import ModelInputs, batch_rows, select_rows
+from ness.modules import instance_attribute
 
 log = logging.getLogger(__name__)
 
@@ -334,20 +335,15 @@ class DataParallel:
         ddp = self._wrapper()
         self.rows.rows, self.rows.total = part.rows, part.total
         forwards = self.forwards
-        own = vars(self.method).get("training_loss")  # an instance's own loss function, put back afterwards
         self.module.loss = self.method.training_loss  # the loss in place now (compiled with TrainConfig.compile)
-        self.method.training_loss = partial(self._loss, ddp)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        try:
-            with torch.random.fork_rng(devices=devices):
-                base = int(torch.randint(2**62, ()))
-                torch.manual_seed(hash((base, *position, rank())) % 2**63)
-                yield
-        finally:
-            if own is None:
-                del self.method.training_loss
-            else:
-                self.method.training_loss = own
+        with (
+            instance_attribute(self.method, "training_loss", partial(self._loss, ddp)),
+            torch.random.fork_rng(devices=devices),
+        ):
+            base = int(torch.randint(2**62, ()))
+            torch.manual_seed(hash((base, *position, rank())) % 2**63)
+            yield
         if self.forwards == forwards:
             raise RuntimeError(
                 f"{type(self.method).__name__}.training_step computed no loss with training_loss, so "

@@ -1,11 +1,13 @@
 """Small helpers on module trees and tensors that the methods and the adapter files share: put a module in place of
-another, a tensor's exact digest, a short list of names for messages, and objects that several entries share."""
+another, a tensor's exact digest, a short list of names for messages, objects that several entries share, and an
+attribute put on one object for the length of a block."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -49,3 +51,18 @@ def shared_apply(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
         return done[id(tensor)][1]
 
     return apply
+
+
+@contextmanager
+def instance_attribute(obj: object, name: str, value: Any) -> Iterator[None]:
+    """`obj.name = value` inside the block (over the class's attribute); on exit, even after an error, the instance's
+    own attribute of that name is put back, or removed when it had none."""
+    own = vars(obj).get(name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if own is None:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, own)

@@ -25,6 +25,7 @@ from ness.data.tasks import PREPARED_BYTES_LIMIT, prepared_training_split
 from ness.methods import ContinualMethod, StepProgress
 from ness.metrics import average_accuracy, backward_transfer
 from ness.models import call_model
+from ness.modules import instance_attribute
 from ness.optim import SAM
 from ness.validation import Rule, Validated, choice, count, flag, number
 
@@ -280,17 +281,9 @@ class CompiledLoss:
         """Inside the block `method.training_loss` is the compiled loss; an instance's own `training_loss`
         attribute, if it had one, is put back on exit. A block of steps that never called it (a method whose own
         training_step computes its loss otherwise) logs a warning, once."""
-        own = vars(self.method).get("training_loss")
-        self.method.training_loss = self._loss  # type: ignore[method-assign]
         calls = self.calls
-        try:
-            with self._explained():
-                yield
-        finally:
-            if own is None:
-                del self.method.training_loss
-            else:
-                self.method.training_loss = own
+        with instance_attribute(self.method, "training_loss", self._loss), self._explained():
+            yield
         if self.calls == calls and not self.warned:
             self.warned = True
             log.warning(
