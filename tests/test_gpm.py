@@ -826,7 +826,12 @@ def test_linear_with_projected_weight_gradient_projects_only_the_weight_gradient
     grads = {}
     for form in ("plain", "input_side"):
         leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        out = F.linear(*leaves) if form == "plain" else linear_with_projected_weight_gradient(*leaves, projection)
+        delivered: list[torch.Tensor] = []
+        out = (
+            F.linear(*leaves)
+            if form == "plain"
+            else linear_with_projected_weight_gradient(*leaves, projection, delivered)
+        )
         (out * target).sum().backward()
         grads[form] = (out.detach(), *(t.grad for t in leaves))
     (out_plain, gx, gw, gb), (out_side, gx_side, gw_side, gb_side) = grads["plain"], grads["input_side"]
@@ -834,6 +839,8 @@ def test_linear_with_projected_weight_gradient_projects_only_the_weight_gradient
     torch.testing.assert_close(gx_side, gx)  # δ·W: unchanged
     torch.testing.assert_close(gb_side, gb)
     torch.testing.assert_close(gw_side, explicitly_projected(gw, basis, lam), atol=1e-12, rtol=1e-10)
+    assert len(delivered) == 1  # the backward says what it gave the weight
+    torch.testing.assert_close(delivered[0], gw_side, atol=0, rtol=0)
 
 
 def test_the_input_side_form_is_taken_where_it_costs_fewer_multiply_adds():
@@ -942,3 +949,47 @@ def test_a_step_that_raises_gives_the_layers_their_own_forward_back(monkeypatch)
     torch.testing.assert_close(
         model[0].weight.grad.double(), explicitly_projected(raw, method.bases["0"], None), atol=1e-6, rtol=1e-5
     )
+
+
+class TiedWeights(nn.Module):
+    """A user's own autoencoder-like model: the encoder's weight is also used, transposed, by a decoding term that
+    reaches the logits, so the weight gets gradient from two places: its own call and the tied use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(20, 16, bias=False)
+        self.readout = nn.Linear(16, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.encoder(x))
+        decoded = F.linear(h, self.encoder.weight.t())  # (n, 20): the tied decoder
+        return self.readout(h) + decoded[:, :4]
+
+
+@pytest.mark.parametrize("sgp", [False, True])
+def test_a_weight_also_used_outside_its_layer_call_gets_the_whole_gradient_projected(monkeypatch, sgp):
+    """Weight tying inside a user's model: the layer's own call delivers its part projected from the inputs, and the
+    tied use's part must be projected too (once: SGP's scaled projection applied twice would be wrong)."""
+    import ness.methods.gpm as gpm_module
+
+    monkeypatch.setattr(gpm_module, "MIN_SAVED_MULTIPLY_ADDS", 0)
+    g = torch.Generator().manual_seed(15)
+    build = (lambda m: SGP(m, SGPConfig(samples=200))) if sgp else (lambda m: GPM(m, GPMConfig(samples=200)))
+    model, method = task1_on_a_five_dimensional_task0(build, g, TiedWeights)
+    params = method.trainable_parameters(1)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = torch.randn(3, 20, generator=g), torch.randint(0, 4, (3,), generator=g)
+    method.training_step(1, x, y, torch.optim.SGD(params, lr=0.1), lambda loss: None)
+    stepped = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert method._input_side["encoder"].layer is model.encoder  # the encoder took the input-side form
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(start[n])
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    for n, p in model.named_parameters():
+        layer = n.rsplit(".", 1)[0]
+        lam = method.importances[layer] if sgp else None
+        grad = explicitly_projected(p.grad, method.bases[layer], lam)
+        torch.testing.assert_close(stepped[n].double(), start[n].double() - 0.1 * grad, atol=1e-6, rtol=1e-5)

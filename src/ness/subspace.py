@@ -540,6 +540,15 @@ class GradientProjection:
         input rows, δᵀ of them is its projected weight gradient, G − G·M diag(λ) Mᵀ with G = δᵀx."""
         return torch.addmm(rows, self._along(rows), self.basis.T, alpha=-1)
 
+    def complete(self, grad: Tensor, delivered: list[Tensor]) -> Tensor | None:
+        """A weight's whole gradient `grad` (o, d) of which the parts in `delivered` arrived projected already: None
+        when they are all of it, else delivered + P(grad − delivered), each part projected exactly once (SGP's
+        scaled projection is not idempotent)."""
+        if len(delivered) == 1 and grad is delivered[0]:  # autograd handed on the one delivered tensor: nothing else
+            return None
+        done = torch.stack(delivered).sum(0) if delivered else torch.zeros_like(grad)
+        return done + self(grad - done)
+
     def _along(self, rows: Tensor) -> Tensor:
         """x·M diag(λ): each row's coordinates along M's columns, scaled by their importances."""
         along = rows @ self.basis
@@ -551,9 +560,11 @@ class _LinearWithProjectedWeightGradient(torch.autograd.Function):
     gradients of x (δ·W) and b (Σδ) are F.linear's."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, projection: GradientProjection) -> Tensor:
+    def forward(
+        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, projection: GradientProjection, delivered: list[Tensor]
+    ) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.projection, ctx.has_bias = projection, bias is not None
+        ctx.projection, ctx.has_bias, ctx.delivered = projection, bias is not None, delivered
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -571,17 +582,20 @@ class _LinearWithProjectedWeightGradient(torch.autograd.Function):
             rows = x.reshape(-1, x.shape[-1])
             rows = rows if rows.dtype == weight.dtype else rows.to(weight.dtype)
             grad_weight = grad_rows.T @ ctx.projection.project_rows(rows)
+            ctx.delivered.append(grad_weight)
         grad_bias = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 def linear_with_projected_weight_gradient(
-    x: Tensor, weight: Tensor, bias: Tensor | None, projection: GradientProjection
+    x: Tensor, weight: Tensor, bias: Tensor | None, projection: GradientProjection, delivered: list[Tensor]
 ) -> Tensor:
     """F.linear(x, weight, bias) whose weight gradient arrives already projected by `projection` (GPM's and SGP's
     G − G·M diag(λ) Mᵀ): computed from the layer's input rows as δᵀ(x − x·M diag(λ) Mᵀ), 2·n·d·k multiply-adds
-    for n rows, instead of 2·o·d·k on the (o, d) gradient; cheaper while n < o (batch 10 against 100 outputs)."""
-    return _LinearWithProjectedWeightGradient.apply(x, weight, bias, projection)
+    for n rows, instead of 2·o·d·k on the (o, d) gradient; cheaper while n < o (batch 10 against 100 outputs).
+    Each backward appends the weight gradient it gives to `delivered` (what else reached the weight can then be
+    told apart: `GradientProjection.complete`)."""
+    return _LinearWithProjectedWeightGradient.apply(x, weight, bias, projection, delivered)
 
 
 def gradient_projection(

@@ -124,11 +124,21 @@ class InputSideProjection:
     chooses, for the whole step, between F.linear and `linear_with_projected_weight_gradient` (the cheaper for its
     n input rows: 2·n·d·k + 2^20 against the projection's 2·o·d·k, so n < o at batch 10); every later call follows,
     so a layer never mixes gradients that arrived projected with ones to project (SGP's scaled projection is not
-    idempotent). `after_backward` leaves the gradient alone after an input-side step."""
+    idempotent). A hook on the weight projects whatever else reached it (`received`), so `after_backward` leaves the
+    gradient alone after an input-side step."""
 
     def __init__(self, layer: nn.Linear, projection: GradientProjection) -> None:
         self.layer, self.projection = layer, projection
         self.input_side: bool | None = None  # undecided until the step's first call that trains the weight
+        self.delivered: list[Tensor] = []  # the weight gradients this backward pass's calls gave, projected
+
+    def received(self, grad: Tensor) -> Tensor | None:
+        """The weight's hook during the step: what reaches the weight besides its calls (a tied use of the weight in
+        the model) is projected here, so `after_backward` may leave the gradient alone."""
+        delivered = self.delivered[:]
+        self.delivered.clear()  # in place: the backward's context holds this list too, and a gradient still referenced
+        # when autograd accumulates it would be copied, not taken
+        return self.projection.complete(grad, delivered) if self.input_side else None
 
     @staticmethod
     def can_be_cheaper(layer: nn.Linear, projection: GradientProjection) -> bool:
@@ -146,7 +156,7 @@ class InputSideProjection:
                 compiling = torch.compiler.is_compiling()
                 self.input_side = not compiling and cost <= self.projection.multiply_adds(weight.shape[0])
             if self.input_side:
-                return linear_with_projected_weight_gradient(x, weight, bias, self.projection)
+                return linear_with_projected_weight_gradient(x, weight, bias, self.projection, self.delivered)
         return F.linear(x, weight, bias)
 
 
@@ -206,8 +216,8 @@ class GPM(ContinualMethod):
     def step_context(self) -> Iterator[None]:
         """The trainer's step, with the weight gradients of projected nn.Linear layers projected from their inputs
         where cheaper (`InputSideProjection`). Only there: the step zeroes the gradients and takes them from
-        `training_loss` alone, so nothing else reaches them; in a user's own loop (and through transformers'
-        Trainer) `after_backward` projects every layer's gradient, whatever else the loss added to it."""
+        `training_loss` alone, and a hook on each weight projects what reached it besides its calls (a tied use); in a
+        user's own loop (and through transformers' Trainer) `after_backward` projects every layer's gradient."""
         if not self.input_side_projection:
             yield
             return
@@ -220,14 +230,18 @@ class GPM(ContinualMethod):
                 if type(layer) is nn.Linear and InputSideProjection.can_be_cheaper(layer, self._projectors[name])
             }
         installed = [calls for calls in self._input_side.values() if "forward" not in calls.layer.__dict__]
+        hooks = []
         for calls in installed:
             calls.layer.__dict__["forward"] = calls  # nn.Module calls self.forward: the instance's, for this step
+            hooks.append(calls.layer.weight.register_hook(calls.received))
         try:
             yield
         finally:
-            for calls in installed:
+            for calls, hook in zip(installed, hooks, strict=True):
+                hook.remove()
                 del calls.layer.__dict__["forward"]
                 calls.input_side = None  # undecided: a user's loop projects every gradient in after_backward
+                calls.delivered.clear()
 
     def after_backward(self, t: int) -> None:
         for name, projector in self._projectors.items():
