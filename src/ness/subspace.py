@@ -499,12 +499,18 @@ def project_gradient(grad: Tensor, projector: Tensor) -> Tensor:
     return grad - grad @ projector
 
 
+def coordinates_in_span(rows: Tensor, basis: Tensor, weights: Tensor | None = None) -> Tensor:
+    """(x·M)·diag(λ) for rows x (n, d), M (d, k), λ (k,) (all 1 when None): each row's coordinates along M's columns,
+    scaled by their weights."""
+    along = rows @ basis
+    return along if weights is None else along * weights
+
+
 def component_in_span(grad: Tensor, basis: Tensor, weights: Tensor | None = None) -> Tensor:
     """G·M diag(λ) Mᵀ for gradient rows G (o, d), M (d, k), λ (k,) (all 1 when None): G's component in span(M), each
     direction scaled by its weight, as ((G·M)·λ)·Mᵀ, o·d·k multiply-adds twice instead of forming the d×d matrix;
     differentiable in G and λ (FS-DGPM learns λ)."""
-    along = grad @ basis
-    return (along if weights is None else along * weights) @ basis.T
+    return coordinates_in_span(grad, basis, weights) @ basis.T
 
 
 @dataclass(frozen=True)
@@ -528,7 +534,7 @@ class GradientProjection:
         """The projection of gradient rows (o, d) in place (the factored form needs no (o, d) temporary)."""
         if self.dense is not None:
             return grad.copy_(project_gradient(grad, self.dense))
-        return grad.addmm_(self._along(grad), self.basis.T, alpha=-1)
+        return grad.addmm_(coordinates_in_span(grad, self.basis, self.importance), self.basis.T, alpha=-1)
 
     def multiply_adds(self, outputs: int) -> int:
         """What projecting an (outputs, d) gradient costs: o·d² dense, 2·o·d·k factored."""
@@ -538,7 +544,7 @@ class GradientProjection:
     def project_rows(self, rows: Tensor) -> Tensor:
         """x − x·M diag(λ) Mᵀ for rows x (n, d), in the factored form (2·n·d·k multiply-adds): for a Linear layer's
         input rows, δᵀ of them is its projected weight gradient, G − G·M diag(λ) Mᵀ with G = δᵀx."""
-        return torch.addmm(rows, self._along(rows), self.basis.T, alpha=-1)
+        return torch.addmm(rows, coordinates_in_span(rows, self.basis, self.importance), self.basis.T, alpha=-1)
 
     def complete(self, grad: Tensor, delivered: list[Tensor]) -> Tensor | None:
         """A weight's whole gradient `grad` (o, d) of which the parts in `delivered` arrived projected already: None
@@ -548,11 +554,6 @@ class GradientProjection:
             return None
         done = torch.stack(delivered).sum(0) if delivered else torch.zeros_like(grad)
         return done + self(grad - done)
-
-    def _along(self, rows: Tensor) -> Tensor:
-        """x·M diag(λ): each row's coordinates along M's columns, scaled by their importances."""
-        along = rows @ self.basis
-        return along if self.importance is None else along * self.importance
 
 
 class _LinearWithProjectedWeightGradient(torch.autograd.Function):
