@@ -3,14 +3,15 @@
 For AlexNet-5 (3×32×32), reduced ResNet-18 (3×32×32) and reduced ResNet-18 (3×84×84), on synthetic smooth images
 (low-pass noise, so layer inputs have decaying spectra as real images do), this times with torch.utils.benchmark:
   * one SGD training step (forward, backward, update) of the plain network (task 0: everything trains);
-  * the end of task 0: NESS's hooked statistics pass over `--boundary-samples` images (every layer's Σxxᵀ);
+  * the end of task 0: NESS's hooked statistics pass over `--boundary-samples` images (every layer's Σxxᵀ), and the
+    same pass with each convolution summing a random `--positions` of its output positions per sample;
   * the start of task 1: every layer's float64 eigh + threshold + adapter construction;
   * one training step with NESS adapters (task 1: only V and the head train), at the ranks the data gave and at
     forced ranks r = f·d in every layer (`--rank-fractions`), since the adapter's cost depends on r;
 and, per layer, the covariance accumulation of one batch and the eigendecomposition of its d×d covariance.
 
 Usage: python benchmarks/ness_cost.py [--networks alexnet resnet18_32 resnet18_84] [--batch 64]
-       [--boundary-samples N] [--eps1 1e-3] [--rank-fractions 0.25 0.5] [--pixel-noise 0]
+       [--boundary-samples N] [--eps1 1e-3] [--rank-fractions 0.25 0.5] [--positions 64] [--pixel-noise 0]
        [--device cpu|cuda] [--threads N] [--json OUT.json]
 Results go to stdout as markdown tables (and to --json); BENCHMARKS.md records them with the machine.
 """
@@ -123,6 +124,10 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     boundary_images = smooth_images(boundary_samples, size, generator, args.pixel_noise).to(args.device)
     batches = [(boundary_images[i : i + 64], None) for i in range(0, boundary_samples, 64)]
     end_task = once(lambda: method.end_task(0, batches), args.device)
+    # The same pass with each convolution summing a random m of its output positions per sample (on the same model)
+    sampled = NESS(model, NESSConfig(eps1=args.eps1, transfer_rank=0, statistics_positions=args.positions))
+    sampled.begin_task(0)
+    end_task_sampled = once(lambda: sampled.end_task(0, batches), args.device)
     layers = []
     for layer_name in method.layer_names:
         module = model.get_submodule(layer_name)
@@ -151,6 +156,8 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         "ness_step_ms": 1e3 * ness_step,
         "forced_rank_step_ms": forced,
         "end_task_s": end_task,
+        "end_task_sampled_s": end_task_sampled,
+        "positions": args.positions,
         "begin_task_s": begin,
         "boundary_samples": boundary_samples,
         "layers": layers,
@@ -164,15 +171,16 @@ def report(results: list[dict], env: dict) -> str:
         "",
         "| network | batch | plain step (ms) | NESS step, data ranks (ms) | "
         + " | ".join(f"NESS step, r = {f}·d (ms)" for f in fractions)
-        + " | end of task: statistics pass (s) | start of task: eigh + adapters (s) | boundary images "
-        + "| images/s, plain | images/s, NESS |",
-        "|---|---|---|---|" + "---|" * len(fractions) + "---|---|---|---|---|",
+        + f" | end of task: statistics pass (s) | the pass, {results[0]['positions']} positions per sample (s) "
+        + "| start of task: eigh + adapters (s) | boundary images | images/s, plain | images/s, NESS |",
+        "|---|---|---|---|" + "---|" * len(fractions) + "---|---|---|---|---|---|",
     ]
     for r in results:
         forced = " | ".join(f"{ms:.1f} ({ms / r['plain_step_ms']:.2f}×)" for ms in r["forced_rank_step_ms"].values())
         lines.append(
             f"| {r['network']} | {r['batch']} | {r['plain_step_ms']:.1f} | {r['ness_step_ms']:.1f} "
             f"({r['ness_step_ms'] / r['plain_step_ms']:.2f}×) | {forced} | {r['end_task_s']:.2f} | "
+            f"{r['end_task_sampled_s']:.2f} ({r['end_task_sampled_s'] / r['end_task_s']:.2f}×) | "
             f"{r['begin_task_s']:.2f} | {r['boundary_samples']} | {1e3 * r['batch'] / r['plain_step_ms']:.0f} | "
             f"{1e3 * r['batch'] / r['ness_step_ms']:.0f} |"
         )
@@ -211,6 +219,9 @@ def main() -> None:
     parser.add_argument("--eps1", type=float, default=1e-3)
     parser.add_argument(
         "--rank-fractions", type=float, nargs="*", default=[0.25, 0.5], help="also time steps with r = f·d adapters"
+    )
+    parser.add_argument(
+        "--positions", type=int, default=64, help="also time the statistics pass with statistics_positions=m"
     )
     parser.add_argument("--pixel-noise", type=float, default=0.0, help="white noise added to the smooth images")
     parser.add_argument("--device", default="cpu")

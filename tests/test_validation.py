@@ -166,6 +166,7 @@ EXAMPLES: dict[tuple[str, str], float] = {
     ("NESSConfig", "rank"): 4,
     ("NESSConfig", "output_budget"): 0.1,
     ("NESSConfig", "max_output_shift"): 0.01,
+    ("NESSConfig", "statistics_positions"): 64,
 }
 """A valid value of each numeric field whose default is None."""
 

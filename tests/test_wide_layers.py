@@ -186,7 +186,7 @@ def test_shared_inputs_split_and_refine_keep_each_layers_own_sum():
     x1, x2, x3 = (torch.full((2, 3), float(v)) for v in (1, 2, 3))
 
     def call(name: str, x: torch.Tensor) -> None:
-        shared.add(name, x, ("linear",), lambda: (x, torch.rand(x.shape[0], generator=keys)))
+        shared.add(name, x, ("linear",), lambda: (x, torch.rand(x.shape[0], generator=keys), None))
 
     for name in ("p", "q", "r", "s"):
         call(name, x1)

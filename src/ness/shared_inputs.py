@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ness.subspace import CovarianceSum
+from ness.subspace import CovarianceSum, sample_positions
 
 
 @dataclass
@@ -44,9 +44,9 @@ class _Accumulator:
         self.layers -= layers
         return _Accumulator(self.total.copy(), self.probe, self.probe_keys, layers)
 
-    def add(self, rows: Tensor, sample: Tensor, sample_keys: Tensor, k: int) -> None:
-        """Add `rows` to the sum, and merge the run's sampled rows (its top-k keys) into the sample."""
-        self.total.add(rows)
+    def add(self, rows: Tensor, weight: float, sample: Tensor, sample_keys: Tensor, k: int) -> None:
+        """Add `rows` (times `weight`) to the sum, and merge the run's sampled rows (its top-k keys) into the sample."""
+        self.total.add(rows, weight)
         # Uniform sample without replacement across batches: the k rows with the largest random keys. The overall
         # top k lies within each batch's own top k, so only those rows were copied off the device.
         pool_keys, pool_rows = torch.cat([self.probe_keys, sample_keys]), torch.cat([self.probe, sample])
@@ -57,13 +57,14 @@ class _Accumulator:
 @dataclass
 class _Run:
     """Consecutive calls of layers with one input: the tensor (and its version, bumped by in-place changes), how
-    the layers make rows of it, the layers, and the rows with the run's own top-k sample."""
+    the layers make rows of it, the layers, the rows to sum (with their weight) and the run's own top-k sample."""
 
     x: Tensor
     version: int
     signature: Hashable
     layers: list[str]
     rows: Tensor
+    weight: float
     sample: Tensor
     sample_keys: Tensor
 
@@ -73,16 +74,19 @@ class _Run:
         return x is self.x and x._version == self.version and signature == self.signature
 
 
-RowsAndKeys = Callable[[], tuple[Tensor, Tensor]]
-"""Makes a layer's rows of its input, and one random key per row for the sample."""
+RowsAndKeys = Callable[[], tuple[Tensor, Tensor, int | None]]
+"""Makes a layer's rows of its input, one random key per row for the sample, and the rows per sample where only
+some of them need be summed (a convolution's output positions; None: every row is summed)."""
 
 
 class SharedInputs:
     """Collects a pass's statistics: `add` from each layer's forward pre-hook, `end_batch` after each batch's
-    forward pass, then `statistics()`. `new_sum` makes an empty Σxxᵀ (its dtype and device); `k` rows are sampled."""
+    forward pass, then `statistics()`. `new_sum` makes an empty Σxxᵀ (its dtype and device); `k` rows are sampled
+    from all rows. With `positions` = m, a layer whose rows come in samples of P > m (a convolution's) sums only a
+    random m per sample into Σxxᵀ, weighted P/m (`sample_positions`): an unbiased estimate, not the exact sum."""
 
-    def __init__(self, k: int, new_sum: Callable[[], CovarianceSum]) -> None:
-        self.k, self.new_sum = k, new_sum
+    def __init__(self, k: int, new_sum: Callable[[], CovarianceSum], positions: int | None = None) -> None:
+        self.k, self.new_sum, self.positions = k, new_sum, positions
         self.groups: dict[str, _Accumulator] = {}  # layer → its accumulator, one object per group
         self._run: _Run | None = None
 
@@ -94,14 +98,17 @@ class SharedInputs:
             run.layers.append(name)
             return
         self.end_batch()
-        rows, keys = rows_and_keys()
+        rows, keys, per_sample = rows_and_keys()
         if rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             # rows that view x (a Linear layer's) wait to be summed: a copy, since the model may change x in place
             # once the layer has read it (ReLU(inplace=True), +=), and the sum needs what the layer read
             rows = rows.clone()
         top = keys.topk(min(self.k, keys.numel())).indices
         sample = rows[top.to(rows.device)].detach().float().cpu()
-        self._run = _Run(x, x._version, signature, [name], rows, sample, keys[top])
+        weight = 1.0
+        if self.positions is not None and per_sample is not None:  # the probes above come from every row
+            rows, weight = sample_positions(rows, keys, per_sample, self.positions)
+        self._run = _Run(x, x._version, signature, [name], rows, weight, sample, keys[top])
 
     def end_batch(self) -> None:
         """Close the run under way (a batch's forward pass has ended, or a layer read another input): its rows go
@@ -119,7 +126,7 @@ class SharedInputs:
             else:
                 group = self.groups[names[0]]
                 target = group if group.layers == set(names) else group.split(set(names))
-            target.add(run.rows, run.sample, run.sample_keys, self.k)
+            target.add(run.rows, run.weight, run.sample, run.sample_keys, self.k)
             self.groups.update(dict.fromkeys(names, target))
 
     def first_of_group(self, names: list[str]) -> list[int]:

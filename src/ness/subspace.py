@@ -146,6 +146,26 @@ def layer_input_rows(module: nn.Module, x: Tensor, geometry: tuple[int, int] | N
     raise UnsupportedLayerError(f"no layer-input rows for {type(module).__name__}")
 
 
+def sample_positions(rows: Tensor, keys: Tensor, per_sample: int, kept: int) -> tuple[Tensor, float]:
+    """`kept` of each sample's `per_sample` rows (a convolution's output positions), uniformly at random, and the
+    weight P/m that makes their Σxxᵀ an unbiased estimate of all the rows' (each row is kept with probability m/P,
+    so E[(P/m)·Σ_kept xxᵀ] = Σ xxᵀ). `rows` (B·P, d) are sample-major and `keys` (B·P,) one uniform random key per
+    row: each sample keeps its rows with the m largest keys, so the choice follows the keys' stream (the same on
+    every rank of a distributed pass). With m ≥ P every row is kept, with weight 1."""
+    if rows.shape[0] != keys.numel() or per_sample < 1 or rows.shape[0] % per_sample:
+        raise ValueError(
+            f"sample_positions: {rows.shape[0]} rows with {keys.numel()} keys are not whole samples of "
+            f"{per_sample} positions; pass one key per row, sample-major"
+        )
+    if kept < 1:
+        raise ValueError(f"sample_positions: kept must be ≥ 1 position per sample, got {kept}")
+    if kept >= per_sample or not rows.shape[0]:
+        return rows, 1.0
+    top = keys.view(-1, per_sample).topk(kept, dim=1).indices  # (B, m): each sample's chosen positions
+    first = torch.arange(0, keys.numel(), per_sample, device=top.device)[:, None]  # each sample's first row
+    return rows[(top + first).reshape(-1).to(rows.device)], per_sample / kept
+
+
 def row_signature(module: nn.Module) -> tuple[object, ...]:
     """What `layer_input_rows` does to a layer's input: layers with equal signatures turn the same input tensor into
     the same rows (any Linear or Conv1D: the input's last dimension; a convolution: its own patches)."""
@@ -210,11 +230,15 @@ class CovarianceSum:
         self._pending: list[Tensor] = []
         self._rows = 0
 
-    def add(self, rows: Tensor) -> None:
+    def add(self, rows: Tensor, weight: float = 1.0) -> None:
+        """Add Σxxᵀ of `rows` (n, d), times `weight` (a sample's P/m: `sample_positions`)."""
         if self.total is None:
             device = rows.device if self.device is None else self.device
             self.total = torch.zeros(rows.shape[1], rows.shape[1], dtype=self.sum_dtype, device=device)
-        self._pending.append(rows.detach())
+        rows = rows.detach()
+        if weight != 1.0:  # (√w·x)(√w·x)ᵀ = w·xxᵀ, scaled in the product's dtype
+            rows = rows.to(self.dtype) * math.sqrt(weight)
+        self._pending.append(rows)
         self._rows += rows.shape[0]
         if self._rows >= self.chunk:
             self._flush()
@@ -236,7 +260,7 @@ class CovarianceSum:
     def _flush(self) -> None:
         if not self._pending:
             return
-        rows = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
+        rows = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)  # cat promotes dtypes
         rows = rows.to(self.dtype)
         self.total += (rows.T @ rows).to(self.total.device, self.sum_dtype)  # type: ignore[union-attr]
         self._pending, self._rows = [], 0

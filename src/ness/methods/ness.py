@@ -133,6 +133,13 @@ class NESSConfig(Validated):
     'float32' halves their bytes (a LLaMA-sized d = 4096 layer: 64 MiB instead of 128 MiB); each sum is then
     1.7e-7 to 3.6e-7 from the float64 one (relative, measured), which keeps the bases but blurs exact null directions
     into noise (BENCHMARKS.md, "Wide layers"). Each eigh still runs in float64."""
+    statistics_positions: int | None = None
+    """m: at most this many output positions per sample of each adapted convolution enter its Σxxᵀ in a statistics
+    pass, drawn uniformly per sample and weighted P/m (P: the positions per sample), so the sum is an unbiased
+    estimate of the full one at about m/P of its products, which dominate a wide im2col layer's pass (N·d² against
+    the convolution's N·d·o). Linear layers sum every row, and the probes come from every row. None (the paper):
+    every position, the exact sum. The bases, σ_max(U) and the reported bounds then come from an estimate, so this
+    refuses max_output_shift, whose certificate needs the exact sum (BENCHMARKS.md measures the effect)."""
     statistics_device: Literal["model", "cpu"] = "model"
     """Where the kept sums live between tasks: 'model' (on the model's device, where the statistics pass makes them),
     or 'cpu', which frees the GPU of them: each chunk's product is still taken on the model's device, then added on
@@ -194,6 +201,9 @@ class NESSConfig(Validated):
         "replay_batch_size": count(),
         "memory_tasks": choice(MEMORY_TASKS),
         "statistics_dtype": choice(STATISTICS_DTYPES),
+        "statistics_positions": optional(
+            count(fix="the output positions per sample each convolution sums, e.g. 64"), "to sum every position"
+        ),
         "statistics_device": choice(STATISTICS_DEVICES),
         "target_modules": optional(patterns(non_empty=True), "to adapt every layer"),
         "exclude": patterns(),
@@ -221,6 +231,12 @@ class NESSConfig(Validated):
             object.__setattr__(self, "threshold", rule)
         if self.threshold in ("frobenius", "nuclear") and self.eps1 is None:
             raise ConfigError(f"NESSConfig: threshold={self.threshold!r} needs eps1 (ε₁ of Eq. 5), e.g. eps1=1e-3")
+        if self.statistics_positions is not None and self.max_output_shift is not None:
+            raise ConfigError(
+                "NESSConfig: max_output_shift certifies ‖xᵀΔW‖² ≤ ε for every earlier input from the exact Σxxᵀ, but "
+                f"statistics_positions={self.statistics_positions} sums only a sample of each convolution's rows, so "
+                "the certificate would not hold: drop statistics_positions (or max_output_shift)"
+            )
         if self.threshold == "rank" and self.rank is None:
             raise ConfigError("NESSConfig: threshold='rank' needs rank=r, the number of null directions per layer")
         for pattern, rule in self.layer_rules.items():
@@ -343,6 +359,13 @@ class NESS(ContinualMethod):
             raise ValueError(
                 f"NESSConfig: adapt_bias=True but no adapted layer has a bias (layers: {self.layer_names}); build the "
                 "model's layers with bias=True, or leave adapt_bias off"
+            )
+        if self.config.statistics_positions is not None and all(
+            is_linear(model.get_submodule(name)) for name in self.layer_names
+        ):
+            raise ValueError(
+                f"NESSConfig: statistics_positions={self.config.statistics_positions} samples a convolution's output "
+                f"positions, but no adapted layer is a convolution (layers: {self.layer_names}): leave it unset"
             )
         for pattern in self.config.layer_rules:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in self.layer_names):
@@ -916,12 +939,13 @@ class NESS(ContinualMethod):
         generator = self._probe_generator if generator is None else generator
         dtype = self._statistics_dtype
         kept = torch.device("cpu") if self.config.statistics_device == "cpu" else None  # None: where the rows are
-        shared = SharedInputs(k, lambda: CovarianceSum(dtype=dtype, sum_dtype=dtype, device=kept))
+        positions = self.config.statistics_positions
+        shared = SharedInputs(k, lambda: CovarianceSum(dtype=dtype, sum_dtype=dtype, device=kept), positions)
 
         def record(name: str, module: nn.Module, x: Tensor) -> None:
             layer = base_layer(module)
 
-            def rows_and_keys() -> tuple[Tensor, Tensor]:
+            def rows_and_keys() -> tuple[Tensor, Tensor, int | None]:
                 rows = layer_input_rows(layer, x)
                 if name in self.bias_layers:
                     rows = with_bias_input(rows)
@@ -931,7 +955,9 @@ class NESS(ContinualMethod):
                 if real is not None:  # padding positions: their keys are drawn (the stream stays aligned), then dropped
                     real = real[: keys.numel()].to(rows.device)
                     rows, keys = rows[real], keys[real.cpu()]
-                return rows, keys
+                samples = x.shape[0] if x.dim() == layer.weight.dim() else 1  # a convolution's batch, or unbatched
+                per_sample = None if is_linear(layer) or not rows.shape[0] else rows.shape[0] // samples
+                return rows, keys, per_sample
 
             shared.add(name, x, (row_signature(layer), name in self.bias_layers), rows_and_keys)
 
