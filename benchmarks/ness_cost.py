@@ -166,24 +166,40 @@ def measure(name: str, args: argparse.Namespace) -> dict:
 
 def report(results: list[dict], env: dict) -> str:
     fractions = list(results[0]["forced_rank_step_ms"])
+    header = [
+        "network",
+        "batch",
+        "plain step (ms)",
+        "NESS step, data ranks (ms)",
+        *(f"NESS step, r = {f}·d (ms)" for f in fractions),
+        "end of task: statistics pass (s)",
+        f"the pass, {results[0]['positions']} positions per sample (s)",
+        "start of task: eigh + adapters (s)",
+        "boundary images",
+        "images/s, plain",
+        "images/s, NESS",
+    ]
     lines = [
         f"device: {env['device_name']}, torch {env['torch']}, threads {env['threads']}",
         "",
-        "| network | batch | plain step (ms) | NESS step, data ranks (ms) | "
-        + " | ".join(f"NESS step, r = {f}·d (ms)" for f in fractions)
-        + f" | end of task: statistics pass (s) | the pass, {results[0]['positions']} positions per sample (s) "
-        + "| start of task: eigh + adapters (s) | boundary images | images/s, plain | images/s, NESS |",
-        "|---|---|---|---|" + "---|" * len(fractions) + "---|---|---|---|---|---|",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
     ]
     for r in results:
-        forced = " | ".join(f"{ms:.1f} ({ms / r['plain_step_ms']:.2f}×)" for ms in r["forced_rank_step_ms"].values())
-        lines.append(
-            f"| {r['network']} | {r['batch']} | {r['plain_step_ms']:.1f} | {r['ness_step_ms']:.1f} "
-            f"({r['ness_step_ms'] / r['plain_step_ms']:.2f}×) | {forced} | {r['end_task_s']:.2f} | "
-            f"{r['end_task_sampled_s']:.2f} ({r['end_task_sampled_s'] / r['end_task_s']:.2f}×) | "
-            f"{r['begin_task_s']:.2f} | {r['boundary_samples']} | {1e3 * r['batch'] / r['plain_step_ms']:.0f} | "
-            f"{1e3 * r['batch'] / r['ness_step_ms']:.0f} |"
-        )
+        cells = [
+            r["network"],
+            str(r["batch"]),
+            f"{r['plain_step_ms']:.1f}",
+            f"{r['ness_step_ms']:.1f} ({r['ness_step_ms'] / r['plain_step_ms']:.2f}×)",
+            *(f"{ms:.1f} ({ms / r['plain_step_ms']:.2f}×)" for ms in r["forced_rank_step_ms"].values()),
+            f"{r['end_task_s']:.2f}",
+            f"{r['end_task_sampled_s']:.2f} ({r['end_task_sampled_s'] / r['end_task_s']:.2f}×)",
+            f"{r['begin_task_s']:.2f}",
+            str(r["boundary_samples"]),
+            f"{1e3 * r['batch'] / r['plain_step_ms']:.0f}",
+            f"{1e3 * r['batch'] / r['ness_step_ms']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     for r in results:
         lines += [
             "",
