@@ -424,7 +424,7 @@ def test_drop_last_skips_only_a_short_last_batch():
         config = TrainConfig(batch_size=10, drop_last=drop_last)
         got = [
             x.shape[0]
-            for x, _, _ in epoch_batches([(0, split, task.transform)], config, torch.Generator().manual_seed(0))
+            for x, *_ in epoch_batches([(0, split, task.transform)], config, torch.Generator().manual_seed(0))
         ]
         assert got == sizes
 

@@ -21,7 +21,13 @@ from tqdm.auto import tqdm
 
 from ness import distributed
 from ness.data import Benchmark, Split, Task, iterate_batches, iterate_mixed_batches
-from ness.data.tasks import PREPARED_BYTES_LIMIT, prepared_training_split
+from ness.data.tasks import (
+    PREPARED_BYTES_LIMIT,
+    BatchRows,
+    identity,
+    iterate_prepared_batches,
+    prepared_training_split,
+)
 from ness.methods import ContinualMethod, StepProgress
 from ness.metrics import average_accuracy, backward_transfer
 from ness.models import call_model
@@ -469,9 +475,10 @@ def train_epoch(
     epoch, lr = loop.epochs_done, loop.lr
     monitor = LossMonitor(t, epoch, lr, torch.device(config.device))
     single = not distributed.active()
-    for step, (x, y, tasks) in enumerate(epoch_batches(sets, config, generator)):
+    for step, (x, y, tasks, rows) in enumerate(epoch_batches(sets, config, generator)):
         method.begin_step(t, StepProgress(epoch, step, batches_per_epoch, config.epochs))
         if single:  # one process: the whole batch, no per-step context
+            method.on_step_rows(t, rows)
             loss = method.training_step(t, x, y, loop.optimizer, monitor.check, tasks)
             monitor.add(loss, x.shape[0])
             continue
@@ -518,22 +525,40 @@ def training_sets(
     return sets
 
 
+def on_device(tensor: torch.Tensor, device: str) -> bool:
+    """Whether `tensor` lies where `.to(device)` would put it (so that moving it is a no-op)."""
+    target = torch.device(device)
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    return tensor.device == target
+
+
 def epoch_batches(
     sets: list[TrainingSet], config: TrainConfig, generator: torch.Generator
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """One epoch of shuffled training batches: (x, y, None) from one task, (x, y, task ids) from several; with
-    drop_last, without the last batch when it is smaller than batch_size."""
-    if len(sets) == 1:
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, BatchRows | None]]:
+    """One epoch of shuffled training batches: (x, y, None, rows) from one task, where `rows` (`BatchRows`) says
+    which rows of its prepared split x is (None when the split is transformed per batch), and (x, y, task ids,
+    None) from several; with drop_last, without the last batch when it is smaller than batch_size."""
+    batches: Iterator[tuple[torch.Tensor, ...]]
+    if len(sets) > 1:
+        batches = (
+            (x, y, tasks, None)
+            for x, y, tasks in iterate_mixed_batches(
+                sets, config.batch_size, shuffle=True, generator=generator, device=config.device
+            )
+        )
+    elif sets[0][2] is identity and on_device(sets[0][1].inputs, config.device):
+        batches = (
+            (x, y, None, rows)
+            for x, y, rows in iterate_prepared_batches(sets[0][1], config.batch_size, shuffle=True, generator=generator)
+        )
+    else:
         _, split, transform = sets[0]
-        batches: Iterator[tuple[torch.Tensor, ...]] = (
-            (x, y, None)
+        batches = (
+            (x, y, None, None)
             for x, y in iterate_batches(
                 split, transform, config.batch_size, shuffle=True, generator=generator, device=config.device
             )
-        )
-    else:
-        batches = iterate_mixed_batches(
-            sets, config.batch_size, shuffle=True, generator=generator, device=config.device
         )
     for batch in batches:
         if not (config.drop_last and batch[0].shape[0] < config.batch_size):

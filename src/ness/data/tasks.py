@@ -169,6 +169,31 @@ def prepared_training_split(
     return Split(task.transform(train.inputs.to(device)), train.labels.to(device)), identity
 
 
+@dataclass(frozen=True, eq=False)
+class BatchRows:
+    """A training batch that is rows `index` of a fixed tensor `source` (a prepared training split): `batch` is the
+    tensor `source[index]` handed to the model, `version` its version counter then (an in-place change bumps it).
+    What depends on the inputs alone may be computed once for `source` and indexed (NESS's adapters do)."""
+
+    source: torch.Tensor
+    index: torch.Tensor
+    batch: torch.Tensor
+    version: int
+
+
+def batch_indices(
+    n: int, batch_size: int, *, shuffle: bool, generator: torch.Generator | None, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """The index of each batch of an epoch over n rows (shuffled with `generator` when asked), on `device`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if device != order.device:  # a split already on an accelerator: one copy of the order, not one a batch
+        order = order.to(device)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
 def iterate_batches(
     split: Split,
     transform: Callable[[torch.Tensor], torch.Tensor],
@@ -182,15 +207,18 @@ def iterate_batches(
 
     The raw batch moves to `device` before the transform; the last partial batch is kept.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    n = len(split)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    if split.inputs.device != order.device:  # a split already on an accelerator: one copy of the order, not one a batch
-        order = order.to(split.inputs.device)
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
+    for idx in batch_indices(len(split), batch_size, shuffle=shuffle, generator=generator, device=split.inputs.device):
         yield transform(split.inputs[idx].to(device)), split.labels[idx].to(device)
+
+
+def iterate_prepared_batches(
+    split: Split, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, BatchRows]]:
+    """`iterate_batches` over a prepared split (transformed, on its device: `prepared_training_split`), the same
+    batches in the same order, each with its `BatchRows`."""
+    for idx in batch_indices(len(split), batch_size, shuffle=shuffle, generator=generator, device=split.inputs.device):
+        x = split.inputs[idx]
+        yield x, split.labels[idx], BatchRows(split.inputs, idx, x, x._version)
 
 
 def iterate_mixed_batches(

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ness.batches import ModelInputs, model_inputs, tensors_of
+from ness.data.tasks import BatchRows
 from ness.models import call_model, head_parameters, logits_by_task, task_heads
 from ness.models.heads import Forward
 from ness.subspace import check_supported
@@ -315,6 +316,12 @@ class ContinualMethod:
 
     def begin_step(self, t: int, progress: StepProgress) -> None:
         """Called before every training step with its place in the task."""
+
+    def on_step_rows(self, t: int, rows: BatchRows | None) -> None:
+        """Called by the trainer before every training step (one process) with the batch as rows of the task's
+        prepared training split (`BatchRows`; None when the batch is made otherwise). Only a shortcut: a method may
+        take what depends on the inputs alone from products computed once for the split (NESS does); a loop that
+        never calls this loses speed, not results."""
 
     def training_step(
         self,

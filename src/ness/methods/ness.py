@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ness import adapter_files, distributed, lora_export
-from ness.adapters import NullSpaceAdapter, added_low_rank_terms, base_layer
+from ness.adapters import NullSpaceAdapter, StepRows, added_low_rank_terms, base_layer
 from ness.batches import attention_mask, to_device, token_rows
+from ness.data.tasks import BatchRows
 from ness.methods.base import (
     ContinualMethod,
     Forward,
@@ -384,6 +385,7 @@ class NESS(ContinualMethod):
         self.transfers: list[dict[str, tuple[Tensor, Tensor]]] = []  # per finished task: layer → (Ū, A)
         self._transfer_task: int | None = None  # the open task, once its adapters hold its transfer terms
         self._probe_generator = torch.Generator().manual_seed(0)
+        self._step_rows = StepRows()  # the trainer's step batch, for the adapters' precomputed products
         self._frozen_momenta: dict[str, float | None] | None = None  # batchnorm='frozen': the momenta to restore
         self._digests: dict[str, bytes] = {}  # the open task's parameters (all but the V's) as it began
         self._trainable: set[str] = set()  # names of the parameters the open task trains
@@ -433,6 +435,7 @@ class NESS(ContinualMethod):
                 record["old_output_energy"] = old_output_energy(covariances[name], base, name in self.bias_layers)
                 budget = record["output_budget"] = self.config.output_budget * record["old_output_energy"]
             adapter = NullSpaceAdapter(base, basis.basis, name, adapt_bias=name in self.bias_layers)
+            adapter.step_rows = self._step_rows
             replace_module(self.model, name, adapter)
             self.active[name] = ActiveLayer(adapter, basis.kept_singular_values, probes[name], record, budget)
         self._guard_task(t)
@@ -718,6 +721,11 @@ class NESS(ContinualMethod):
             for adapter in opened:
                 adapter.transfer_enabled = True
 
+    def on_step_rows(self, t: int, rows: BatchRows | None) -> None:
+        """Tell the adapters which rows of the prepared training split the step's batch is: an adapter reading that
+        batch takes its frozen products from rows computed once per task (`NullSpaceAdapter._batch_products`)."""
+        self._step_rows.rows = rows
+
     def after_step(self, t: int) -> None:
         """With max_output_shift = ε: project each V back onto the ball ‖V‖₂ ≤ √ε/σ_max(U) (Eq. 10); with
         output_budget: onto the ellipsoid ‖diag(σ_U)·V‖²_F ≤ its budget (row scaling, which keeps ‖V‖₂ within the
@@ -753,6 +761,7 @@ class NESS(ContinualMethod):
 
     def _close_task(self, t: int, batches: Iterable[Any] | None) -> None:
         """`on_end_task`'s work; with `batches` None, without the statistics pass (memory) over the task's inputs."""
+        self._step_rows.rows = None  # the task's training split is no longer needed
         if t > 0:
             self._check_training(t)
             if self.config.transfer_rank and self._transfer_task != t:

@@ -1,0 +1,171 @@
+"""A NESS adapter reading the trainer's step batch (rows of a fixed, prepared split) takes x·Wᵀ + b and x·[U Ū] from
+products computed once for the whole split.
+
+Checked against explicit computations: the output and the gradients of V and A equal F.linear(x, W, b) + x·U·V +
+x·Ū·A written out; the products are made once and reused across steps, and made again when U, W or the split changes
+in place; anything that is not the very batch the trainer drew, unchanged (a copy, an in-place change, a hook on the
+layer, a trained W), takes the ordinary path; the trainer's epoch gives the V's of one without the products; a
+pickled method carries neither the split nor the products.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ness.adapters import NullSpaceAdapter, StepRows
+from ness.data.tasks import BatchRows, Split, Task, identity
+from ness.methods import NESS, NESSConfig
+from ness.models import shared_head_mlp
+from ness.trainer import TrainConfig, train_task
+
+
+def adapter_and_rows(bias: bool = True) -> tuple[NullSpaceAdapter, torch.Tensor, StepRows]:
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(6, 4, bias=bias)
+    layer.requires_grad_(False)
+    q = torch.linalg.qr(torch.randn(6, 6, generator=g))[0]
+    adapter = NullSpaceAdapter(layer, q[:, :2].contiguous())
+    adapter.add_transfer(q[:, 2:3].contiguous())
+    with torch.no_grad():
+        adapter.V.normal_(generator=g)
+        adapter.A.normal_(generator=g)
+    adapter.step_rows = StepRows()
+    return adapter, torch.randn(30, 6, generator=g), adapter.step_rows
+
+
+def draw(holder: StepRows, source: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """What the trainer does for a prepared split: x = source[index], announced as the step's rows."""
+    idx = torch.tensor(index)
+    x = source[idx]
+    holder.rows = BatchRows(source, idx, x, x._version)
+    return x
+
+
+def explicit(adapter: NullSpaceAdapter, x: torch.Tensor) -> torch.Tensor:
+    layer = adapter.base
+    return F.linear(x, layer.weight, layer.bias) + x @ adapter.U @ adapter.V + x @ adapter.transfer_basis @ adapter.A
+
+
+def grads(adapter: NullSpaceAdapter, out: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
+    adapter.V.grad = adapter.A.grad = None
+    ((out - target) ** 2).sum().backward()
+    return [adapter.V.grad.clone(), adapter.A.grad.clone()]
+
+
+def counted(monkeypatch) -> list[int]:
+    made = []
+    original = NullSpaceAdapter._products_of
+
+    def spy(self, source, basis):
+        made.append(source.shape[0])
+        return original(self, source, basis)
+
+    monkeypatch.setattr(NullSpaceAdapter, "_products_of", spy)
+    return made
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_step_batch_output_and_gradients_equal_the_explicit_layer(monkeypatch, bias):
+    adapter, source, holder = adapter_and_rows(bias)
+    made = counted(monkeypatch)
+    target = torch.randn(5, 4)
+    for index in ([3, 7, 0, 29, 12], [1, 2, 3, 4, 5], [29, 28, 27, 26, 25]):
+        x = draw(holder, source, index)
+        out = adapter(x)
+        torch.testing.assert_close(out, explicit(adapter, x), rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads(adapter, out, target), grads(adapter, explicit(adapter, x), target), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert made == [30]  # made once, for the whole split, and reused by every later step
+
+
+def test_products_are_made_again_when_u_w_or_the_split_change_in_place(monkeypatch):
+    adapter, source, holder = adapter_and_rows()
+    made = counted(monkeypatch)
+    for change in (lambda: adapter.U.mul_(-1), lambda: adapter.base.weight.add_(0.5), lambda: source.mul_(2)):
+        with torch.no_grad():
+            change()
+        x = draw(holder, source, [4, 9, 2])
+        torch.testing.assert_close(adapter(x), explicit(adapter, x), rtol=1e-5, atol=1e-5)
+    assert len(made) == 3
+
+
+@pytest.mark.parametrize(
+    "what",
+    ["a copy of the batch", "the batch changed in place", "a hook on the layer", "a W that trains", "no step rows"],
+)
+def test_anything_but_the_very_batch_drawn_takes_the_ordinary_path(monkeypatch, what):
+    adapter, source, holder = adapter_and_rows()
+    made = counted(monkeypatch)
+    x = draw(holder, source, [5, 6, 7])
+    seen = []
+    if what == "a copy of the batch":
+        x = x.clone()
+    elif what == "the batch changed in place":
+        x.add_(1.0)
+    elif what == "a hook on the layer":
+        adapter.base.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    elif what == "a W that trains":
+        adapter.base.weight.requires_grad_(True)
+    else:
+        holder.rows = None
+    torch.testing.assert_close(adapter(x), explicit(adapter, x), rtol=1e-5, atol=1e-5)
+    assert made == []
+    if what == "a hook on the layer":
+        assert seen == [torch.Size([3, 4])]  # the user's hook still ran
+
+
+def tiny_task(seed: int) -> Task:
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(60, 12, generator=g)
+
+    def split(n: int) -> Split:
+        return Split(inputs[:n], torch.randint(0, 3, (n,), generator=g))
+
+    return Task(f"t{seed}", 3, split(60), split(10), split(10), identity)
+
+
+def trained_v(monkeypatch, use_products: bool) -> tuple[dict[str, torch.Tensor], list[int]]:
+    made = counted(monkeypatch)
+    if not use_products:
+        monkeypatch.setattr(NullSpaceAdapter, "_batch_products", lambda self, x, basis: None)
+    torch.manual_seed(0)
+    model = shared_head_mlp(12, (8,), 3)
+    method = NESS(model, NESSConfig(rank=6, transfer_rank=2))
+    config = TrainConfig(epochs=2, lr=0.1, batch_size=8, lr_schedule=False)
+    tasks = [tiny_task(0), tiny_task(1)]
+    for t, task in enumerate(tasks):
+        method.begin_task(t, [(task.train.inputs,)])
+        train_task(model, method, t, task, config, torch.Generator().manual_seed(t), progress=False)
+        if t == 1:
+            trained = {name: layer.adapter.V.detach().clone() for name, layer in method.active.items()}
+            trained |= {f"{name}.A": layer.adapter.A.detach().clone() for name, layer in method.active.items()}
+            assert len(trained) == 4  # both layers hold V and a transfer A
+            assert method._step_rows.rows is not None
+        method.end_task(t, [(task.train.inputs,)])
+    assert method._step_rows.rows is None  # the split is let go with the task
+    monkeypatch.undo()
+    return trained, made
+
+
+def test_the_trainer_s_epochs_give_the_v_s_of_the_ordinary_path(monkeypatch):
+    with_products, made = trained_v(monkeypatch, True)
+    without, not_made = trained_v(monkeypatch, False)
+    assert made == [60] and not_made == []  # task 1's first layer, once for the task's 60 prepared rows
+    assert with_products.keys() == without.keys()
+    for name, value in without.items():
+        torch.testing.assert_close(with_products[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_pickled_method_carries_neither_the_split_nor_the_products():
+    adapter, source, holder = adapter_and_rows()
+    adapter(draw(holder, source, [1, 2]))
+    assert adapter._row_products is not None
+    copy = pickle.loads(pickle.dumps(adapter))
+    assert copy._row_products is None and copy.step_rows.rows is None
+    x = draw(copy.step_rows, source, [1, 2])
+    torch.testing.assert_close(copy(x), explicit(copy, x), rtol=1e-5, atol=1e-5)
