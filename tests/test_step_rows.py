@@ -3,9 +3,9 @@ products computed once for the whole split.
 
 Checked against explicit computations: the output and the gradients of V and A equal F.linear(x, W, b) + x·U·V +
 x·Ū·A written out; the products are made once and reused across steps, and made again when U, W or the split changes
-in place; anything that is not the very batch the trainer drew, unchanged (a copy, an in-place change, a hook on the
-layer, a trained W), takes the ordinary path; the trainer's epoch gives the V's of one without the products; a
-pickled method carries neither the split nor the products.
+in place; anything that is not the very batch the trainer drew, with the batch and the split unchanged since (a copy,
+an in-place change of either, a hook on the layer, a trained W), takes the ordinary path; the trainer's epoch gives
+the V's of one without the products; a pickled method carries neither the split nor the products.
 """
 
 from __future__ import annotations
@@ -40,10 +40,8 @@ def adapter_and_rows(bias: bool = True) -> tuple[NullSpaceAdapter, torch.Tensor,
 
 def draw(holder: StepRows, source: torch.Tensor, index: list[int]) -> torch.Tensor:
     """What the trainer does for a prepared split: x = source[index], announced as the step's rows."""
-    idx = torch.tensor(index)
-    x = source[idx]
-    holder.rows = BatchRows(source, idx, x, x._version)
-    return x
+    holder.rows = BatchRows(source, torch.tensor(index))
+    return holder.rows.batch
 
 
 def explicit(adapter: NullSpaceAdapter, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +94,14 @@ def test_products_are_made_again_when_u_w_or_the_split_change_in_place(monkeypat
 
 @pytest.mark.parametrize(
     "what",
-    ["a copy of the batch", "the batch changed in place", "a hook on the layer", "a W that trains", "no step rows"],
+    [
+        "a copy of the batch",
+        "the batch changed in place",
+        "the split changed in place after the draw",
+        "a hook on the layer",
+        "a W that trains",
+        "no step rows",
+    ],
 )
 def test_anything_but_the_very_batch_drawn_takes_the_ordinary_path(monkeypatch, what):
     adapter, source, holder = adapter_and_rows()
@@ -107,6 +112,8 @@ def test_anything_but_the_very_batch_drawn_takes_the_ordinary_path(monkeypatch, 
         x = x.clone()
     elif what == "the batch changed in place":
         x.add_(1.0)
+    elif what == "the split changed in place after the draw":
+        source.mul_(3.0)  # the products would be made from the new split, which x no longer matches
     elif what == "a hook on the layer":
         adapter.base.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     elif what == "a W that trains":

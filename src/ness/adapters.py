@@ -241,7 +241,7 @@ class NullSpaceAdapter(nn.Module):
         without autocast, and products within `PRODUCTS_BYTES_LIMIT`; else None, and the layer computes them."""
         holder, base = self.step_rows, self.base
         rows = None if holder is None else holder.rows
-        if rows is None or x is not rows.batch or x._version != rows.version or x.requires_grad or x.dim() != 2:
+        if rows is None or x is not rows.batch or not rows.unchanged() or x.requires_grad or x.dim() != 2:
             return None
         weight, bias = base.weight, base.bias
         if (

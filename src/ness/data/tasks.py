@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -171,14 +171,24 @@ def prepared_training_split(
 
 @dataclass(frozen=True, eq=False)
 class BatchRows:
-    """A training batch that is rows `index` of a fixed tensor `source` (a prepared training split): `batch` is the
-    tensor `source[index]` handed to the model, `version` its version counter then (an in-place change bumps it).
-    What depends on the inputs alone may be computed once for `source` and indexed (NESS's adapters do)."""
+    """A training batch drawn as rows `index` of a fixed tensor `source` (a prepared training split): `batch` is
+    `source[index]`, drawn here, so the two always agree; `versions` are both tensors' version counters then (an
+    in-place change of either bumps its own). What depends on the inputs alone may then be computed once for `source`
+    and indexed (NESS's adapters do, while both versions hold)."""
 
     source: torch.Tensor
     index: torch.Tensor
-    batch: torch.Tensor
-    version: int
+    batch: torch.Tensor = field(init=False)
+    versions: tuple[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        batch = self.source[self.index]
+        object.__setattr__(self, "batch", batch)
+        object.__setattr__(self, "versions", (self.source._version, batch._version))
+
+    def unchanged(self) -> bool:
+        """Whether neither the source nor the batch was changed in place since the batch was drawn."""
+        return (self.source._version, self.batch._version) == self.versions
 
 
 def batch_indices(
@@ -217,8 +227,8 @@ def iterate_prepared_batches(
     """`iterate_batches` over a prepared split (transformed, on its device: `prepared_training_split`), the same
     batches in the same order, each with its `BatchRows`."""
     for idx in batch_indices(len(split), batch_size, shuffle=shuffle, generator=generator, device=split.inputs.device):
-        x = split.inputs[idx]
-        yield x, split.labels[idx], BatchRows(split.inputs, idx, x, x._version)
+        rows = BatchRows(split.inputs, idx)
+        yield rows.batch, split.labels[idx], rows
 
 
 def iterate_mixed_batches(
