@@ -52,7 +52,17 @@ def failing_backend(graph: torch.fx.GraphModule, example_inputs: list[torch.Tens
 DIM, ROWS, BATCH = 12, 48, 16
 
 
-def random_tasks(count: int, seed: int = 0) -> Benchmark:
+class PreparedFloat:
+    """x.float(), declared deterministic: the trainer transforms the split once and draws batches as its rows, so
+    NESS's first layer takes its frozen products from rows made once per task (eagerly; traced, it computes them)."""
+
+    deterministic = True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+
+def random_tasks(count: int, seed: int = 0, transform: Any = None) -> Benchmark:
     """`count` two-class tasks, each on Gaussian inputs in a random 4-dimensional subspace of its own (so NESS
     finds null directions to adapt in), labelled by the sign of a random direction."""
     g = torch.Generator().manual_seed(seed)
@@ -65,7 +75,7 @@ def random_tasks(count: int, seed: int = 0) -> Benchmark:
     for t in range(count):
         basis, direction = torch.randn(4, DIM, generator=g), torch.randn(DIM, generator=g)
         splits = (split(basis, direction, n) for n in (ROWS, 16, 16))
-        tasks.append(Task(f"task {t}", 2, *splits, float_of))
+        tasks.append(Task(f"task {t}", 2, *splits, transform or float_of))
     return Benchmark("random", tuple(tasks), input_shape=(DIM,), shared_head=False, details={})
 
 
@@ -113,14 +123,23 @@ def run_tasks(method: ContinualMethod, bench: Benchmark, settings: TrainConfig) 
     return out
 
 
-@pytest.mark.parametrize("name", ["finetune", "ness", "gpm", "sgp"])
-def test_compiled_training_gives_the_eager_losses_and_weights(name):
+@pytest.mark.parametrize("name", ["finetune", "ness", "gpm", "sgp", "ness, prepared split"])
+def test_compiled_training_gives_the_eager_losses_and_weights(name, monkeypatch):
     """GPM and SGP in task 1 swap their projected layers' forward for each step (the input-side projection of
-    their own step): one object per layer and task, so the compiled graph serves every step."""
-    bench = random_tasks(2)
+    their own step): one object per layer and task, so the compiled graph serves every step. On a prepared split
+    the eager NESS step reads its first layer's frozen products; the traced one computes them, in one graph."""
+    prepared = name.endswith("prepared split")
+    bench = random_tasks(2, transform=PreparedFloat() if prepared else None)
+    name = name.split(",")[0]
+    made: list[int] = []
+    products_of = NullSpaceAdapter._products_of
+    monkeypatch.setattr(NullSpaceAdapter, "_products_of", lambda self, *a: made.append(1) or products_of(self, *a))
     eager_method, compiled_method = new_method(name, bench), new_method(name, bench)
     eager = run_tasks(eager_method, bench, config())
+    assert bool(made) == (prepared and name == "ness")  # the eager NESS step read them where the split is prepared
+    made.clear()
     compiled = run_tasks(compiled_method, bench, config(compile=True, compile_backend="ness_test_counting"))
+    assert not made  # traced, the step computes them
     assert eager["graph_runs"] == [0, 0]
     assert compiled["graph_runs"] == compiled["steps"] == eager["steps"]  # every step ran the compiled graph
     for eager_losses, compiled_losses in zip(eager["losses"], compiled["losses"], strict=True):

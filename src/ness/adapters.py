@@ -241,14 +241,15 @@ class NullSpaceAdapter(nn.Module):
         without autocast, and products within `PRODUCTS_BYTES_LIMIT`; else None, and the layer computes them."""
         holder, base = self.step_rows, self.base
         rows = None if holder is None else holder.rows
-        if rows is None or x is not rows.batch or not rows.unchanged() or x.requires_grad or x.dim() != 2:
+        if rows is None or torch.compiler.is_compiling():  # traced: no identity or version checks in the graph
+            return None
+        if x is not rows.batch or not rows.unchanged() or x.requires_grad or x.dim() != 2:
             return None
         weight, bias = base.weight, base.bias
         if (
             not self._plain_linear_call(base)
             or weight.requires_grad
             or (bias is not None and bias.requires_grad)
-            or torch.compiler.is_compiling()
             or torch.is_autocast_enabled(x.device.type)
         ):
             return None
