@@ -176,3 +176,31 @@ def test_a_pickled_method_carries_neither_the_split_nor_the_products():
     assert copy._row_products is None and copy.step_rows.rows is None
     x = draw(copy.step_rows, source, [1, 2])
     torch.testing.assert_close(copy(x), explicit(copy, x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_own_loop_that_passes_its_rows_trains_the_same_v(monkeypatch):
+    """The guide's own loop: batches drawn as `BatchRows` of one tensor and passed through `on_step_rows`."""
+    made = counted(monkeypatch)
+    trained = []
+    for passes_rows in (True, False):
+        torch.manual_seed(0)
+        model = shared_head_mlp(12, (8,), 3)
+        method = NESS(model, NESSConfig(rank=6, transfer_rank=0))
+        tasks = [tiny_task(0), tiny_task(1)]
+        for t, task in enumerate(tasks):
+            method.begin_task(t)
+            optimizer = torch.optim.SGD(method.trainable_parameters(t), lr=0.1)
+            for idx in torch.randperm(60, generator=torch.Generator().manual_seed(t)).split(8):
+                rows = BatchRows(task.train.inputs, idx)
+                if passes_rows:
+                    method.on_step_rows(t, rows)
+                optimizer.zero_grad()
+                F.cross_entropy(method.predict(rows.batch, t), task.train.labels[idx]).backward()
+                optimizer.step()
+            if t == 1:
+                trained.append({name: layer.adapter.V.detach().clone() for name, layer in method.active.items()})
+            method.end_task(t, [(task.train.inputs,)])
+        if passes_rows:
+            assert made == [60]  # task 1's first layer, once
+    for name, value in trained[1].items():
+        torch.testing.assert_close(trained[0][name], value, rtol=1e-5, atol=1e-6, msg=name)
