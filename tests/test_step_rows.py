@@ -179,7 +179,8 @@ def test_a_pickled_method_carries_neither_the_split_nor_the_products():
 
 
 def test_an_own_loop_that_passes_its_rows_trains_the_same_v(monkeypatch):
-    """The guide's own loop: batches drawn as `BatchRows` of one tensor and passed through `on_step_rows`."""
+    """The guide's own loop: batches drawn as `BatchRows` of one tensor (here an inference tensor, which has no
+    version counter) and passed through `on_step_rows`."""
     made = counted(monkeypatch)
     trained = []
     for passes_rows in (True, False):
@@ -187,11 +188,13 @@ def test_an_own_loop_that_passes_its_rows_trains_the_same_v(monkeypatch):
         model = shared_head_mlp(12, (8,), 3)
         method = NESS(model, NESSConfig(rank=6, transfer_rank=0))
         tasks = [tiny_task(0), tiny_task(1)]
+        with torch.inference_mode():  # features made without autograd: inference tensors, without version counters
+            inputs = [task.train.inputs.clone() for task in tasks]
         for t, task in enumerate(tasks):
             method.begin_task(t)
             optimizer = torch.optim.SGD(method.trainable_parameters(t), lr=0.1)
             for idx in torch.randperm(60, generator=torch.Generator().manual_seed(t)).split(8):
-                rows = BatchRows(task.train.inputs, idx)
+                rows = BatchRows(inputs[t], idx)
                 if passes_rows:
                     method.on_step_rows(t, rows)
                 optimizer.zero_grad()

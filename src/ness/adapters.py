@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
 
-from ness.data.tasks import PREPARED_BYTES_LIMIT, BatchRows
+from ness.data.tasks import PREPARED_BYTES_LIMIT, BatchRows, tensor_version
 from ness.subspace import (
     check_supported,
     conv_padding,
@@ -254,7 +254,8 @@ class NullSpaceAdapter(nn.Module):
         ):
             return None
         source = rows.source
-        made_of = (source, basis, source._version, basis._version, weight._version, getattr(bias, "_version", None))
+        versions = (tensor_version(source), basis._version, weight._version, getattr(bias, "_version", None))
+        made_of = (source, basis, *versions)
         cached = self._row_products
         if cached is None or not _same_inputs(cached[0], made_of):
             cached = self._row_products = (made_of, self._products_of(source, basis))

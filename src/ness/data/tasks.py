@@ -169,6 +169,12 @@ def prepared_training_split(
     return Split(task.transform(train.inputs.to(device)), train.labels.to(device)), identity
 
 
+def tensor_version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place change); None for an inference tensor, which has none
+    and which no code outside inference mode may change in place."""
+    return None if tensor.is_inference() else tensor._version
+
+
 @dataclass(frozen=True, eq=False)
 class BatchRows:
     """A training batch drawn as rows `index` of a fixed tensor `source` (a prepared training split): `batch` is
@@ -179,16 +185,16 @@ class BatchRows:
     source: torch.Tensor
     index: torch.Tensor
     batch: torch.Tensor = field(init=False)
-    versions: tuple[int, int] = field(init=False)
+    versions: tuple[int | None, int | None] = field(init=False)
 
     def __post_init__(self) -> None:
         batch = self.source[self.index]
         object.__setattr__(self, "batch", batch)
-        object.__setattr__(self, "versions", (self.source._version, batch._version))
+        object.__setattr__(self, "versions", (tensor_version(self.source), tensor_version(batch)))
 
     def unchanged(self) -> bool:
         """Whether neither the source nor the batch was changed in place since the batch was drawn."""
-        return (self.source._version, self.batch._version) == self.versions
+        return (tensor_version(self.source), tensor_version(self.batch)) == self.versions
 
 
 def batch_indices(
