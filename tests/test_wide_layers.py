@@ -373,3 +373,16 @@ def test_the_defaults_keep_float64_sums_on_the_models_device_and_bad_values_are_
         NESSConfig(statistics_device="cuda")
     with pytest.raises(ValueError, match=r"NESSConfig.statistics_dtype: got \['float32'\]"):
         NESSConfig(statistics_dtype=["float32"])
+
+
+def test_a_statistics_pass_over_inference_tensors_sums_their_rows():
+    """Features made under torch.inference_mode() have no version counter; the pass reads them all the same."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    with torch.inference_mode():
+        x = torch.randn(40, 6)
+    method = NESS(model, NESSConfig(transfer_rank=0))
+    method.begin_task(0)
+    method.end_task(0, [(x[i : i + 10],) for i in range(0, 40, 10)])
+    rows = x.clone().double()
+    torch.testing.assert_close(method.covariances["0"], rows.T @ rows, rtol=1e-12, atol=1e-12)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
 
-from ness.data.tasks import PREPARED_BYTES_LIMIT, BatchRows, tensor_version
+from ness.data.tasks import PREPARED_BYTES_LIMIT, BatchRows
+from ness.modules import tensor_version
 from ness.subspace import (
     check_supported,
     conv_padding,

@@ -21,6 +21,12 @@ def short_list(names: Sequence[str], most: int = 6) -> str:
     return shown if len(names) <= most else f"{shown}, … ({len(names)} in all)"
 
 
+def tensor_version(tensor: Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place change); None for an inference tensor, which has none
+    and which no code outside inference mode may change in place."""
+    return None if tensor.is_inference() else tensor._version
+
+
 def tensor_digest(tensor: Tensor) -> bytes:
     """A digest of the tensor's bytes: two digests are equal only if the values are (bar a 2⁻¹²⁸ collision)."""
     data = tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ness.modules import tensor_version
 from ness.subspace import CovarianceSum, sample_positions
 
 
@@ -60,7 +61,7 @@ class _Run:
     the layers make rows of it, the layers, the rows to sum (with their weight) and the run's own top-k sample."""
 
     x: Tensor
-    version: int
+    version: int | None
     signature: Hashable
     layers: list[str]
     rows: Tensor
@@ -71,7 +72,7 @@ class _Run:
     def reads(self, x: Tensor, signature: Hashable) -> bool:
         """Whether a layer making rows as `signature` says from `x` gets this run's rows: the very tensor, unchanged
         in place since (an in-place operation bumps its version), made into rows alike."""
-        return x is self.x and x._version == self.version and signature == self.signature
+        return x is self.x and tensor_version(x) == self.version and signature == self.signature
 
 
 RowsAndKeys = Callable[[], tuple[Tensor, Tensor, int | None]]
@@ -108,7 +109,7 @@ class SharedInputs:
         weight = 1.0
         if self.positions is not None and per_sample is not None:  # the probes above come from every row
             rows, weight = sample_positions(rows, keys, per_sample, self.positions)
-        self._run = _Run(x, x._version, signature, [name], rows, weight, sample, keys[top])
+        self._run = _Run(x, tensor_version(x), signature, [name], rows, weight, sample, keys[top])
 
     def end_batch(self) -> None:
         """Close the run under way (a batch's forward pass has ended, or a layer read another input): its rows go

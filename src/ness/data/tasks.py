@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from sklearn.utils import shuffle as sklearn_shuffle
 
+from ness.modules import tensor_version
+
 
 class DataError(ValueError):
     """A data file or data setting is unusable; the message names the path, the problem and the fix."""
@@ -167,12 +169,6 @@ def prepared_training_split(
     if sample.element_size() * sample.numel() * len(train) > limit:
         return train, task.transform
     return Split(task.transform(train.inputs.to(device)), train.labels.to(device)), identity
-
-
-def tensor_version(tensor: torch.Tensor) -> int | None:
-    """The tensor's version counter (bumped by every in-place change); None for an inference tensor, which has none
-    and which no code outside inference mode may change in place."""
-    return None if tensor.is_inference() else tensor._version
 
 
 @dataclass(frozen=True, eq=False)
