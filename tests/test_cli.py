@@ -425,3 +425,14 @@ def test_the_readme_shows_the_demos_output_as_it_prints(demo):
     printed = [line.rstrip() for line in stdout.strip().splitlines() if not line.startswith("Results: ")]
     shown = [line.rstrip() for line in block.group(1).strip().splitlines()]
     assert shown == printed  # all but the line naming where the results were written
+
+
+def test_the_cli_starts_without_importing_scikit_learn_or_scipy():
+    # Each takes a tenth of a second to most of one to import: only the loaders that read with them (split_digits,
+    # SVHN's .mat files) import them, when called.
+    code = (
+        "import sys, ness.cli, ness.experiment, ness.data\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

@@ -366,10 +366,13 @@ def test_split_digits_transform() -> None:
 
 
 def test_validation_split_matches_sklearn_shuffle() -> None:
-    train, val = validation_split(1000, 0.15, seed=7)
-    perm = sklearn_shuffle(np.arange(1000), random_state=7)
-    np.testing.assert_array_equal(val, perm[:150])
-    np.testing.assert_array_equal(train, perm[150:])
+    # drawn without scikit-learn (whose import costs most of a second): the same permutation as its shuffle
+    for n, pc_valid, seed in ((1000, 0.15, 7), (60000, 0.1, 1), (54321, 0.1, 37), (7, 0.5, 0), (1, 0.0, 4)):
+        train, val = validation_split(n, pc_valid, seed=seed)
+        perm = sklearn_shuffle(np.arange(n), random_state=seed)
+        n_val = int(pc_valid * n)
+        np.testing.assert_array_equal(val, perm[:n_val])
+        np.testing.assert_array_equal(train, perm[n_val:])
     train, val = validation_split(10, 0.0, seed=0)
     assert len(val) == 0 and sorted(train) == list(range(10))
     for bad in (1.0, -0.1):

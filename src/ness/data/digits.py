@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from ness.data.tasks import Benchmark, PixelTransform, Task, subset, validation_split
 
@@ -20,6 +18,10 @@ def split_digits(data_root: str | Path | None = None, *, seed: int, pc_valid: fl
 
     The test split is ceil(25 %) of each class (random_state 0); `seed` only chooses the validation split.
     """
+    # imported here: scikit-learn takes most of a second to import, which every other command would pay
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     pixels = digits.images
     if pixels.min() < 0 or pixels.max() > 16 or not np.array_equal(pixels, pixels.round()):

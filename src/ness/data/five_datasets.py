@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 import torch
 
 from ness.data.cifar import (
@@ -317,6 +316,8 @@ def _load(source: str, root: Path, verify_md5: bool, download: bool) -> ImageDat
 
 def _read_svhn(path: Path, md5: str | None) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (N, 3, 32, 32) images and int64 labels 0..9 of one SVHN .mat file (X: 32×32×3×N, y: N×1 in 1..10)."""
+    import scipy.io  # here, not at the top: only SVHN needs it, and it takes a tenth of a second to import
+
     check_md5(path, md5)
     try:
         mat = scipy.io.loadmat(path)

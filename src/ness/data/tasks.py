@@ -9,7 +9,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from sklearn.utils import shuffle as sklearn_shuffle
 
 from ness.modules import tensor_version
 
@@ -269,7 +268,10 @@ def validation_split(n: int, pc_valid: float, seed: int) -> tuple[np.ndarray, np
         raise ValueError(f"pc_valid must be in [0, 1), got {pc_valid}")
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
-    perm = sklearn_shuffle(np.arange(n), random_state=seed)
+    # sklearn.utils.shuffle(arange(n), random_state=seed) is this shuffle by a RandomState(seed); drawn here,
+    # since importing scikit-learn takes most of a second
+    perm = np.arange(n)
+    np.random.RandomState(seed).shuffle(perm)
     n_val = int(pc_valid * n)
     return perm[n_val:], perm[:n_val]
 
