@@ -25,6 +25,7 @@ from ness.cli import main
 from ness.data import build_benchmark
 from ness.experiment import resolve_settings, run_experiment
 from ness.methods import NESS, FineTune, FSDGPMConfig, GPMConfig, NESSConfig, OWMConfig
+from ness.modules import all_finite
 from ness.presets import get_protocol
 from ness.runs import RunSpec
 from ness.trainer import TrainConfig
@@ -600,3 +601,19 @@ def test_eigh_failure_falls_back_to_the_svd_and_says_so_in_the_diagnostics(monke
     assert record["rank"] == kept.shape[1] == 3
     basis = model[0].U.double().numpy()
     np.testing.assert_allclose(basis @ basis.T, kept @ kept.T, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64])
+def test_all_finite_finds_one_nan_or_inf_anywhere(dtype):
+    """all_finite (one min/max reduction) against isfinite's elementwise mask, with one bad entry at every position
+    of a contiguous tensor and of a strided view."""
+    x = torch.randn(4, 6, dtype=dtype)
+    assert all_finite(x) and all_finite(x[:, ::2]) and all_finite(torch.empty(0, 3, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for i in range(x.numel()):
+            y = x.clone()
+            y.view(-1)[i] = bad
+            assert not all_finite(y)
+            view = y[:, ::2]
+            assert all_finite(view) == bool(torch.isfinite(view).all())
+    assert all_finite(torch.arange(5))  # integers are always finite

@@ -9,12 +9,14 @@ import pytest
 import torch
 from torch import nn
 
+import ness.subspace
 from ness.subspace import (
     CovarianceSum,
     UnsupportedLayerError,
     check_supported,
     covariance_spectrum,
     energy_rank,
+    gram,
     input_covariance,
     layer_input_rows,
     null_basis,
@@ -131,6 +133,22 @@ def test_conv_unfold_covariance_matches_explicit_patch_loop(kernel, stride, padd
     cov = input_covariance(rows)
     assert cov.dtype == torch.float64
     torch.testing.assert_close(cov, explicit_covariance(expected_rows))
+
+
+@pytest.mark.parametrize("d", [5, 6])
+def test_gram_in_blocks_is_the_sum_of_outer_products(monkeypatch, d):
+    """XᵀX from its blocks (the lower-left one mirrored) against plain Python sums, on widths odd and even, and
+    exactly symmetric; at a real width (600) against einsum's sum of outer products."""
+    monkeypatch.setattr(ness.subspace, "GRAM_BLOCKS_FROM", 2)
+    rows = torch.randn(9, d, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
+    product = gram(rows)
+    torch.testing.assert_close(product, explicit_covariance(rows), rtol=1e-13, atol=1e-13)
+    assert torch.equal(product, product.T)
+    monkeypatch.undo()
+    wide = torch.randn(300, 600, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    product = gram(wide)
+    torch.testing.assert_close(product, torch.einsum("ni,nj->ij", wide, wide), rtol=1e-12, atol=1e-10)
+    assert torch.equal(product, product.T)
 
 
 def test_conv_rows_of_float32_input_accumulate_covariance_in_float64():

@@ -206,6 +206,43 @@ def test_shared_inputs_split_and_refine_keep_each_layers_own_sum():
     assert stats["q"].probe.shape == (2, 3)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_shared_inputs_sample_the_rows_with_the_k_largest_keys_of_all_a_layer_read(seed):
+    """The probe sample against an explicit top k over every row a layer read, its keys recorded as drawn: samples
+    merged a few batches at a time (pending ones copied into a group that splits off) give exactly that."""
+    k, keys = 3, torch.Generator().manual_seed(seed)
+    shared = SharedInputs(k, lambda: CovarianceSum(chunk=1))
+    seen: dict[str, list[tuple[float, float]]] = {"p": [], "q": []}  # (key, row id) of every row each layer read
+
+    def call(name: str, x: torch.Tensor, drawn: list[torch.Tensor]) -> None:
+        def rows_and_keys() -> tuple[torch.Tensor, torch.Tensor, None]:
+            drawn.append(torch.rand(x.shape[0], generator=keys))
+            return x, drawn[-1], None
+
+        shared.add(name, x, ("linear",), rows_and_keys)
+
+    row_id = 0
+    for batch in range(23):  # p and q read the same rows until batch 11; from then on q reads rows of its own
+        x = torch.arange(row_id, row_id + 5, dtype=torch.float32)[:, None].repeat(1, 2)
+        row_id += 5
+        drawn: list[torch.Tensor] = []
+        call("p", x, drawn)
+        if batch < 11:
+            call("q", x, drawn)
+            seen["q"] += zip(drawn[0].tolist(), x[:, 0].tolist(), strict=True)
+        seen["p"] += zip(drawn[0].tolist(), x[:, 0].tolist(), strict=True)
+        if batch >= 11:
+            x_q = x + 1000
+            call("q", x_q, drawn)
+            seen["q"] += zip(drawn[1].tolist(), x_q[:, 0].tolist(), strict=True)
+        shared.end_batch()
+    stats = shared.statistics()
+    for name in ("p", "q"):
+        top = sorted(seen[name], reverse=True)[:k]
+        assert stats[name].probe[:, 0].tolist() == [row for _, row in top]
+        assert stats[name].probe_keys.tolist() == [key for key, _ in top]
+
+
 # -- a LLaMA block --------------------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ copy of what the group had summed, so every layer's statistics are exactly those
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -33,26 +33,42 @@ class LayerStatistics:
 
 @dataclass
 class _Accumulator:
-    """What a group of layers with the same inputs has summed so far: Σxxᵀ and the sampled rows with their keys."""
+    """What a group of layers with the same inputs has summed so far: Σxxᵀ, and the sampled rows with their keys (the
+    merged sample, and the runs' samples still to merge into it)."""
 
     total: CovarianceSum
     probe: Tensor
     probe_keys: Tensor
     layers: set[str]
+    pending: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    pending_rows: int = 0
 
     def split(self, layers: set[str]) -> _Accumulator:
-        """A copy of what the group holds for `layers`, which leave it."""
+        """A copy of what the group holds for `layers`, which leave it (the sampled rows are shared: never changed)."""
         self.layers -= layers
-        return _Accumulator(self.total.copy(), self.probe, self.probe_keys, layers)
+        return _Accumulator(
+            self.total.copy(), self.probe, self.probe_keys, layers, list(self.pending), self.pending_rows
+        )
 
     def add(self, rows: Tensor, weight: float, sample: Tensor, sample_keys: Tensor, k: int) -> None:
-        """Add `rows` (times `weight`) to the sum, and merge the run's sampled rows (its top-k keys) into the sample."""
+        """Add `rows` (times `weight`) to the sum, and the run's sampled rows (its top-k keys) to the sample."""
         self.total.add(rows, weight)
-        # Uniform sample without replacement across batches: the k rows with the largest random keys. The overall
-        # top k lies within each batch's own top k, so only those rows were copied off the device.
-        pool_keys, pool_rows = torch.cat([self.probe_keys, sample_keys]), torch.cat([self.probe, sample])
+        self.pending.append((sample, sample_keys))
+        self.pending_rows += sample_keys.numel()
+        if self.pending_rows >= 4 * k:  # merged a few batches at a time, not each batch: one copy of the sample
+            self.merge(k)
+
+    def merge(self, k: int) -> None:
+        """Keep the k rows with the largest keys of the sample and the pending ones: a uniform sample without
+        replacement of every row so far (the overall top k lies within each run's own top k, so only those rows
+        were copied off the device)."""
+        if not self.pending:
+            return
+        pool_keys = torch.cat([self.probe_keys, *(keys for _, keys in self.pending)])
+        pool_rows = torch.cat([self.probe, *(rows for rows, _ in self.pending)])
         top = pool_keys.topk(min(k, pool_keys.numel())).indices
         self.probe, self.probe_keys = pool_rows[top], pool_keys[top]
+        self.pending, self.pending_rows = [], 0
 
 
 @dataclass
@@ -154,5 +170,6 @@ class SharedInputs:
         made: dict[int, LayerStatistics] = {}
         for group in self.groups.values():
             if id(group) not in made:
+                group.merge(self.k)
                 made[id(group)] = LayerStatistics(group.total.result(), group.probe, group.probe_keys)
         return {name: made[id(group)] for name, group in self.groups.items()}

@@ -25,6 +25,7 @@ from ness.batches import ModelInputs, model_inputs, tensors_of
 from ness.data.tasks import BatchRows
 from ness.models import call_model, head_parameters, logits_by_task, task_heads
 from ness.models.heads import Forward
+from ness.modules import all_finite
 from ness.subspace import check_supported
 
 Optimizer = Any  # a torch optimiser, or ness.optim.SAM: anything with step(closure), zero_grad and param_groups
@@ -196,7 +197,7 @@ def task_inputs(batches: Iterable[Any], where: str) -> Iterator[ModelInputs]:
     seen = False
     for batch in batches:
         x = model_inputs(batch, where)
-        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors_of(x)):
+        if not all(all_finite(t) for t in tensors_of(x)):
             raise ValueError(f"{where}: a batch of inputs holds NaN or Inf; clean the data before training")
         seen = True
         yield x
@@ -441,7 +442,7 @@ def labelled_batches(batches: Iterable[Any], where: str) -> Iterator[tuple[Tenso
                 f"{where}: labels must be a 1-D integer tensor with one entry per input, got shape "
                 f"{tuple(y.shape)} ({y.dtype}) for {x.shape[0]} inputs"
             )
-        if x.is_floating_point() and not torch.isfinite(x).all():
+        if not all_finite(x):
             raise ValueError(f"{where}: a batch of inputs holds NaN or Inf; clean the data before training")
         seen = True
         yield x, y
