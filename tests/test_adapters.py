@@ -51,7 +51,7 @@ def explicit_delta(u, v, weight_shape):
 
 
 def force_path(monkeypatch, merged):
-    monkeypatch.setattr(NullSpaceAdapter, "_merged_path_is_cheaper", lambda self, x, terms=None: merged)
+    monkeypatch.setattr(NullSpaceAdapter, "_merged_path_is_cheaper", lambda self, x, terms=None, rows=None: merged)
 
 
 def test_adapter_starts_as_the_base_layer():
@@ -264,7 +264,7 @@ def test_the_stacked_bases_follow_u_and_u_bar_when_they_change(merged, monkeypat
     new Ū, a pickled copy and a disabled transfer term must each give x(W + UV + ŪA)ᵀ of the bases now held."""
     import pickle
 
-    monkeypatch.setattr(NullSpaceAdapter, "_merged_path_is_cheaper", lambda self, x, terms=None: merged)
+    monkeypatch.setattr(NullSpaceAdapter, "_merged_path_is_cheaper", lambda self, x, terms=None, rows=None: merged)
     g = torch.Generator().manual_seed(4)
     layer = nn.Linear(6, 3, bias=False, dtype=torch.float64)
     adapter = NullSpaceAdapter(layer, orthonormal(6, 2, 1))

@@ -228,7 +228,7 @@ def test_eq8_bound_holds_for_every_old_input(monkeypatch, kind, rule, eps1, memo
         x_old = old_inputs[name].double()
         for merged_path in (True, False):
             monkeypatch.setattr(
-                NullSpaceAdapter, "_merged_path_is_cheaper", lambda self, x, terms=None, m=merged_path: m
+                NullSpaceAdapter, "_merged_path_is_cheaper", lambda self, x, terms=None, rows=None, m=merged_path: m
             )
             with torch.no_grad():
                 change = adapter64(x_old) - adapter64.base(x_old)

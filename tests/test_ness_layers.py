@@ -86,7 +86,7 @@ def test_bias_adapter_forward_and_merge_equal_the_explicit_layer(monkeypatch, ki
     weight = base.weight.detach() + full[:d].T.reshape(base.weight.shape)
     bias = base.bias.detach() + full[d]
     expected = explicit_output(base, x, weight, bias)
-    monkeypatch.setattr(NullSpaceAdapter, "_merged_path_is_cheaper", lambda self, x, terms=None: merged_path)
+    monkeypatch.setattr(NullSpaceAdapter, "_merged_path_is_cheaper", lambda self, x, terms=None, rows=None: merged_path)
     torch.testing.assert_close(adapter(x), expected)
     merged = adapter.merged()
     torch.testing.assert_close(merged.weight.detach(), weight)

@@ -61,7 +61,7 @@ def test_the_transfer_term_adds_its_weights_and_acts_only_while_enabled(kind, me
     with torch.no_grad():
         adapter.V.normal_()
         adapter.A.normal_()
-    monkeypatch.setattr(NullSpaceAdapter, "_merged_path_is_cheaper", lambda self, x, terms=None: merged_path)
+    monkeypatch.setattr(NullSpaceAdapter, "_merged_path_is_cheaper", lambda self, x, terms=None, rows=None: merged_path)
     x = torch.randn(5, 2, 7, 7) if kind == "conv" else torch.randn(5, 6)
     with torch.no_grad():
         shared = (u @ adapter.V).T  # (o, d[+1]) in PyTorch's layout

@@ -190,21 +190,24 @@ class NullSpaceAdapter(nn.Module):
         terms = [(self.U, self.V)] if terms is None else terms
         return sum(basis[-1] @ factor for basis, factor in terms)
 
-    def _merged_path_is_cheaper(self, x: Tensor, terms: list[tuple[Tensor, Tensor]] | None = None) -> bool:
+    def _merged_path_is_cheaper(
+        self, x: Tensor, terms: list[tuple[Tensor, Tensor]] | None = None, rows: int | None = None
+    ) -> bool:
         # Multiply-adds beyond the frozen base op, for N input rows, rank r (all terms), d inputs, o outputs.
         # Low-rank: x·B and (x·B)·F forward, N·r·(d + o); the gradient of F, N·r·o; and, when x needs a gradient,
         # N·r·(o + d) more. Merged: forming ΔW = B·F, d·r·o; in training also the gradient of W + ΔW, N·d·o, and
         # the gradient of F from it, d·r·o. The merged path also runs more kernels, which cost more than their
         # arithmetic at small sizes (at batch 10 it was the slower one at equal multiply-adds): it is taken only
         # at less than half the low-rank path's multiply-adds.
+        # `rows`: N where the caller knows it (a batch of rows)
         terms = self.terms() if terms is None else terms
-        base = self.base
-        n = output_rows(base, x)
-        d, o = terms[0][0].shape[0], terms[0][1].shape[1]
-        r = sum(factor.shape[0] for _, factor in terms)
+        n = output_rows(self._modules["base"], x) if rows is None else rows
+        (basis, factor), *more = terms
+        d, o = basis.shape[0], factor.shape[1]
+        r = factor.shape[0] + sum(f.shape[0] for _, f in more)
         low_rank = n * r * (d + o)
         merged = d * r * o
-        if torch.is_grad_enabled() and any(f.requires_grad for _, f in terms):
+        if torch.is_grad_enabled() and (factor.requires_grad or any(f.requires_grad for _, f in more)):
             low_rank += n * r * o + (n * r * (o + d) if x.requires_grad else 0)
             merged += n * d * o + d * r * o
         return 2 * merged < low_rank
@@ -277,13 +280,29 @@ class NullSpaceAdapter(nn.Module):
         return F.linear(source, self.base.weight, self.base.bias), projected
 
     def forward(self, x: Tensor) -> Tensor:
-        base, terms = self.base, self._stacked_terms(self.terms())
+        base, terms = self._modules["base"], self._stacked_terms(self.terms())
         if not terms:
-            return base(x)
-        products = self._batch_products(x, terms[0][0]) if len(terms) == 1 else None
-        if products is not None:  # the step's batch of a fixed split: its frozen products read, not computed
-            frozen, projected = products
-            return torch.addmm(frozen, projected, terms[0][1])
+            return base(x)  # type: ignore[misc]
+        if len(terms) == 1:
+            basis, factor = terms[0]
+            products = self._batch_products(x, basis) if self.step_rows is not None else None
+            if products is not None:  # the step's batch of a fixed split: its frozen products read, not computed
+                frozen, projected = products
+                return torch.addmm(frozen, projected, factor)
+            # a batch of rows through a plain nn.Linear (the training step of an MLP): F.linear and one addmm,
+            # without the general path's checks
+            if (
+                x.dim() == 2
+                and not self.adapt_bias
+                and basis.dtype == x.dtype
+                and self._plain_linear_call(base)
+                and not self._merged_path_is_cheaper(x, terms, x.shape[0])
+            ):
+                parameters = base._parameters
+                out = F.linear(x, parameters["weight"], parameters["bias"])
+                if out.dtype == x.dtype:  # not autocast's lower precision
+                    return torch.addmm(out, x @ basis, factor)
+                return out + low_rank_shift(base, x, basis, factor)
         if self._merged_path_is_cheaper(x, terms):
             weight = base.weight + self.delta_weight(terms)
             delta_bias = self.delta_bias(terms)
