@@ -318,3 +318,20 @@ def test_an_adapter_pickled_before_the_stacked_cache_existed_still_runs():
     old = NullSpaceAdapter.__new__(NullSpaceAdapter)
     old.__setstate__(state)
     torch.testing.assert_close(old(x), adapter(x))
+
+
+@pytest.mark.parametrize("shape", [(5, 6), (2, 5, 6)], ids=["rows", "batch_of_sequences"])
+def test_adapter_under_bf16_autocast_is_the_low_precision_layer(shape):
+    """Under CPU autocast F.linear computes in bfloat16: the adapter's output is bfloat16 and, to bfloat16's precision,
+    x·(W + U·V)ᵀ + b written out in float32 (a batch of rows takes the short path, a 3-D input the general one)."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 4)
+    adapter = NullSpaceAdapter(base, orthonormal(6, 2, seed=1))
+    with torch.no_grad():
+        adapter.V.copy_(torch.randn(2, 4))
+    x = torch.randn(*shape)
+    expected = x @ (base.weight + (adapter.U @ adapter.V).T).T + base.bias
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = adapter(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=3e-2)
