@@ -3,6 +3,7 @@ data_tasks), mixed-task batches and joint training, each checked against an expl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ness.data import Benchmark, Split, Task, iterate_mixed_batches
+from ness.data.tasks import identity
 from ness.methods import FineTune, Joint, StepProgress, build_method
 from ness.models import MultiHeadNet, logits_by_task, shared_head_mlp
 from ness.trainer import TrainConfig, run_continual, seed_everything, train_task
@@ -124,6 +126,64 @@ def test_hooks_are_called_in_order_with_the_steps_progress():
     batches = math.ceil(40 / 16)
     assert steps == [StepProgress(e, b, batches, 3) for e in range(3) for b in range(batches)]
     assert names[2:] == ["begin_step", "after_backward", "after_step"] * (3 * batches)
+
+
+def test_hooks_set_on_an_instance_are_called_every_step_and_the_epoch_loss_is_the_steps_mean():
+    """The trainer skips the base class's empty hooks: one set on the instance (not the class) still runs every step,
+    with the batch as rows of the prepared split; the epoch's loss is the row-weighted mean of the step losses."""
+    bench = blob_benchmark(num_tasks=1, n_train=40)
+    model = new_model(bench)
+    method = FineTune(model)
+    assert not method.overrides("begin_step") and not method.overrides("on_step_rows")
+    assert Recorder(new_model(bench)).overrides("begin_step") and not Recorder(model).overrides("step_context")
+    seen: list[tuple] = []
+    method.begin_step = lambda t, progress: seen.append(("begin_step", progress.batch))
+    method.on_step_rows = lambda t, rows: seen.append(("rows", rows.index.numel(), rows.batch))
+    losses: list[tuple[float, int]] = []
+    step = method.training_step
+
+    def training_step(t, x, y, optimizer, check_loss, tasks=None):
+        loss = step(t, x, y, optimizer, check_loss, tasks)
+        losses.append((loss.item(), x.shape[0]))
+        assert seen[-1][2] is x  # the rows the hook got are the batch trained on
+        return loss
+
+    method.training_step = training_step
+    assert method.overrides("begin_step") and method.overrides("on_step_rows")
+    method.begin_task(0)
+    config = small_config(epochs=1, batch_size=16, lr_schedule=False, momentum=0.0)
+    task = dataclasses.replace(bench.tasks[0], transform=identity)  # deterministic: the split is prepared once
+    log = train_task(model, method, 0, task, config, seed_everything(0), progress=False)
+    expected = [(kind, n) for b, rows in enumerate((16, 16, 8)) for kind, n in (("begin_step", b), ("rows", rows))]
+    assert [c[:2] for c in seen] == expected
+    assert log["train_loss"] == pytest.approx(sum(v * n for v, n in losses) / 40, rel=1e-12)
+
+
+def test_with_sam_the_epoch_loss_is_the_mean_loss_at_the_unperturbed_weights():
+    """SAM checks two losses per step (at w, then at w + e) and returns the first: the epoch's loss sums those."""
+    bench = blob_benchmark(num_tasks=1, n_train=40)
+    model = new_model(bench)
+    method = FineTune(model)
+    returned: list[tuple[float, int]] = []
+    checked: list[float] = []
+    step = method.training_step
+
+    def training_step(t, x, y, optimizer, check_loss, tasks=None):
+        def check(loss):
+            checked.append(loss.item())
+            check_loss(loss)
+
+        loss = step(t, x, y, optimizer, check, tasks)
+        returned.append((loss.item(), x.shape[0]))
+        return loss
+
+    method.training_step = training_step
+    method.begin_task(0)
+    config = small_config(epochs=1, batch_size=16, lr_schedule=False, momentum=0.0, sam_rho=0.5)
+    log = train_task(model, method, 0, bench.tasks[0], config, seed_everything(0), progress=False)
+    assert len(checked) == 2 * len(returned) == 6 and checked[::2] == [v for v, _ in returned]
+    assert checked[1::2] != checked[::2]  # the second evaluation's losses differ: summing them would be wrong
+    assert log["train_loss"] == pytest.approx(sum(v * n for v, n in returned) / 40, rel=1e-12)
 
 
 def test_step_progress_fractions():

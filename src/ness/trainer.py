@@ -419,11 +419,13 @@ class LossMonitor:
         self.total: float | torch.Tensor = 0.0 if self.on_host else torch.zeros((), device=device)
         self.first_bad: torch.Tensor | None = None if self.on_host else torch.full((), -1, device=device)
         self.step, self.rows = 0, 0
+        self._read: tuple[torch.Tensor, float] | None = None  # the last loss `check` read on the host, and its value
 
     def check(self, loss: torch.Tensor) -> None:
         """`check_loss` of a training step: the loss of step `self.step` before its backward pass."""
         if self.on_host:
             value = loss.item()
+            self._read = (loss, value)  # `add` of the same loss reads it from here
             if not math.isfinite(value):
                 self._stop(self.step, value)
         else:  # the first step whose loss is not finite, without leaving the device
@@ -434,7 +436,8 @@ class LossMonitor:
         """Count the step's loss over its `rows` (once per step, after it) and move to the next step."""
         self.rows += rows
         if self.on_host:
-            self.total += loss.item() * rows
+            read, self._read = self._read, None
+            self.total += (read[1] if read is not None and read[0] is loss else loss.item()) * rows
         else:
             self.total = self.total + loss.detach() * rows
             if (self.step + 1) % self.check_every == 0:
@@ -475,10 +478,15 @@ def train_epoch(
     epoch, lr = loop.epochs_done, loop.lr
     monitor = LossMonitor(t, epoch, lr, torch.device(config.device))
     single = not distributed.active()
-    for step, (x, y, tasks, rows) in enumerate(epoch_batches(sets, config, generator)):
-        method.begin_step(t, StepProgress(epoch, step, batches_per_epoch, config.epochs))
+    # hooks the method leaves as the base class's no-ops are not called (nor their arguments made) every step
+    begin_step = method.overrides("begin_step")
+    step_rows = single and method.overrides("on_step_rows")
+    for step, (x, y, tasks, rows) in enumerate(epoch_batches(sets, config, generator, step_rows)):
+        if begin_step:
+            method.begin_step(t, StepProgress(epoch, step, batches_per_epoch, config.epochs))
         if single:  # one process: the whole batch, no per-step context
-            method.on_step_rows(t, rows)
+            if step_rows:
+                method.on_step_rows(t, rows)
             loss = method.training_step(t, x, y, loop.optimizer, monitor.check, tasks)
             monitor.add(loss, x.shape[0])
             continue
@@ -534,11 +542,11 @@ def on_device(tensor: torch.Tensor, device: str) -> bool:
 
 
 def epoch_batches(
-    sets: list[TrainingSet], config: TrainConfig, generator: torch.Generator
+    sets: list[TrainingSet], config: TrainConfig, generator: torch.Generator, rows: bool = True
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, BatchRows | None]]:
     """One epoch of shuffled training batches: (x, y, None, rows) from one task, where `rows` (`BatchRows`) says
-    which rows of its prepared split x is (None when the split is transformed per batch), and (x, y, task ids,
-    None) from several; with drop_last, without the last batch when it is smaller than batch_size."""
+    which rows of its prepared split x is (None when the split is transformed per batch, or `rows` is False), and
+    (x, y, task ids, None) from several; with drop_last, without the last batch when it is smaller than batch_size."""
     batches: Iterator[tuple[torch.Tensor, ...]]
     if len(sets) > 1:
         batches = (
@@ -547,7 +555,7 @@ def epoch_batches(
                 sets, config.batch_size, shuffle=True, generator=generator, device=config.device
             )
         )
-    elif sets[0][2] is identity and on_device(sets[0][1].inputs, config.device):
+    elif rows and sets[0][2] is identity and on_device(sets[0][1].inputs, config.device):
         batches = (
             (x, y, None, rows)
             for x, y, rows in iterate_prepared_batches(sets[0][1], config.batch_size, shuffle=True, generator=generator)
