@@ -697,11 +697,25 @@ class NESS(ContinualMethod):
     def predict(self, x: Tensor, t: int) -> Tensor:
         """Task t's logits: with its own transfer adapter (transfer_rank), and with batchnorm='per_task' an earlier
         task with its own BatchNorm state."""
+        if self._computes_task(t):  # every training step: no transfer terms to switch, no block entered
+            return self._predict_with_batchnorm(x, t)
         with self._transfer_of(t):
-            if self.config.batchnorm != "per_task" or t >= len(self.batchnorm_states) or t == self.active_task:
-                return self.forward(self.model, x, t)
-            with batchnorm_swapped(self.model, self.batchnorm_states[t]):
-                return self.forward(self.model, x, t)
+            return self._predict_with_batchnorm(x, t)
+
+    def _predict_with_batchnorm(self, x: Tensor, t: int) -> Tensor:
+        if self.config.batchnorm != "per_task" or t >= len(self.batchnorm_states) or t == self.active_task:
+            return self.forward(self.model, x, t)
+        with batchnorm_swapped(self.model, self.batchnorm_states[t]):
+            return self.forward(self.model, x, t)
+
+    def _computes_task(self, t: int) -> bool:
+        """Whether the model's transfer terms are task t's as they stand (`_transfer_of(t)` would change nothing): t
+        is the open transfer task, or no transfer term is open and task t kept none of its own."""
+        if t == self._transfer_task:
+            return True
+        if self._transfer_task is not None or (t < len(self.transfers) and self.transfers[t]):
+            return False
+        return all(layer.adapter.A is None for layer in self.active.values())
 
     @contextmanager
     def _transfer_of(self, t: int) -> Iterator[None]:
