@@ -1,9 +1,12 @@
 """The statistics pass's products: Σxxᵀ of 54,000 rows of 784 (one Permuted MNIST task's first-layer inputs) summed
 per batch of 64 (the old way), pooled into chunks in float64 (`CovarianceSum`, what NESS uses) and pooled in float32;
 the time of each and the float32 sum's error against the float64 one (relative Frobenius, and in the spectrum).
+`--end-task` times instead a whole boundary's statistics pass: NESS's `end_task(0)` (the paper rule, Frobenius ε₁
+0.03, no transfer) on the 784-100-100-10 MLP over that task's 54,000 training images in the trainer's statistics
+batches of 64 (every layer's Σxxᵀ, the probe sample, the null bases).
 
-Usage: python benchmarks/statistics_pass.py [--threads 2] [--repeats 3]   (real MNIST from $NESS_DATA_ROOT, else
-random pixels of the same shape)
+Usage: python benchmarks/statistics_pass.py [--threads 2] [--repeats 3] [--end-task]   (real MNIST from
+$NESS_DATA_ROOT, else random pixels of the same shape)
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ import time
 
 import torch
 
-from ness.data import DataError, build_benchmark
+from ness.data import DataError, Split, Task, build_benchmark
+from ness.data.mnist import MNIST_MEAN, MNIST_STD
+from ness.data.tasks import PixelTransform, iterate_batches
+from ness.methods.ness import NESS, NESSConfig
+from ness.models import shared_head_mlp
 from ness.subspace import CovarianceSum, input_covariance, null_basis
 
 
@@ -41,12 +48,40 @@ def pooled(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return total.result()
 
 
+def end_task_seconds(repeats: int) -> list[float]:
+    """Seconds of NESS's end_task(0) over one Permuted MNIST task, each repeat on a fresh method."""
+    try:
+        task = build_benchmark("permuted_mnist", seed=1, num_tasks=1, pc_valid=0.1).tasks[0]
+    except DataError:
+        inputs = torch.randint(0, 256, (54000, 784), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+        transform = PixelTransform(255.0, MNIST_MEAN, MNIST_STD)
+        split = Split(inputs, torch.zeros(54000, dtype=torch.int64))
+        task = Task("random pixels", 10, split, split, split, transform)
+    seconds = []
+    for _ in range(repeats):
+        torch.manual_seed(0)
+        method = NESS(shared_head_mlp(784, (100, 100), 10), NESSConfig(eps1=0.03, transfer_rank=0))
+        method.begin_task(0)
+        started = time.perf_counter()
+        method.end_task(0, iterate_batches(task.train, task.transform, 64))
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--end-task", action="store_true", help="time NESS's whole end_task(0) pass instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.end_task:
+        seconds = end_task_seconds(args.repeats)
+        print(
+            f"NESS end_task(0), 54,000 rows in batches of 64: {statistics.median(seconds):.3f} s (median of "
+            f"{args.repeats}: {', '.join(f'{s:.3f}' for s in seconds)}; {args.threads} threads)"
+        )
+        return
     rows = first_layer_rows()
     ways = {
         "a float64 product per batch of 64": per_batch,

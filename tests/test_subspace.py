@@ -139,13 +139,13 @@ def test_conv_unfold_covariance_matches_explicit_patch_loop(kernel, stride, padd
 def test_gram_in_blocks_is_the_sum_of_outer_products(monkeypatch, d):
     """XᵀX from its blocks (the lower-left one mirrored) against plain Python sums, on widths odd and even, and
     exactly symmetric; at a real width (600) against einsum's sum of outer products."""
-    monkeypatch.setattr(ness.subspace, "GRAM_BLOCKS_FROM", 2)
+    monkeypatch.setattr(ness.subspace, "GRAM_BLOCKS_FROM", 2)  # blocks from 2 rows and 2 columns
     rows = torch.randn(9, d, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
     product = gram(rows)
     torch.testing.assert_close(product, explicit_covariance(rows), rtol=1e-13, atol=1e-13)
     assert torch.equal(product, product.T)
     monkeypatch.undo()
-    wide = torch.randn(300, 600, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    wide = torch.randn(600, 600, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     product = gram(wide)
     torch.testing.assert_close(product, torch.einsum("ni,nj->ij", wide, wide), rtol=1e-12, atol=1e-10)
     assert torch.equal(product, product.T)
