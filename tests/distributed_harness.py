@@ -27,15 +27,16 @@ def kill_at_step(rank: int, step: int) -> None:
         return
     import ness.trainer as trainer
 
-    original, count = trainer.StepProgress, [0]
+    original, count = trainer.epoch_batches, [0]
 
-    def counted(*args, **kwargs):
-        count[0] += 1
-        if count[0] == step:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(*args, **kwargs)
+    def counted(*args, **kwargs):  # each training batch the trainer draws: one step
+        for batch in original(*args, **kwargs):
+            count[0] += 1
+            if count[0] == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield batch
 
-    trainer.StepProgress = counted
+    trainer.epoch_batches = counted
 
 
 def two_heads() -> nn.Module:

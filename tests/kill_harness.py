@@ -25,16 +25,17 @@ def install(point: str) -> None:
     if kind == "step":
         import ness.trainer as trainer
 
-        original = trainer.StepProgress
+        original = trainer.epoch_batches
         count = [0]
 
-        def counted(*args, **kwargs):
-            count[0] += 1
-            if count[0] == at:
-                die()
-            return original(*args, **kwargs)
+        def counted(*args, **kwargs):  # each training batch the trainer draws: one step
+            for batch in original(*args, **kwargs):
+                count[0] += 1
+                if count[0] == at:
+                    die()
+                yield batch
 
-        trainer.StepProgress = counted
+        trainer.epoch_batches = counted
     elif kind == "task_end":
         from ness.checkpoint import Checkpointer
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from ness.data import Benchmark, Split, Task, iterate_mixed_batches
 from ness.data.tasks import identity
-from ness.methods import FineTune, Joint, StepProgress, build_method
+from ness.methods import ContinualMethod, FineTune, Joint, StepProgress, build_method
 from ness.models import MultiHeadNet, logits_by_task, shared_head_mlp
 from ness.trainer import TrainConfig, run_continual, seed_everything, train_task
 from test_trainer import blob_benchmark, new_model, small_config
@@ -157,6 +157,21 @@ def test_hooks_set_on_an_instance_are_called_every_step_and_the_epoch_loss_is_th
     expected = [(kind, n) for b, rows in enumerate((16, 16, 8)) for kind, n in (("begin_step", b), ("rows", rows))]
     assert [c[:2] for c in seen] == expected
     assert log["train_loss"] == pytest.approx(sum(v * n for v, n in losses) / 40, rel=1e-12)
+
+
+def test_a_hook_patched_onto_the_base_class_is_called_every_step(monkeypatch):
+    """`overrides` compares with ContinualMethod's hooks as defined: one patched onto the base class later (say, to
+    log every method's steps) is not skipped."""
+    bench = blob_benchmark(num_tasks=1, n_train=40)
+    model = new_model(bench)
+    steps: list[int] = []
+    monkeypatch.setattr(ContinualMethod, "begin_step", lambda self, t, progress: steps.append(progress.batch))
+    method = FineTune(model)
+    assert method.overrides("begin_step")
+    method.begin_task(0)
+    config = small_config(epochs=1, batch_size=16, lr_schedule=False, momentum=0.0)
+    train_task(model, method, 0, bench.tasks[0], config, seed_everything(0), progress=False)
+    assert steps == [0, 1, 2]
 
 
 def test_with_sam_the_epoch_loss_is_the_mean_loss_at_the_unperturbed_weights():

@@ -81,7 +81,7 @@ PRODUCTS_BYTES_LIMIT = PREPARED_BYTES_LIMIT
 
 
 class StepRows:
-    """The training step's batch as rows of a fixed tensor (`BatchRows`, from the trainer's `StepProgress`), which a
+    """The training step's batch as rows of a fixed tensor (`BatchRows`, from the trainer's `on_step_rows`), which a
     NESS method sets each step and shares with its adapters. Never pickled: it refers to a whole training split."""
 
     def __init__(self) -> None:

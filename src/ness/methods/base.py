@@ -354,9 +354,10 @@ class ContinualMethod:
         return loss
 
     def overrides(self, hook: str) -> bool:
-        """Whether `hook` (a method of ContinualMethod) does anything here: overridden by the class or set on the
-        instance. The trainer skips the base class's empty hooks in its hot loop."""
-        return hook in self.__dict__ or getattr(type(self), hook) is not getattr(ContinualMethod, hook)
+        """Whether `hook` (a method of ContinualMethod) may do anything here: overridden by the class, set on the
+        instance, or replaced on ContinualMethod itself since it was defined. The trainer skips the base class's empty
+        hooks in its hot loop."""
+        return hook in self.__dict__ or getattr(type(self), hook) is not _DEFINED_HOOKS[hook]
 
     @contextmanager
     def step_context(self) -> Iterator[None]:
@@ -433,6 +434,11 @@ class ContinualMethod:
         if self.active_task != t:
             now = "no task is open" if self.active_task is None else f"task {self.active_task} is open"
             raise TaskOrderError(f"{hook}({t}) called but {now}: call begin_task({t}) first")
+
+
+_DEFINED_HOOKS = {name: value for name, value in vars(ContinualMethod).items() if callable(value)}
+"""ContinualMethod's own hooks as defined above: `overrides` compares against these, so a hook patched onto the base
+class later counts as overridden."""
 
 
 def labelled_batches(batches: Iterable[Any], where: str) -> Iterator[tuple[Tensor, Tensor]]:
