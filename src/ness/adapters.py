@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
 
-from ness.data.tasks import PREPARED_BYTES_LIMIT, BatchRows
+from ness.data.tasks import PREPARED_BYTES_LIMIT, BatchRows, take_rows
 from ness.modules import tensor_version
 from ness.subspace import (
     check_supported,
@@ -266,7 +266,7 @@ class NullSpaceAdapter(nn.Module):
         if cached[1] is None:
             return None
         frozen, projected = cached[1]
-        return frozen[rows.index], projected[rows.index]
+        return take_rows(frozen, rows.index), take_rows(projected, rows.index)
 
     @torch.no_grad()
     def _products_of(self, source: Tensor, basis: Tensor) -> tuple[Tensor, Tensor] | None:

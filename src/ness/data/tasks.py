@@ -170,6 +170,14 @@ def prepared_training_split(
     return Split(task.transform(train.inputs.to(device)), train.labels.to(device)), identity
 
 
+def take_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`tensor[index]` along the first dimension; for a 1-D integer index as `index_select`, which skips advanced
+    indexing's general machinery (half the time for a batch of 10 rows of 784 on a CPU: 2.4 against 5.0 µs)."""
+    if index.dim() == 1 and index.dtype in (torch.int64, torch.int32):
+        return tensor.index_select(0, index)
+    return tensor[index]
+
+
 @dataclass(frozen=True, eq=False)
 class BatchRows:
     """A training batch drawn as rows `index` of a fixed tensor `source` (a prepared training split): `batch` is
@@ -183,7 +191,7 @@ class BatchRows:
     versions: tuple[int | None, int | None] = field(init=False)
 
     def __post_init__(self) -> None:
-        batch = self.source[self.index]
+        batch = take_rows(self.source, self.index)
         object.__setattr__(self, "batch", batch)
         object.__setattr__(self, "versions", (tensor_version(self.source), tensor_version(batch)))
 
@@ -219,7 +227,7 @@ def iterate_batches(
     The raw batch moves to `device` before the transform; the last partial batch is kept.
     """
     for idx in batch_indices(len(split), batch_size, shuffle=shuffle, generator=generator, device=split.inputs.device):
-        yield transform(split.inputs[idx].to(device)), split.labels[idx].to(device)
+        yield transform(take_rows(split.inputs, idx).to(device)), take_rows(split.labels, idx).to(device)
 
 
 def iterate_prepared_batches(
@@ -229,7 +237,7 @@ def iterate_prepared_batches(
     batches in the same order, each with its `BatchRows`."""
     for idx in batch_indices(len(split), batch_size, shuffle=shuffle, generator=generator, device=split.inputs.device):
         rows = BatchRows(split.inputs, idx)
-        yield rows.batch, split.labels[idx], rows
+        yield rows.batch, take_rows(split.labels, idx), rows
 
 
 def iterate_mixed_batches(
