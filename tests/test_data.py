@@ -30,6 +30,7 @@ from ness.data import (
     split_mnist,
     validation_split,
 )
+from ness.data.tasks import take_rows
 
 OFFICIAL_MD5 = {
     "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
@@ -473,3 +474,18 @@ def test_only_a_benchmark_read_from_files_needs_a_data_root(monkeypatch):
     for name in set(BENCHMARKS) - WITHOUT_FILES:
         with pytest.raises(DataError, match="no data root given"):
             check_data_root(name, None)
+
+
+def test_take_rows_is_the_rows_at_each_index_in_order():
+    """take_rows against a Python loop over the index (repeats, int32, an empty index, a strided source, uint8
+    images), and against tensor[index] where it falls back to indexing (a boolean mask, a 2-D index)."""
+    g = torch.Generator().manual_seed(0)
+    floats, images = torch.randn(50, 7, generator=g), torch.randint(0, 255, (50, 3, 4, 4), dtype=torch.uint8)
+    for source in (floats, floats[:, ::2], images):
+        for index in ([3, 1, 49, 3], [], [0]):
+            for dtype in (torch.int64, torch.int32):
+                expected = torch.stack([source[i] for i in index]) if index else source[:0]
+                assert torch.equal(take_rows(source, torch.tensor(index, dtype=dtype)), expected)
+        mask, grid = torch.arange(50) % 3 == 0, torch.tensor([[1, 2], [3, 4]])
+        assert torch.equal(take_rows(source, mask), torch.stack([source[i] for i in range(0, 50, 3)]))
+        assert torch.equal(take_rows(source, grid), source[grid])
