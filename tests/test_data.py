@@ -30,7 +30,7 @@ from ness.data import (
     split_mnist,
     validation_split,
 )
-from ness.data.tasks import take_rows
+from ness.data.tasks import BatchRows, take_rows
 
 OFFICIAL_MD5 = {
     "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
@@ -489,3 +489,13 @@ def test_take_rows_is_the_rows_at_each_index_in_order():
         mask, grid = torch.arange(50) % 3 == 0, torch.tensor([[1, 2], [3, 4]])
         assert torch.equal(take_rows(source, mask), torch.stack([source[i] for i in range(0, 50, 3)]))
         assert torch.equal(take_rows(source, grid), source[grid])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_take_rows_and_batch_rows_take_a_cpu_index_of_a_gpu_tensor():
+    """A user's loop draws `torch.randperm` on the CPU for a split on the GPU: rows as tensor[index] gives them."""
+    source = torch.randn(20, 5, device="cuda")
+    index = torch.tensor([4, 0, 19, 4])
+    expected = torch.stack([source[i] for i in index.tolist()])
+    assert torch.equal(take_rows(source, index), expected)
+    assert torch.equal(BatchRows(source, index).batch, expected)

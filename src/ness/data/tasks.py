@@ -171,9 +171,10 @@ def prepared_training_split(
 
 
 def take_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`tensor[index]` along the first dimension; for a 1-D integer index as `index_select`, which skips advanced
-    indexing's general machinery (half the time for a batch of 10 rows of 784 on a CPU: 2.4 against 5.0 µs)."""
-    if index.dim() == 1 and index.dtype in (torch.int64, torch.int32):
+    """`tensor[index]` along the first dimension; for a 1-D integer index on the tensor's device as `index_select`,
+    which skips advanced indexing's general machinery (half the time for a batch of 10 rows of 784 on a CPU: 2.4
+    against 5.0 µs). Indexing also takes an index from another device (a CPU permutation of a GPU split)."""
+    if index.dim() == 1 and index.dtype in (torch.int64, torch.int32) and index.device == tensor.device:
         return tensor.index_select(0, index)
     return tensor[index]
 
