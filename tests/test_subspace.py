@@ -18,6 +18,7 @@ from ness.subspace import (
     energy_rank,
     gram,
     input_covariance,
+    largest_keys,
     layer_input_rows,
     null_basis,
     null_rank,
@@ -475,3 +476,16 @@ def test_covariance_sum_in_float64_keeps_an_exact_null_direction_that_float32_bl
         eigenvalues = torch.linalg.eigvalsh(total.result())
         smallest[dtype] = float(eigenvalues[4].abs() / eigenvalues[-1])  # the largest of the 5 null eigenvalues
     assert smallest[torch.float64] < 1e-12 < 1e-9 < smallest[torch.float32]
+
+
+def test_largest_keys_are_the_entries_of_the_k_largest_keys_in_descending_order():
+    """Against Python's sort of (key, position) pairs, with rows of two tensors kept alongside; k beyond the pool
+    keeps everything, sorted."""
+    keys = torch.rand(40, generator=torch.Generator().manual_seed(3))
+    rows, labels = torch.arange(80.0).reshape(40, 2), torch.arange(40) * 10
+    for k in (1, 7, 40, 100):
+        order = [i for _, i in sorted(((float(v), i) for i, v in enumerate(keys)), reverse=True)[:k]]
+        kept_keys, kept_rows, kept_labels = largest_keys(keys, k, rows, labels)
+        assert kept_keys.tolist() == [float(keys[i]) for i in order]
+        assert torch.equal(kept_rows, torch.stack([rows[i] for i in order]))
+        assert kept_labels.tolist() == [int(labels[i]) for i in order]

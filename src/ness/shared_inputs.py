@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ness.modules import tensor_version
-from ness.subspace import CovarianceSum, sample_positions
+from ness.subspace import CovarianceSum, largest_keys, sample_positions
 
 
 @dataclass
@@ -66,8 +66,7 @@ class _Accumulator:
             return
         pool_keys = torch.cat([self.probe_keys, *(keys for _, keys in self.pending)])
         pool_rows = torch.cat([self.probe, *(rows for rows, _ in self.pending)])
-        top = pool_keys.topk(min(k, pool_keys.numel())).indices
-        self.probe, self.probe_keys = pool_rows[top], pool_keys[top]
+        self.probe_keys, self.probe = largest_keys(pool_keys, k, pool_rows)
         self.pending, self.pending_rows = [], 0
 
 
@@ -120,12 +119,12 @@ class SharedInputs:
             # rows that view x (a Linear layer's) wait to be summed: a copy, since the model may change x in place
             # once the layer has read it (ReLU(inplace=True), +=), and the sum needs what the layer read
             rows = rows.clone()
-        top = keys.topk(min(self.k, keys.numel())).indices
-        sample = rows[top.to(rows.device)].detach().float().cpu()
+        sample_keys, sample = largest_keys(keys, self.k, rows)
+        sample = sample.detach().float().cpu()
         weight = 1.0
         if self.positions is not None and per_sample is not None:  # the probes above come from every row
             rows, weight = sample_positions(rows, keys, per_sample, self.positions)
-        self._run = _Run(x, tensor_version(x), signature, [name], rows, weight, sample, keys[top])
+        self._run = _Run(x, tensor_version(x), signature, [name], rows, weight, sample, sample_keys)
 
     def end_batch(self) -> None:
         """Close the run under way (a batch's forward pass has ended, or a layer read another input): its rows go

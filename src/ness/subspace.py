@@ -146,6 +146,14 @@ def layer_input_rows(module: nn.Module, x: Tensor, geometry: tuple[int, int] | N
     raise UnsupportedLayerError(f"no layer-input rows for {type(module).__name__}")
 
 
+def largest_keys(keys: Tensor, k: int, *rows: Tensor) -> tuple[Tensor, ...]:
+    """(keys, *rows) cut to the entries with the k largest keys, largest first: with one i.i.d. uniform key per
+    entry, a uniform sample without replacement whose every prefix is one too. The top k of a union of pools is the
+    top k of their own top k, so a stream can be sampled pool by pool."""
+    top = keys.topk(min(k, keys.numel())).indices
+    return (keys[top], *(r[top.to(r.device)] for r in rows))
+
+
 def sample_positions(rows: Tensor, keys: Tensor, per_sample: int, kept: int) -> tuple[Tensor, float]:
     """`kept` of each sample's `per_sample` rows (a convolution's output positions), uniformly at random, and the
     weight P/m that makes their Σxxᵀ an unbiased estimate of all the rows' (each row is kept with probability m/P,

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ness.methods.base import ContinualMethod, Forward, buffers_kept, labelled_batches, register
 from ness.models import call_model
+from ness.subspace import largest_keys
 from ness.validation import Rule, Validated, count, integer
 
 
@@ -117,14 +118,12 @@ class AGEM(ContinualMethod):
         # so only those examples leave the device.
         for x, y in labelled_batches(batches, f"end_task({t})"):
             batch_keys = torch.rand(y.shape[0], generator=self._selection, dtype=torch.float64)
-            top = batch_keys.topk(min(k, batch_keys.numel())).indices
-            x_top = x[top.to(x.device)].detach().to("cpu", torch.float32)
-            y_top = y[top.to(y.device)].detach().to("cpu", torch.int64)
-            keys = torch.cat([keys, batch_keys[top]])
+            batch_keys, x_top, y_top = largest_keys(batch_keys, k, x, y)
+            keys = torch.cat([keys, batch_keys])
+            x_top = x_top.detach().to("cpu", torch.float32)
             inputs = x_top if inputs is None else torch.cat([inputs, x_top])
-            labels = torch.cat([labels, y_top])
-            keep = keys.topk(min(k, keys.numel())).indices
-            keys, inputs, labels = keys[keep], inputs[keep], labels[keep]
+            labels = torch.cat([labels, y_top.detach().to("cpu", torch.int64)])
+            keys, inputs, labels = largest_keys(keys, k, inputs, labels)
         assert inputs is not None  # labelled_batches raises on an empty task
         tasks = torch.full_like(labels, t)
         self.memory_inputs = inputs if self.memory_inputs is None else torch.cat([self.memory_inputs, inputs])

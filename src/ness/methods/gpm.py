@@ -34,6 +34,7 @@ from ness.subspace import (
     gradient_projection,
     grow_basis,
     input_covariance,
+    largest_keys,
     layer_input_rows,
     linear_with_projected_weight_gradient,
 )
@@ -106,9 +107,7 @@ def draw_samples(inputs: Iterable[Tensor], k: int, generator: torch.Generator) -
     for x in inputs:
         keys = torch.rand(x.shape[0], generator=generator)
         candidates = x if pool is None else torch.cat([pool, x])
-        candidate_keys = torch.cat([pool_keys, keys])
-        top = candidate_keys.topk(min(k, candidate_keys.numel())).indices  # sorted, largest key first
-        pool, pool_keys = candidates[top.to(candidates.device)], candidate_keys[top]
+        pool_keys, pool = largest_keys(torch.cat([pool_keys, keys]), k, candidates)
     if pool is None:
         raise ValueError("draw_samples: the input stream was empty")
     return pool

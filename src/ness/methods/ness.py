@@ -59,6 +59,7 @@ from ness.subspace import (
     eigh_device,
     input_dim,
     is_linear,
+    largest_keys,
     layer_input_rows,
     old_output_energy,
     output_change,
@@ -1002,8 +1003,7 @@ class NESS(ContinualMethod):
             for s in distinct(stats[name] for name in self.layer_names if name in stats):
                 s.covariance = distributed.all_reduce_sum(s.covariance)
                 pool_keys, pool_rows = distributed.all_gather_rows(s.probe_keys), distributed.all_gather_rows(s.probe)
-                top = pool_keys.topk(min(k, pool_keys.numel())).indices
-                s.probe, s.probe_keys = pool_rows[top], pool_keys[top]
+                s.probe_keys, s.probe = largest_keys(pool_keys, k, pool_rows)
         return stats
 
     @torch.no_grad()
