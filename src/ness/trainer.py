@@ -542,10 +542,10 @@ def on_device(tensor: torch.Tensor, device: str) -> bool:
 
 
 def epoch_batches(
-    sets: list[TrainingSet], config: TrainConfig, generator: torch.Generator, rows: bool = True
+    sets: list[TrainingSet], config: TrainConfig, generator: torch.Generator, with_rows: bool = True
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, BatchRows | None]]:
     """One epoch of shuffled training batches: (x, y, None, rows) from one task, where `rows` (`BatchRows`) says
-    which rows of its prepared split x is (None when the split is transformed per batch, or `rows` is False), and
+    which rows of its prepared split x is (None when the split is transformed per batch, or without `with_rows`), and
     (x, y, task ids, None) from several; with drop_last, without the last batch when it is smaller than batch_size."""
     batches: Iterator[tuple[torch.Tensor, ...]]
     if len(sets) > 1:
@@ -555,7 +555,7 @@ def epoch_batches(
                 sets, config.batch_size, shuffle=True, generator=generator, device=config.device
             )
         )
-    elif rows and sets[0][2] is identity and on_device(sets[0][1].inputs, config.device):
+    elif with_rows and sets[0][2] is identity and on_device(sets[0][1].inputs, config.device):
         batches = (
             (x, y, None, rows)
             for x, y, rows in iterate_prepared_batches(sets[0][1], config.batch_size, shuffle=True, generator=generator)
