@@ -11,9 +11,14 @@ Permuted MNIST's protocol (GPM): MLP 784-100-100-10 with one shared output, SGD 
   * own loop, ness: the bare loop on the model with NESS's task-1 adapters (`after_step` after each step);
   * own loop, adapters at fixed ranks (`RANK_SETS`: the issue's, and those a full default run produces), whose
     step costs N·d·r more multiply-adds per layer than the bare loop's: the floor of the low-rank path;
-and each one's ratio to the bare loop. `--whole` also prints two floors of the issue's whole paper-preset run
-(`whole_run_floors`): every step at the bare loop's cost, and tasks 1-9 at the functional floor of that run's ranks;
-both plus the statistics' matrix products (Σxxᵀ per layer over each finished task).
+  * functional floors of the trainer's paths, the least code their arithmetic needs (no modules, hooks or trainer):
+    NESS's with the first layer's products made once (timed) at the paper setting's task-1 ranks, over one epoch
+    and five (`products_floor_step`); GPM's plain and projected steps, the first layer's rows from the split
+    projected once (`gpm_floor_steps`);
+and each one's ratio to the bare loop (GPM's projected rows are to be read against GPM's own plain step). `--whole`
+also prints two floors of the issue's whole paper-preset run (`whole_run_floors`): every step at the bare loop's
+cost, and tasks 1-9 at the functional floor of that run's ranks; both plus the statistics' matrix products (Σxxᵀ per
+layer over each finished task).
 
 `--compile` times instead `train_task` eager against `TrainConfig.compile` (on `--backend`, on `--device`), for
 fine-tuning in task 0 and NESS's defaults in task 1: two epochs each, the per-step time from the second epoch (the
@@ -51,7 +56,12 @@ from ness.methods import FineTune
 from ness.methods.gpm import GPM, GPMConfig
 from ness.methods.ness import NESS, NESSConfig
 from ness.models import shared_head_mlp
-from ness.subspace import CovarianceSum, GradientProjection, projection_matrix
+from ness.subspace import (
+    CovarianceSum,
+    GradientProjection,
+    gradient_projection,
+    projection_matrix,
+)
 from ness.trainer import TrainConfig, train_task
 
 CONFIG = TrainConfig(epochs=1, lr=0.01, batch_size=10, test_batch_size=64, lr_schedule=False)
@@ -173,6 +183,11 @@ def gpm_steps(bench: Benchmark) -> dict[str, float]:
     method.end_task(0, batches)
     sizes = "/".join(str(basis.shape[1]) for basis in method.bases.values())
     after_task0 = copy.deepcopy(method.state_dict())
+    method.begin_task(1)
+    plain, projected = gpm_floor_steps(method, task1)
+    times["functional floor, gpm plain step (weights after task 0)"] = plain
+    times[f"functional floor, gpm task 1 (bases {sizes}), projected step"] = projected
+    method.load_state_dict(copy.deepcopy(after_task0))
     for form in ("chosen", "after backward", "dense"):
         method.load_state_dict(copy.deepcopy(after_task0))
         method.begin_task(1)
@@ -210,6 +225,81 @@ def functional_step(ranks: tuple[tuple[int, int], ...], task: Task) -> float:
     return (time.perf_counter() - started) / len(batches)
 
 
+def products_floor_step(method: NESS, task: Task, epochs: int) -> float:
+    """Seconds per step of the least code NESS's trainer path needs at `method`'s ranks and bases (task 1 open): the
+    first layer's products [x·Wᵀ, x·U] over the task's split made once (timed), then per step one row read and one
+    addmm in the first layer and F.linear + addmm(·, x·U, V) in the others, no modules, `epochs` epochs. Against the
+    bare loop it is the floor of `train_task` for NESS: the products' cost over one epoch is that of x·U per step."""
+    adapters = [module for module in method.model if isinstance(module, NullSpaceAdapter)]
+    weights = [adapter.base.weight.detach() for adapter in adapters]
+    bases = [adapter.U for adapter in adapters]
+    factors = [torch.zeros_like(adapter.V).requires_grad_() for adapter in adapters]
+    x, y = task.transform(task.train.inputs), task.train.labels
+    optimizer = torch.optim.SGD(factors, lr=CONFIG.lr)
+    started = time.perf_counter()
+    products = x @ torch.cat([weights[0].T, bases[0]], dim=1)
+    outputs = weights[0].shape[0]
+    steps = 0
+    for epoch in range(epochs):
+        for idx in torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch)).split(CONFIG.batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            rows = products.index_select(0, idx)
+            h = torch.relu(torch.addmm(rows[:, :outputs], rows[:, outputs:], factors[0]))
+            for i in (1, 2):
+                h = torch.addmm(F.linear(h, weights[i]), h @ bases[i], factors[i])
+                h = torch.relu(h) if i < 2 else h
+            F.cross_entropy(h, y.index_select(0, idx)).backward()
+            optimizer.step()
+            steps += 1
+    return (time.perf_counter() - started) / steps
+
+
+class ProjectedRowsLinear(torch.autograd.Function):
+    """F.linear(x, W) whose backward gives W the gradient δᵀ·x̃ for given projected rows x̃ (and x none): the least
+    a layer projecting its weight gradient from its inputs needs."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, projected_rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(projected_rows)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        (projected_rows,) = ctx.saved_tensors
+        return None, grad_out.T @ projected_rows, None
+
+
+def gpm_floor_steps(method: GPM, task: Task) -> tuple[float, float]:
+    """Seconds per step of the least code GPM's plain step and its projected step need, over one epoch of `task`
+    with `method`'s bases (task 1 open): plain, F.linear per layer; projected, the first layer through
+    `ProjectedRowsLinear` with its rows from the split projected once (timed), the others' weight gradients projected
+    after the backward pass in the factored form, G − (G·M)·Mᵀ. No modules, hooks or trainer."""
+    weights = [method.model[i].weight for i in (0, 2, 4)]
+    projections = [gradient_projection(method.bases[name], like=weights[0]) for name in ("0", "2", "4")]
+    x, y = task.transform(task.train.inputs), task.train.labels
+    times = []
+    for projected in (False, True):
+        optimizer = torch.optim.SGD(weights, lr=CONFIG.lr)
+        started = time.perf_counter()
+        split = projections[0].project_rows(x) if projected else None
+        batches = torch.randperm(len(y), generator=torch.Generator().manual_seed(1)).split(CONFIG.batch_size)
+        for idx in batches:
+            optimizer.zero_grad(set_to_none=True)
+            rows = x.index_select(0, idx)
+            if projected:
+                h = ProjectedRowsLinear.apply(rows, weights[0], split.index_select(0, idx))
+            else:
+                h = F.linear(rows, weights[0])
+            h = F.linear(torch.relu(F.linear(torch.relu(h), weights[1])), weights[2])
+            F.cross_entropy(h, y.index_select(0, idx)).backward()
+            if projected:
+                for weight, projection in zip(weights[1:], projections[1:], strict=True):
+                    projection.project_(weight.grad)
+            optimizer.step()
+        times.append((time.perf_counter() - started) / len(batches))
+    return times[0], times[1]
+
+
 def measure(bench: Benchmark, repeats: int) -> dict[str, float]:
     task0, task1 = bench.tasks
     times: dict[str, list[float]] = {}
@@ -230,6 +320,9 @@ def measure(bench: Benchmark, repeats: int) -> dict[str, float]:
             times.setdefault(f"trainer, {name}, task 1", []).append(trainer_step(method, 1, task1))
         method = ness_at_task1(bench, NESS_SETTINGS[PROTOCOL_EPOCHS_ROW])
         method.begin_task(1)
+        for epochs in (1, 5):
+            key = f"functional floor with the first layer's products, {PROTOCOL_EPOCHS_ROW}, task 1, {epochs} epoch(s)"
+            times.setdefault(key, []).append(products_floor_step(method, task1, epochs))
         key = f"trainer, {PROTOCOL_EPOCHS_ROW}, task 1, the protocol's 5 epochs"
         times.setdefault(key, []).append(trainer_step(method, 1, task1, epochs=5))
         for name, seconds in gpm_steps(bench).items():

@@ -926,14 +926,21 @@ def test_the_trainer_step_with_input_side_projection_equals_the_projected_step(m
         torch.testing.assert_close(stepped[n].double(), start[n].double() - 0.1 * grad, atol=1e-6, rtol=1e-5)
 
 
-def test_a_step_that_raises_gives_the_layers_their_own_forward_back(monkeypatch):
+def gpm_at_task1_with_a_batch(monkeypatch, seed: int):
+    """(model, GPM with task 1 open and every layer taking the input-side form, x, y, SGD lr 0.1)."""
     import ness.methods.gpm as gpm_module
 
     monkeypatch.setattr(gpm_module, "MIN_SAVED_MULTIPLY_ADDS", 0)
-    g = torch.Generator().manual_seed(14)
+    g = torch.Generator().manual_seed(seed)
     model, method = task1_on_a_five_dimensional_task0(lambda m: GPM(m, GPMConfig(samples=200)), g)
     x, y = torch.randn(3, 20, generator=g), torch.randint(0, 4, (3,), generator=g)
-    optimizer = torch.optim.SGD(method.trainable_parameters(1), lr=0.1)
+    return model, method, x, y, torch.optim.SGD(method.trainable_parameters(1), lr=0.1)
+
+
+def test_a_step_that_raises_gives_the_layers_their_own_forward_back(monkeypatch):
+    import ness.methods.gpm as gpm_module
+
+    model, method, x, y, optimizer = gpm_at_task1_with_a_batch(monkeypatch, 14)
 
     def bad_loss(loss):
         assert isinstance(model[0].forward, gpm_module.InputSideProjection)  # installed during the step
@@ -993,3 +1000,181 @@ def test_a_weight_also_used_outside_its_layer_call_gets_the_whole_gradient_proje
         lam = method.importances[layer] if sgp else None
         grad = explicitly_projected(p.grad, method.bases[layer], lam)
         torch.testing.assert_close(stepped[n].double(), start[n].double() - 0.1 * grad, atol=1e-6, rtol=1e-5)
+
+
+# the input side's projected rows, made once for the trainer's prepared split (issue 15)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def explicit_sgd_step(model, method, params, start, x, y, sgp) -> dict[str, torch.Tensor]:
+    """The weights after one SGD step (lr 0.1) on the plain gradient projected direction by direction."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(start[n])
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    trained, expected = {id(p) for p in params}, {}
+    for n, p in model.named_parameters():
+        if id(p) not in trained:
+            continue
+        layer, grad = n.rsplit(".", 1)[0], p.grad.double()
+        if layer in method.layer_names and n.endswith("weight"):
+            grad = explicitly_projected(grad, method.bases[layer], method.importances[layer] if sgp else None)
+        expected[n] = start[n].double() - 0.1 * grad
+    return expected
+
+
+@pytest.mark.parametrize("sgp", [False, True])
+def test_the_step_batch_takes_its_projected_rows_from_the_split_projected_once(monkeypatch, sgp):
+    """Batches drawn as rows of one split and announced with `on_step_rows` (as the trainer does): each step gives
+    the weights of an SGD step on the gradient projected direction by direction, the first layer's projected rows
+    come from the split projected once for all three steps, and the step really used them."""
+    import ness.methods.gpm as gpm_module
+    from ness.data.tasks import BatchRows
+
+    monkeypatch.setattr(gpm_module, "MIN_SAVED_MULTIPLY_ADDS", 0)
+    made, given = [], []
+    original_split = gpm_module.InputSideProjection._projected_split
+    monkeypatch.setattr(
+        gpm_module.InputSideProjection,
+        "_projected_split",
+        lambda self, source: made.append(source.shape[0]) or original_split(self, source),
+    )
+    original_linear = gpm_module.linear_with_projected_weight_gradient
+    monkeypatch.setattr(
+        gpm_module,
+        "linear_with_projected_weight_gradient",
+        lambda *args: given.append(args[-1] is not None) or original_linear(*args),
+    )
+    g = torch.Generator().manual_seed(16)
+    build = (lambda m: SGP(m, SGPConfig(samples=200))) if sgp else (lambda m: GPM(m, GPMConfig(samples=200)))
+    model, method = task1_on_a_five_dimensional_task0(build, g)
+    params = method.trainable_parameters(1)
+    split = torch.randn(30, 20, generator=g)
+    for index in ([3, 7, 0, 29], [1, 2, 3, 4], [29, 28, 27, 26]):
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        rows = BatchRows(split, torch.tensor(index))
+        method.on_step_rows(1, rows)
+        y = torch.randint(0, 4, (4,), generator=g)
+        method.training_step(1, rows.batch, y, torch.optim.SGD(params, lr=0.1), lambda loss: None)
+        stepped = {n: p.detach().clone() for n, p in model.named_parameters()}
+        expected = explicit_sgd_step(model, method, params, start, rows.batch, y, sgp)
+        for n, want in expected.items():
+            torch.testing.assert_close(stepped[n].double(), want, atol=1e-6, rtol=1e-5, msg=n)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(stepped[n])
+    assert made == [30]  # once, for the whole split, and read by every later step
+    assert given[0::2] == [True] * 3  # the first layer of each step took rows of the projected split
+    assert given[1::2] == [False] * 3  # the second layer's input is no split's batch: it projects its own rows
+
+
+@pytest.mark.parametrize(
+    "what", ["a copy of the batch", "the batch changed in place", "the split changed in place", "no step rows"]
+)
+def test_anything_but_the_very_batch_drawn_projects_its_own_rows(what):
+    from ness.data.tasks import BatchRows, StepRows
+    from ness.methods.gpm import InputSideProjection
+    from ness.subspace import gradient_projection
+
+    g = torch.Generator().manual_seed(17)
+    layer, basis = nn.Linear(20, 8), torch.linalg.qr(torch.randn(20, 5, generator=g))[0]
+    holder = StepRows()
+    calls = InputSideProjection(layer, gradient_projection(basis, like=layer.weight), holder)
+    split = torch.randn(30, 20, generator=g)
+    holder.rows = BatchRows(split, torch.tensor([4, 9, 2]))
+    x = holder.rows.batch
+    drawn = calls.projected_batch(x)
+    torch.testing.assert_close(drawn, x - x @ basis @ basis.T)
+    if what == "a copy of the batch":
+        x = x.clone()
+    elif what == "the batch changed in place":
+        x.add_(1.0)
+    elif what == "the split changed in place":
+        split.mul_(2.0)
+    else:
+        holder.rows = None
+    assert calls.projected_batch(x) is None
+
+
+def test_the_projected_split_is_made_again_when_m_changes_and_never_pickled():
+    import pickle
+
+    from ness.data.tasks import BatchRows, StepRows
+    from ness.methods.gpm import InputSideProjection
+    from ness.subspace import gradient_projection
+
+    g = torch.Generator().manual_seed(18)
+    layer, basis = nn.Linear(20, 8), torch.linalg.qr(torch.randn(20, 5, generator=g))[0]
+    holder = StepRows()
+    calls = InputSideProjection(layer, gradient_projection(basis, like=layer.weight), holder)
+    split = torch.randn(30, 20, generator=g)
+    holder.rows = BatchRows(split, torch.tensor([1, 5]))
+    calls.projected_batch(holder.rows.batch)
+    with torch.no_grad():
+        calls.projection.basis.copy_(torch.linalg.qr(torch.randn(20, 5, generator=g))[0])  # M changed in place
+    x, m = holder.rows.batch, calls.projection.basis
+    torch.testing.assert_close(calls.projected_batch(x), x - x @ m @ m.T)
+    copy = pickle.loads(pickle.dumps(calls))
+    assert copy.split_products._made is None and copy.step_rows.rows is None
+
+
+def test_a_gpm_pickled_before_the_step_rows_existed_still_trains(monkeypatch):
+    """A checkpoint of an earlier version: a GPM without step rows, whose layers' step forwards lack them."""
+    import pickle
+
+    _, method, x, y, optimizer = gpm_at_task1_with_a_batch(monkeypatch, 19)
+    method.training_step(1, x, y, optimizer, lambda loss: None)  # builds the layers' step forwards
+    del method.__dict__["_step_rows"]
+    for calls in method._input_side.values():
+        del calls.__dict__["step_rows"], calls.__dict__["split_products"]
+    old = pickle.loads(pickle.dumps(method))
+    params = old.trainable_parameters(1)
+    start = {n: p.detach().clone() for n, p in old.model.named_parameters()}
+    old.training_step(1, x, y, torch.optim.SGD(params, lr=0.1), lambda loss: None)
+    stepped = {n: p.detach().clone() for n, p in old.model.named_parameters()}
+    for n, want in explicit_sgd_step(old.model, old, params, start, x, y, False).items():
+        torch.testing.assert_close(stepped[n].double(), want, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_the_trainer_s_epoch_with_the_projected_split_gives_the_weights_of_the_ordinary_path(monkeypatch):
+    """`train_task` announces each batch's rows: task 1's epochs give the weights they give when every step projects
+    its own rows, and the split is projected once for the task (its 60 prepared rows, the first layer's)."""
+    import ness.methods.gpm as gpm_module
+    from ness.data.tasks import identity
+    from ness.trainer import train_task
+
+    def task(seed: int) -> Task:
+        g = torch.Generator().manual_seed(seed)
+        inputs = torch.randn(70, 784, generator=g)
+        labels = torch.randint(0, 10, (70,), generator=g)
+        held_out = Split(inputs[60:], labels[60:])
+        return Task(f"t{seed}", 10, Split(inputs[:60], labels[:60]), held_out, held_out, identity)
+
+    def trained(with_split: bool) -> tuple[dict[str, torch.Tensor], list[int]]:
+        made = []
+        original = gpm_module.InputSideProjection._projected_split
+        if with_split:
+            monkeypatch.setattr(
+                gpm_module.InputSideProjection,
+                "_projected_split",
+                lambda self, source: made.append(source.shape[0]) or original(self, source),
+            )
+        else:
+            monkeypatch.setattr(gpm_module.InputSideProjection, "projected_batch", lambda self, x: None)
+        torch.manual_seed(0)
+        model = shared_head_mlp(784, (100,), 10)
+        method = GPM(model, GPMConfig(samples=60, threshold=0.9))
+        config = TrainConfig(epochs=2, lr=0.05, batch_size=10, lr_schedule=False)
+        for t in (0, 1):
+            method.begin_task(t)
+            train_task(model, method, t, task(t), config, torch.Generator().manual_seed(t), progress=False)
+            method.end_task(t, [(task(t).train.inputs,)])
+        monkeypatch.undo()
+        assert "0" in method._input_side  # the first layer took the input-side form (784 → 100 at batch 10)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, made
+
+    (with_split, made), (without, not_made) = trained(True), trained(False)
+    assert made == [60] and not_made == []
+    for name, value in without.items():
+        torch.testing.assert_close(with_split[name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -17,19 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ness.adapters import NullSpaceAdapter, StepRows
-from ness.data.tasks import BatchRows, Split, Task, identity
+from ness.adapters import NullSpaceAdapter
+from ness.data.tasks import BatchRows, Split, StepRows, Task, identity
 from ness.methods import NESS, NESSConfig
 from ness.models import shared_head_mlp
 from ness.trainer import TrainConfig, train_task
 
 
-def adapter_and_rows(bias: bool = True) -> tuple[NullSpaceAdapter, torch.Tensor, StepRows]:
+def adapter_and_rows(bias: bool = True, adapt_bias: bool = False) -> tuple[NullSpaceAdapter, torch.Tensor, StepRows]:
     g = torch.Generator().manual_seed(0)
     layer = nn.Linear(6, 4, bias=bias)
     layer.requires_grad_(False)
-    q = torch.linalg.qr(torch.randn(6, 6, generator=g))[0]
-    adapter = NullSpaceAdapter(layer, q[:, :2].contiguous())
+    q = torch.linalg.qr(torch.randn(7 if adapt_bias else 6, 7, generator=g))[0]  # with the bias row: (d+1) rows
+    adapter = NullSpaceAdapter(layer, q[:, :2].contiguous(), adapt_bias=adapt_bias)
     adapter.add_transfer(q[:, 2:3].contiguous())
     with torch.no_grad():
         adapter.V.normal_(generator=g)
@@ -45,8 +45,12 @@ def draw(holder: StepRows, source: torch.Tensor, index: list[int]) -> torch.Tens
 
 
 def explicit(adapter: NullSpaceAdapter, x: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, W, b) + x̃·U·V + x̃·Ū·A, with x̃ = [x, 1] when the adapter has the bias row."""
     layer = adapter.base
-    return F.linear(x, layer.weight, layer.bias) + x @ adapter.U @ adapter.V + x @ adapter.transfer_basis @ adapter.A
+    rows = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1) if adapter.adapt_bias else x
+    return (
+        F.linear(x, layer.weight, layer.bias) + rows @ adapter.U @ adapter.V + rows @ adapter.transfer_basis @ adapter.A
+    )
 
 
 def grads(adapter: NullSpaceAdapter, out: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
@@ -67,9 +71,9 @@ def counted(monkeypatch) -> list[int]:
     return made
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_the_step_batch_output_and_gradients_equal_the_explicit_layer(monkeypatch, bias):
-    adapter, source, holder = adapter_and_rows(bias)
+@pytest.mark.parametrize(("bias", "adapt_bias"), [(True, False), (False, False), (True, True)])
+def test_the_step_batch_output_and_gradients_equal_the_explicit_layer(monkeypatch, bias, adapt_bias):
+    adapter, source, holder = adapter_and_rows(bias, adapt_bias)
     made = counted(monkeypatch)
     target = torch.randn(5, 4)
     for index in ([3, 7, 0, 29, 12], [1, 2, 3, 4, 5], [29, 28, 27, 26, 25]):
@@ -171,9 +175,9 @@ def test_the_trainer_s_epochs_give_the_v_s_of_the_ordinary_path(monkeypatch):
 def test_a_pickled_method_carries_neither_the_split_nor_the_products():
     adapter, source, holder = adapter_and_rows()
     adapter(draw(holder, source, [1, 2]))
-    assert adapter._row_products is not None
+    assert adapter._split_products._made is not None
     copy = pickle.loads(pickle.dumps(adapter))
-    assert copy._row_products is None and copy.step_rows.rows is None
+    assert copy._split_products._made is None and copy.step_rows.rows is None
     x = draw(copy.step_rows, source, [1, 2])
     torch.testing.assert_close(copy(x), explicit(copy, x), rtol=1e-5, atol=1e-5)
 

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
 
-from ness.data.tasks import PREPARED_BYTES_LIMIT, BatchRows, take_rows
-from ness.modules import tensor_version
+from ness.data.tasks import PREPARED_BYTES_LIMIT, SplitProducts, StepRows
 from ness.subspace import (
     check_supported,
     conv_padding,
@@ -80,17 +79,6 @@ PRODUCTS_BYTES_LIMIT = PREPARED_BYTES_LIMIT
 """The most bytes an adapter keeps of its frozen products over a training split (as the trainer's prepared split)."""
 
 
-class StepRows:
-    """The training step's batch as rows of a fixed tensor (`BatchRows`, from the trainer's `on_step_rows`), which a
-    NESS method sets each step and shares with its adapters. Never pickled: it refers to a whole training split."""
-
-    def __init__(self) -> None:
-        self.rows: BatchRows | None = None
-
-    def __getstate__(self) -> dict:
-        return {"rows": None}
-
-
 def base_layer(module: nn.Module) -> nn.Module:
     """The layer that defines the operation: the module itself, or the base layer a NullSpaceAdapter wraps."""
     return module.base if isinstance(module, NullSpaceAdapter) else module
@@ -122,15 +110,16 @@ class NullSpaceAdapter(nn.Module):
         self.transfer_enabled = True
         self._stacked: tuple[Tensor, Tensor, tuple[int, int], Tensor] | None = None  # (U, Ū, their versions, [U Ū])
         self.step_rows: StepRows | None = None  # the trainer's step batch, as NESS shares it (`_batch_products`)
-        self._row_products: tuple[tuple, tuple[Tensor, Tensor] | None] | None = None  # (what it was made of, products)
+        self._split_products = SplitProducts()  # [split·Wᵀ + b, split·basis] of that batch's split
 
     def __getstate__(self) -> dict:
-        # caches, rebuilt when next needed (the row products are as large as a training split)
-        return {**super().__getstate__(), "_stacked": None, "_row_products": None}
+        # a cache, rebuilt when next needed (the split's products drop themselves: `SplitProducts`)
+        return {**super().__getstate__(), "_stacked": None}
 
     def __setstate__(self, state: dict) -> None:
-        # checkpoints written before the caches existed
-        super().__setstate__({"_stacked": None, "_row_products": None, "step_rows": None, **state})
+        # checkpoints written before the caches existed, or with the products' earlier cache
+        state.pop("_row_products", None)
+        super().__setstate__({"_stacked": None, "_split_products": SplitProducts(), "step_rows": None, **state})
 
     @property
     def weight(self) -> Tensor:
@@ -236,48 +225,41 @@ class NullSpaceAdapter(nn.Module):
             cached = self._stacked = (u, u_bar, (u._version, u_bar._version), torch.cat([u, u_bar], dim=1))
         return [(cached[3], torch.cat([v, a]))]
 
-    def _batch_products(self, x: Tensor, basis: Tensor) -> tuple[Tensor, Tensor] | None:
-        """x·Wᵀ + b and x·B for x the training step's batch (`step_rows`), as rows of those products computed once
-        for the whole fixed tensor x is drawn from: exact, since W, b and the basis B do not train within a task and
-        each row's products depend on that row alone; at batch 10 against a 784-wide input this spares the step
-        N·d·(o + r) multiply-adds and the read of B (1.3 MB at r = 416). Only for a plain nn.Linear base (no hook to
-        run) that does not train, a batch that is the very tensor the trainer drew (unchanged in place), eager and
-        without autocast, and products within `PRODUCTS_BYTES_LIMIT`; else None, and the layer computes them."""
-        holder, base = self.step_rows, self.base
-        rows = None if holder is None else holder.rows
-        if rows is None or torch.compiler.is_compiling():  # traced: no identity or version checks in the graph
+    def _batch_products(self, x: Tensor, basis: Tensor) -> Tensor | None:
+        """[x·Wᵀ + b, x·B] (the frozen output's o columns, then B's r) for x the training step's batch (`step_rows`),
+        as rows of those products computed once for the whole fixed tensor x is drawn from: exact, since W, b and
+        the basis B do not train within a task and each row's products depend on that row alone; at batch 10
+        against a 784-wide input this spares the step N·d·(o + r) multiply-adds and the read of B (1.3 MB at
+        r = 416). Only for a plain nn.Linear base (no hook to run) that does not train, a batch that is the very
+        tensor the trainer drew (unchanged in place), eager and without autocast, and products within
+        `PRODUCTS_BYTES_LIMIT`; else None, and the layer computes them."""
+        rows = self.step_rows.rows  # type: ignore[union-attr]
+        if rows is None or torch.compiler.is_compiling() or not rows.drew(x):  # traced: no identity checks
             return None
-        if x is not rows.batch or not rows.unchanged() or x.requires_grad or x.dim() != 2:
+        base = self._modules["base"]
+        if x.requires_grad or x.dim() != 2 or not self._plain_linear_call(base):
             return None
-        weight, bias = base.weight, base.bias
-        if (
-            not self._plain_linear_call(base)
-            or weight.requires_grad
-            or (bias is not None and bias.requires_grad)
-            or torch.is_autocast_enabled(x.device.type)
-        ):
+        weight, bias = base._parameters["weight"], base._parameters["bias"]
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
             return None
-        source = rows.source
-        versions = (tensor_version(source), basis._version, weight._version, getattr(bias, "_version", None))
-        made_of = (source, basis, *versions)
-        cached = self._row_products
-        if cached is None or not _same_inputs(cached[0], made_of):
-            cached = self._row_products = (made_of, self._products_of(source, basis))
-        if cached[1] is None:
+        if torch.is_autocast_enabled(x.device.type):
             return None
-        frozen, projected = cached[1]
-        return take_rows(frozen, rows.index), take_rows(projected, rows.index)
+        frozen = (basis, weight) if bias is None else (basis, weight, bias)
+        return self._split_products.read(rows, frozen, lambda source: self._products_of(source, basis))
 
-    @torch.no_grad()
-    def _products_of(self, source: Tensor, basis: Tensor) -> tuple[Tensor, Tensor] | None:
-        """(source·Wᵀ + b, source·B) for every row of `source` (N, d), or None beyond `PRODUCTS_BYTES_LIMIT`."""
+    def _products_of(self, source: Tensor, basis: Tensor) -> Tensor | None:
+        """[source·Wᵀ + b, source·B] for every row of `source` (N, d), one product with [Wᵀ B] (N, o + r); None
+        beyond `PRODUCTS_BYTES_LIMIT`."""
         n, outputs = source.shape[0], output_dim(self.base)
         if n * (outputs + basis.shape[1]) * source.element_size() > PRODUCTS_BYTES_LIMIT or basis.dtype != source.dtype:
             return None
-        projected = source @ (basis[:-1] if self.adapt_bias else basis)
+        weight_basis = basis[:-1] if self.adapt_bias else basis
+        products = source @ torch.cat([self.base.weight.T, weight_basis], dim=1)
+        if self.base.bias is not None:
+            products[:, :outputs] += self.base.bias
         if self.adapt_bias:
-            projected += basis[-1]
-        return F.linear(source, self.base.weight, self.base.bias), projected
+            products[:, outputs:] += basis[-1]
+        return products
 
     def forward(self, x: Tensor) -> Tensor:
         base, terms = self._modules["base"], self._stacked_terms(self.terms())
@@ -287,8 +269,8 @@ class NullSpaceAdapter(nn.Module):
             basis, factor = terms[0]
             products = self._batch_products(x, basis) if self.step_rows is not None else None
             if products is not None:  # the step's batch of a fixed split: its frozen products read, not computed
-                frozen, projected = products
-                return torch.addmm(frozen, projected, factor)
+                outputs = factor.shape[1]
+                return torch.addmm(products[:, :outputs], products[:, outputs:], factor)
             # a batch of rows through a plain nn.Linear (the training step of an MLP): F.linear and one addmm,
             # without the general path's checks
             if (
@@ -328,11 +310,6 @@ class NullSpaceAdapter(nn.Module):
         if delta_bias is not None:
             self.base.bias.add_(delta_bias)
         return self.base
-
-
-def _same_inputs(a: tuple, b: tuple) -> bool:
-    """Whether two tuples of tensors (compared by identity) and versions (by value) name the same inputs."""
-    return all((x is y) if isinstance(x, Tensor) else (x == y) for x, y in zip(a, b, strict=True))
 
 
 @contextmanager

@@ -615,15 +615,21 @@ class _LinearWithProjectedWeightGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, projection: GradientProjection, delivered: list[Tensor]
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        projection: GradientProjection,
+        delivered: list[Tensor],
+        projected_rows: Tensor | None,
     ) -> Tensor:
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, weight, projected_rows)
         ctx.projection, ctx.has_bias, ctx.delivered = projection, bias is not None, delivered
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
+        x, weight, projected_rows = ctx.saved_tensors
         if grad_out.dtype != weight.dtype:  # autocast: the output was in half precision, W and x were not
             grad_out = grad_out.to(weight.dtype)
         grad_x = None
@@ -633,23 +639,31 @@ class _LinearWithProjectedWeightGradient(torch.autograd.Function):
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            rows = x.reshape(-1, x.shape[-1])
-            rows = rows if rows.dtype == weight.dtype else rows.to(weight.dtype)
-            grad_weight = grad_rows.T @ ctx.projection.project_rows(rows)
+            if projected_rows is None:
+                rows = x.reshape(-1, x.shape[-1])
+                rows = rows if rows.dtype == weight.dtype else rows.to(weight.dtype)
+                projected_rows = ctx.projection.project_rows(rows)
+            grad_weight = grad_rows.T @ projected_rows
             ctx.delivered.append(grad_weight)
         grad_bias = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
 def linear_with_projected_weight_gradient(
-    x: Tensor, weight: Tensor, bias: Tensor | None, projection: GradientProjection, delivered: list[Tensor]
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    projection: GradientProjection,
+    delivered: list[Tensor],
+    projected_rows: Tensor | None = None,
 ) -> Tensor:
     """F.linear(x, weight, bias) whose weight gradient arrives already projected by `projection` (GPM's and SGP's
     G − G·M diag(λ) Mᵀ): computed from the layer's input rows as δᵀ(x − x·M diag(λ) Mᵀ), 2·n·d·k multiply-adds
     for n rows, instead of 2·o·d·k on the (o, d) gradient; cheaper while n < o (batch 10 against 100 outputs).
     Each backward appends the weight gradient it gives to `delivered` (what else reached the weight can then be
-    told apart: `GradientProjection.complete`)."""
-    return _LinearWithProjectedWeightGradient.apply(x, weight, bias, projection, delivered)
+    told apart: `GradientProjection.complete`). `projected_rows`, when given, are x's rows projected already (for
+    x (n, d): the projection's own x − x·M diag(λ) Mᵀ, made elsewhere, as GPM does once for a training split)."""
+    return _LinearWithProjectedWeightGradient.apply(x, weight, bias, projection, delivered, projected_rows)
 
 
 def gradient_projection(

@@ -200,6 +200,57 @@ class BatchRows:
         """Whether neither the source nor the batch was changed in place since the batch was drawn."""
         return (tensor_version(self.source), tensor_version(self.batch)) == self.versions
 
+    def drew(self, x: torch.Tensor) -> bool:
+        """Whether x is the very batch drawn here, and neither it nor the source changed in place since."""
+        return x is self.batch and self.unchanged()
+
+
+class StepRows:
+    """The training step's batch as rows of a fixed tensor (`BatchRows`, from the trainer's `on_step_rows`), which a
+    method sets each step and shares with its layers. Never pickled: it refers to a whole training split."""
+
+    def __init__(self) -> None:
+        self.rows: BatchRows | None = None
+
+    def __getstate__(self) -> dict:
+        return {"rows": None}
+
+
+class SplitProducts:
+    """What a layer computes from each row of a step's fixed split alone (`BatchRows.source`) and from some frozen
+    tensors, made once for the whole split and read per batch while the split and those tensors keep their identity
+    and version counters: NESS's x·[Wᵀ B], GPM's projected rows. One product over the split costs the multiply-adds
+    of one epoch of per-batch ones, but runs at a large product's speed and spares each step its reads of the frozen
+    tensors. Never pickled (as large as a split): made again when next needed."""
+
+    def __init__(self) -> None:
+        self._made: tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple, torch.Tensor | None] | None = None
+
+    def __getstate__(self) -> dict:
+        return {"_made": None}
+
+    def read(
+        self,
+        rows: BatchRows,
+        frozen: tuple[torch.Tensor, ...],
+        make: Callable[[torch.Tensor], torch.Tensor | None],
+    ) -> torch.Tensor | None:
+        """`make(rows.source)[rows.index]`, with `make(source)` called only when the source or a tensor of `frozen`
+        is not the one (or not at the version) it was last made from; None where `make` gave None (too large)."""
+        source = rows.source
+        versions = (tensor_version(source), *(tensor_version(tensor) for tensor in frozen))
+        made = self._made
+        if (
+            made is None
+            or made[0] is not source
+            or made[2] != versions
+            or len(made[1]) != len(frozen)
+            or any(a is not b for a, b in zip(made[1], frozen, strict=False))
+        ):
+            with torch.no_grad():
+                made = self._made = (source, frozen, versions, make(source))
+        return None if made[3] is None else take_rows(made[3], rows.index)
+
 
 def batch_indices(
     n: int, batch_size: int, *, shuffle: bool, generator: torch.Generator | None, device: torch.device

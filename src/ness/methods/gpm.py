@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ness.data.tasks import PREPARED_BYTES_LIMIT, BatchRows, SplitProducts, StepRows
 from ness.methods.base import (
     ContinualMethod,
     Forward,
@@ -126,10 +127,12 @@ class InputSideProjection:
     idempotent). A hook on the weight projects whatever else reached it (`received`), so `after_backward` leaves the
     gradient alone after an input-side step."""
 
-    def __init__(self, layer: nn.Linear, projection: GradientProjection) -> None:
+    def __init__(self, layer: nn.Linear, projection: GradientProjection, step_rows: StepRows | None = None) -> None:
         self.layer, self.projection = layer, projection
         self.input_side: bool | None = None  # undecided until the step's first call that trains the weight
         self.delivered: list[Tensor] = []  # the weight gradients this backward pass's calls gave, projected
+        self.step_rows = step_rows  # the trainer's step batch, as GPM shares it (`projected_batch`)
+        self.split_products = SplitProducts()  # the projected rows of that batch's split
 
     def received(self, grad: Tensor) -> Tensor | None:
         """The weight's hook during the step: what reaches the weight besides its calls (a tied use of the weight in
@@ -155,8 +158,28 @@ class InputSideProjection:
                 compiling = torch.compiler.is_compiling()
                 self.input_side = not compiling and cost <= self.projection.multiply_adds(weight.shape[0])
             if self.input_side:
-                return linear_with_projected_weight_gradient(x, weight, bias, self.projection, self.delivered)
+                return linear_with_projected_weight_gradient(
+                    x, weight, bias, self.projection, self.delivered, self.projected_batch(x)
+                )
         return F.linear(x, weight, bias)
+
+    def projected_batch(self, x: Tensor) -> Tensor | None:
+        """x − x·M diag(λ) Mᵀ for x the trainer's step batch (`step_rows`), as rows of the whole split projected once
+        (while M, λ and the split keep their versions): the step then reads neither M nor its products (at batch 10
+        against M of 784×80 those two products, with M fetched from memory, cost more than the layer's own forward
+        and backward). None for any other x, under autocast, or for a projected split larger than a prepared one may
+        be."""
+        rows = None if self.step_rows is None else self.step_rows.rows
+        if rows is None or not rows.drew(x) or x.dim() != 2 or torch.is_autocast_enabled(x.device.type):
+            return None
+        projection = self.projection
+        frozen = (projection.basis,) if projection.importance is None else (projection.basis, projection.importance)
+        return self.split_products.read(rows, frozen, self._projected_split)
+
+    def _projected_split(self, source: Tensor) -> Tensor | None:
+        if source.dtype != self.projection.basis.dtype or source.numel() * source.element_size() > PREPARED_BYTES_LIMIT:
+            return None
+        return self.projection.project_rows(source)
 
 
 @register
@@ -194,6 +217,7 @@ class GPM(ContinualMethod):
         self._projectors: dict[str, GradientProjection] = {}  # P_ℓ of the open task, in the weight's dtype and device
         self._input_side: dict[str, InputSideProjection] = {}  # per Linear layer of _projectors: its forward in a step
         self._input_side_of: dict[str, GradientProjection] | None = None  # the _projectors it was made for
+        self._step_rows = StepRows()  # the trainer's step batch, for the input side's projected split
         # Seeded from torch's global generator, so the samples follow the run seed (official: seeded np.random).
         self._generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
 
@@ -224,7 +248,7 @@ class GPM(ContinualMethod):
             layers = {name: self.model.get_submodule(name) for name in self._projectors}
             self._input_side_of = self._projectors
             self._input_side = {
-                name: InputSideProjection(layer, self._projectors[name])
+                name: InputSideProjection(layer, self._projectors[name], self._step_rows)
                 for name, layer in layers.items()
                 if type(layer) is nn.Linear and InputSideProjection.can_be_cheaper(layer, self._projectors[name])
             }
@@ -241,6 +265,16 @@ class GPM(ContinualMethod):
                 del calls.layer.__dict__["forward"]
                 calls.input_side = None  # undecided: a user's loop projects every gradient in after_backward
                 calls.delivered.clear()
+
+    def on_step_rows(self, t: int, rows: BatchRows | None) -> None:
+        """Tell the input-side projections which rows of the prepared training split the step's batch is: they read
+        its projected rows from the split projected once per task (`InputSideProjection.projected_batch`)."""
+        self._step_rows.rows = rows
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a checkpoint of an earlier version: no step rows, and layer forwards without them (rebuilt at the next step)
+        self.__dict__.update({"_step_rows": StepRows(), **state})
+        self._input_side_of = None
 
     def after_backward(self, t: int) -> None:
         for name, projector in self._projectors.items():
