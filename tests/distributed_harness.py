@@ -11,6 +11,7 @@ gradient. `trainer_worker` runs the trainer and counts what torch's DistributedD
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -121,6 +122,7 @@ def gradient_worker(rank: int, world: int, init_file: str, out: str) -> None:
         with open(f"{out}.{rank}", "w") as f:
             f.write(repr(worst))
     finally:
+        gc.collect()  # as ness.distributed.process_group: DDP wrappers freed while the group they hold exists
         dist.destroy_process_group()
 
 
@@ -201,6 +203,7 @@ def trainer_worker(rank: int, world: int, init_file: str, out: str, compiled: bo
         with open(f"{out}.{rank}", "w") as f:
             json.dump(counts, f)
     finally:
+        gc.collect()  # as ness.distributed.process_group: DDP wrappers freed while the group they hold exists
         dist.destroy_process_group()
 
 

@@ -1169,9 +1169,11 @@ def test_the_trainer_s_epoch_with_the_projected_split_gives_the_weights_of_the_o
         for t in (0, 1):
             method.begin_task(t)
             train_task(model, method, t, task(t), config, torch.Generator().manual_seed(t), progress=False)
+            if t == 1:
+                assert "0" in method._input_side  # the first layer took the input-side form (784 → 100 at batch 10)
             method.end_task(t, [(task(t).train.inputs,)])
+        assert method._step_rows.rows is None and not method._input_side  # the split and its projection let go
         monkeypatch.undo()
-        assert "0" in method._input_side  # the first layer took the input-side form (784 → 100 at batch 10)
         return {n: p.detach().clone() for n, p in model.named_parameters()}, made
 
     (with_split, made), (without, not_made) = trained(True), trained(False)

@@ -289,6 +289,8 @@ class GPM(ContinualMethod):
                 grad.copy_(projector(grad.reshape(grad.shape[0], -1)).view_as(grad))
 
     def on_end_task(self, t: int, batches: Iterable[Any]) -> None:
+        # the task's training split and its projection are no longer needed (the next task's layers make their own)
+        self._step_rows.rows, self._input_side, self._input_side_of = None, {}, None
         x = draw_samples(task_inputs(batches, f"end_task({t})"), self.config.samples, self._generator)
         covariances, rows = self._representations(x, t)
         for i, name in enumerate(self.layer_names):
