@@ -281,10 +281,7 @@ class NullSpaceAdapter(nn.Module):
                 and not self._merged_path_is_cheaper(x, terms, x.shape[0])
             ):
                 parameters = base._parameters
-                out = F.linear(x, parameters["weight"], parameters["bias"])
-                if out.dtype == x.dtype:  # not autocast's lower precision
-                    return torch.addmm(out, x @ basis, factor)
-                return out + low_rank_shift(base, x, basis, factor)
+                return add_low_rank_shift(F.linear(x, parameters["weight"], parameters["bias"]), base, x, basis, factor)
         if self._merged_path_is_cheaper(x, terms):
             weight = base.weight + self.delta_weight(terms)
             delta_bias = self.delta_bias(terms)

@@ -243,9 +243,8 @@ class SplitProducts:
         if (
             made is None
             or made[0] is not source
-            or made[2] != versions
-            or len(made[1]) != len(frozen)
-            or any(a is not b for a, b in zip(made[1], frozen, strict=False))
+            or made[2] != versions  # one version per tensor: equal versions mean as many tensors
+            or any(a is not b for a, b in zip(made[1], frozen, strict=True))
         ):
             with torch.no_grad():
                 made = self._made = (source, frozen, versions, make(source))
