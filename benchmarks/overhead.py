@@ -15,8 +15,9 @@ Permuted MNIST's protocol (GPM): MLP 784-100-100-10 with one shared output, SGD 
     step costs N·d·r more multiply-adds per layer than the bare loop's: the floor of the low-rank path;
   * functional floors of the trainer's paths, the least code their arithmetic needs (no modules, hooks or trainer):
     NESS's with the first layer's products made once (timed) at the paper setting's task-1 ranks, over one epoch
-    and five (`products_floor_step`); GPM's plain and projected steps, the first layer's rows from the split
-    projected once (`gpm_floor_steps`);
+    and five (`products_floor_step`), and the same arithmetic over five epochs in one-expression nn.Modules (the
+    module floor: what adapters with no checks at all would cost, in a model of modules as the bare loop's is);
+    GPM's plain and projected steps, the first layer's rows from the split projected once (`gpm_floor_steps`);
 and each one's ratio to the bare loop (GPM's projected rows are to be read against GPM's own plain step). `--whole`
 also prints two floors of the issue's whole paper-preset run (`whole_run_floors`): every step at the bare loop's
 cost, and tasks 1-9 at the functional floor of that run's ranks; both plus the statistics' matrix products (Σxxᵀ per
@@ -236,11 +237,37 @@ def functional_step(ranks: tuple[tuple[int, int], ...], task: Task) -> float:
     return (time.perf_counter() - started) / len(batches)
 
 
-def products_floor_step(method: NESS, task: Task, epochs: int) -> float:
+class ProductRowsLayer(nn.Module):
+    """The first layer of `products_floor_step`'s module form: called on a batch's row index, addmm of the split's
+    frozen products [x·Wᵀ, x·U] at those rows with V."""
+
+    def __init__(self, products: torch.Tensor, outputs: int, factor: torch.Tensor) -> None:
+        super().__init__()
+        self.products, self.outputs, self.factor = products, outputs, factor
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        rows = self.products.index_select(0, index)
+        return torch.addmm(rows[:, : self.outputs], rows[:, self.outputs :], self.factor)
+
+
+class LowRankLayer(nn.Module):
+    """A hidden layer of `products_floor_step`'s module form: F.linear with the frozen W plus addmm(·, x·U, V)."""
+
+    def __init__(self, weight: torch.Tensor, basis: torch.Tensor, factor: torch.Tensor) -> None:
+        super().__init__()
+        self.weight, self.basis, self.factor = weight, basis, factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(F.linear(x, self.weight), x @ self.basis, self.factor)
+
+
+def products_floor_step(method: NESS, task: Task, epochs: int, modules: bool = False) -> float:
     """Seconds per step of the least code NESS's trainer path needs at `method`'s ranks and bases (task 1 open): the
     first layer's products [x·Wᵀ, x·U] over the task's split made once (timed), then per step one row read and one
-    addmm in the first layer and F.linear + addmm(·, x·U, V) in the others, no modules, `epochs` epochs. Against the
-    bare loop it is the floor of `train_task` for NESS: the products' cost over one epoch is that of x·U per step."""
+    addmm in the first layer and F.linear + addmm(·, x·U, V) in the others, `epochs` epochs. Against the bare loop it
+    is the floor of `train_task` for NESS: the products' cost over one epoch is that of x·U per step. Without
+    `modules`, bare tensor code; with it, the same arithmetic in an nn.Sequential of one-expression modules (no checks
+    at all), which the bare loop's model is too: the floor of any module a user's model can hold."""
     adapters = [module for module in method.model if isinstance(module, NullSpaceAdapter)]
     weights = [adapter.base.weight.detach() for adapter in adapters]
     bases = [adapter.U for adapter in adapters]
@@ -250,16 +277,28 @@ def products_floor_step(method: NESS, task: Task, epochs: int) -> float:
     started = time.perf_counter()
     products = x @ torch.cat([weights[0].T, bases[0]], dim=1)
     outputs = weights[0].shape[0]
+
+    def functional(idx: torch.Tensor) -> torch.Tensor:
+        rows = products.index_select(0, idx)
+        h = torch.relu(torch.addmm(rows[:, :outputs], rows[:, outputs:], factors[0]))
+        for i in (1, 2):
+            h = torch.addmm(F.linear(h, weights[i]), h @ bases[i], factors[i])
+            h = torch.relu(h) if i < 2 else h
+        return h
+
+    model = nn.Sequential(
+        ProductRowsLayer(products, outputs, factors[0]),
+        nn.ReLU(),
+        LowRankLayer(weights[1], bases[1], factors[1]),
+        nn.ReLU(),
+        LowRankLayer(weights[2], bases[2], factors[2]),
+    )
+    step = model if modules else functional
     steps = 0
     for epoch in range(epochs):
         for idx in torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch)).split(CONFIG.batch_size):
             optimizer.zero_grad(set_to_none=True)
-            rows = products.index_select(0, idx)
-            h = torch.relu(torch.addmm(rows[:, :outputs], rows[:, outputs:], factors[0]))
-            for i in (1, 2):
-                h = torch.addmm(F.linear(h, weights[i]), h @ bases[i], factors[i])
-                h = torch.relu(h) if i < 2 else h
-            F.cross_entropy(h, y.index_select(0, idx)).backward()
+            F.cross_entropy(step(idx), y.index_select(0, idx)).backward()
             optimizer.step()
             steps += 1
     return (time.perf_counter() - started) / steps
@@ -334,6 +373,8 @@ def measure(bench: Benchmark, repeats: int) -> dict[str, float]:
         for epochs in (1, 5):
             key = f"functional floor with the first layer's products, {PROTOCOL_EPOCHS_ROW}, task 1, {epochs} epoch(s)"
             times.setdefault(key, []).append(products_floor_step(method, task1, epochs))
+        key = f"module floor with the first layer's products, {PROTOCOL_EPOCHS_ROW}, task 1, 5 epochs"
+        times.setdefault(key, []).append(products_floor_step(method, task1, 5, modules=True))
         key = f"trainer, {PROTOCOL_EPOCHS_ROW}, task 1, the protocol's 5 epochs"
         times.setdefault(key, []).append(trainer_step(method, 1, task1, epochs=5))
         for name, seconds in gpm_steps(bench).items():
