@@ -13,7 +13,8 @@ and, per layer, the covariance accumulation of one batch and the eigendecomposit
 Usage: python benchmarks/ness_cost.py [--networks alexnet resnet18_32 resnet18_84] [--batch 64]
        [--boundary-samples N] [--eps1 1e-3] [--rank-fractions 0.25 0.5] [--positions 64] [--pixel-noise 0]
        [--device cpu|cuda] [--threads N] [--json OUT.json]
-Results go to stdout as markdown tables (and to --json); BENCHMARKS.md records them with the machine.
+Results go to stdout as markdown tables (and to --json, rewritten after each network); BENCHMARKS.md records them
+with the machine.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import sys
 import time
 from collections.abc import Callable
 
@@ -253,12 +255,15 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
         "threads": torch.get_num_threads(),
     }
-    results = [measure(name, args) for name in args.networks]
-    print(report(results, env))
-    if args.json:
-        from ness.results import write_json_atomic
+    from ness.results import write_json_atomic
 
-        write_json_atomic(args.json, {"environment": env, "args": vars(args), "results": results})
+    results = []
+    for name in args.networks:
+        results.append(measure(name, args))
+        print(f"{name}: measured", file=sys.stderr, flush=True)
+        if args.json:  # after each network, so that a run stopped by a time limit keeps the networks it finished
+            write_json_atomic(args.json, {"environment": env, "args": vars(args), "results": results})
+    print(report(results, env))
 
 
 if __name__ == "__main__":
