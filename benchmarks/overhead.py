@@ -190,7 +190,6 @@ def gpm_steps(bench: Benchmark) -> dict[str, float]:
     plain, projected = gpm_floor_steps(method, task1)
     times["functional floor, gpm plain step (weights after task 0)"] = plain
     times[f"functional floor, gpm task 1 (bases {sizes}), projected step"] = projected
-    method.load_state_dict(copy.deepcopy(after_task0))
     for form in ("chosen", "after backward", "dense"):
         method.load_state_dict(copy.deepcopy(after_task0))
         method.begin_task(1)

@@ -86,7 +86,9 @@ def test_own_loop_snippet_adapts_the_shared_classifier_and_keeps_every_task(digi
     assert min(overall) > 0.95  # over all six classes: each task's classes learnt, the earlier ones kept
     assert min(own) > 0.95
     assert "classifier" not in caplog.text
-    assert "'rank'" in capsys.readouterr().out  # the diagnostics were printed
+    printed = capsys.readouterr().out  # the diagnostics were printed, a line per layer and task
+    for record in method.diagnostics():
+        assert f"{record['task']} {record['layer']} rank {record['rank']} of {record['d']} " in printed
 
 
 def test_own_loop_snippet_with_the_classifier_excluded_freezes_it_and_says_so(digit_tasks, caplog):
